@@ -1,0 +1,1 @@
+"""Carving unit tests from real model runs (see the carving issue)."""

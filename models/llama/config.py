@@ -1,0 +1,70 @@
+"""The Llama architecture's configuration, read from GGUF metadata or a dict."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from tapml.errors import ModelNotFound
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    context_length: int = 2048
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LlamaConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def asdict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_gguf(cls, metadata: dict[str, Any], tensor_names: list[str]) -> LlamaConfig:
+        arch = metadata.get("general.architecture")
+        if arch != "llama":
+            raise ModelNotFound(f"expected a llama-architecture GGUF, this one is {arch!r}")
+
+        def get(key: str, default: Any = None) -> Any:
+            value = metadata.get(f"llama.{key}", default)
+            if value is None:
+                raise ModelNotFound(f"GGUF metadata has no 'llama.{key}'")
+            return value
+
+        hidden = int(get("embedding_length"))
+        heads = int(get("attention.head_count"))
+        vocab = metadata.get("llama.vocab_size") or len(metadata["tokenizer.ggml.tokens"])
+        return cls(
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=int(get("feed_forward_length")),
+            num_layers=int(get("block_count")),
+            num_heads=heads,
+            num_kv_heads=int(get("attention.head_count_kv", heads)),
+            head_dim=int(get("rope.dimension_count", hidden // heads)),
+            rope_theta=float(get("rope.freq_base", 10000.0)),
+            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+            tie_word_embeddings="output.weight" not in tensor_names,
+            context_length=int(get("context_length", 2048)),
+        )

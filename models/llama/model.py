@@ -1,0 +1,142 @@
+"""The Llama architecture in Relax, with static shapes and an explicit KV cache.
+
+Entry points (all shapes fixed at compile time; only `pos` and `n_valid` vary at run time):
+  decode(token[1], pos, k0, v0, ..., params)            -> logits [1, vocab], caches
+  prefill(tokens[C], pos, n_valid, k0, v0, ..., params) -> logits [1, vocab] of row n_valid-1
+Each layer's cache is [max_context, kv_heads, head_dim]; kernels write new rows in place.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+from tvm import tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op
+
+from tapml import nn as tnn
+from tapml.quantization import Quantization
+
+from .config import LlamaConfig
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig, quant: Quantization):
+        self.heads, self.kv_heads, self.head_dim = (
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+        )
+        hidden, q_dim, kv_dim = config.hidden_size, self.heads * self.head_dim, 0
+        kv_dim = self.kv_heads * self.head_dim
+        self.q_proj = tnn.Linear(hidden, q_dim, quant)
+        self.k_proj = tnn.Linear(hidden, kv_dim, quant)
+        self.v_proj = tnn.Linear(hidden, kv_dim, quant)
+        self.o_proj = tnn.Linear(q_dim, hidden, quant)
+
+    def forward(self, x, k_cache, v_cache, rope, pos, n_valid):
+        s = x.shape[0]
+        q = op.reshape(self.q_proj(x), (s, self.heads, self.head_dim))
+        k = op.reshape(self.k_proj(x), (s, self.kv_heads, self.head_dim))
+        v = op.reshape(self.v_proj(x), (s, self.kv_heads, self.head_dim))
+        q, k = rope(q, pos), rope(k, pos)
+        k_cache = tnn.kv_write(k_cache, k, pos, n_valid)
+        v_cache = tnn.kv_write(v_cache, v, pos, n_valid)
+        return self.o_proj(tnn.attention(q, k_cache, v_cache, pos)), k_cache, v_cache
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig, quant: Quantization):
+        hidden, inter = config.hidden_size, config.intermediate_size
+        self.gate_proj = tnn.Linear(hidden, inter, quant)
+        self.up_proj = tnn.Linear(hidden, inter, quant)
+        self.down_proj = tnn.Linear(inter, hidden, quant)
+
+    def forward(self, x):
+        return self.down_proj(op.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: LlamaConfig, quant: Quantization):
+        eps, dtype = config.rms_norm_eps, quant.dtype
+        self.input_layernorm = tnn.RMSNorm(config.hidden_size, eps, dtype)
+        self.self_attn = Attention(config, quant)
+        self.post_attention_layernorm = tnn.RMSNorm(config.hidden_size, eps, dtype)
+        self.mlp = MLP(config, quant)
+
+    def forward(self, x, k_cache, v_cache, rope, pos, n_valid):
+        a, k_cache, v_cache = self.self_attn(
+            self.input_layernorm(x), k_cache, v_cache, rope, pos, n_valid
+        )
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), k_cache, v_cache
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: LlamaConfig, quant: Quantization, max_context: int, chunk: int):
+        self.config, self.quant = config, quant
+        self.max_context, self.chunk = max_context, chunk
+        self.embed_tokens = tnn.Embedding(config.vocab_size, config.hidden_size, quant)
+        self.rope = tnn.RotaryTables(max_context, config.head_dim)
+        self.layers = nn.ModuleList([Block(config, quant) for _ in range(config.num_layers)])
+        self.norm = tnn.RMSNorm(config.hidden_size, config.rms_norm_eps, quant.dtype)
+        if not config.tie_word_embeddings:
+            self.lm_head = tnn.Linear(config.hidden_size, config.vocab_size, quant)
+        # The exporter names each function argument after the method's parameters, and
+        # the number of caches depends on the config: give the entry points real names.
+        caches = self.cache_names()
+        self.decode = _named_args(self._decode, ["token", "pos", *caches])
+        self.prefill = _named_args(self._prefill, ["tokens", "pos", "n_valid", *caches])
+
+    def _forward(self, ids, pos, n_valid, caches):
+        h = self.embed_tokens(ids)
+        updated = []
+        for i, layer in enumerate(self.layers):
+            h, k, v = layer(h, caches[2 * i], caches[2 * i + 1], self.rope, pos, n_valid)
+            updated += [k, v]
+        if ids.shape[0] > 1:
+            h = tnn.last_valid_row(h, n_valid)
+        h = self.norm(h)
+        if self.config.tie_word_embeddings:
+            logits = self.embed_tokens.project(h)
+        else:
+            logits = self.lm_head(h)
+            logits = logits.astype("float32") if logits.dtype != "float32" else logits
+        # Returning the updated caches keeps their in-place writes alive through DCE.
+        return (logits, *updated)
+
+    def _decode(self, token, pos, *caches):
+        return self._forward(token, pos, tirx.IntImm("int64", 1), caches)
+
+    def _prefill(self, tokens, pos, n_valid, *caches):
+        return self._forward(tokens, pos, n_valid, caches)
+
+    def cache_names(self) -> list[str]:
+        return [f"{kv}_cache_{i}" for i in range(self.config.num_layers) for kv in "kv"]
+
+    def export_spec(self) -> dict:
+        cache = nn.spec.Tensor(
+            [self.max_context, self.config.num_kv_heads, self.config.head_dim], self.quant.dtype
+        )
+        caches = {name: cache for name in self.cache_names()}
+        mode = {"param_mode": "plain", "effect_mode": "none"}
+        return {
+            "decode": {"token": nn.spec.Tensor([1], "int32"), "pos": int, **caches, "$": mode},
+            "prefill": {
+                "tokens": nn.spec.Tensor([self.chunk], "int32"),
+                "pos": int,
+                "n_valid": int,
+                **caches,
+                "$": mode,
+            },
+        }
+
+
+def _named_args(fn: Callable, names: list[str]) -> Callable:
+    def method(*args):
+        return fn(*args)
+
+    kind = inspect.Parameter.POSITIONAL_ONLY
+    method.__signature__ = inspect.Signature([inspect.Parameter(n, kind) for n in names])
+    return method

@@ -1,0 +1,88 @@
+"""A plain float64 numpy forward pass of Llama, the reference compiled models are checked by."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from .config import LlamaConfig
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
+
+
+def rope(x: np.ndarray, theta: float) -> np.ndarray:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) by pos * theta^(-2i/d); x is [tokens, heads, d]."""
+    tokens, _, d = x.shape
+    freqs = theta ** (-np.arange(0, d, 2) / d)
+    angle = np.arange(tokens)[:, None, None] * freqs  # [tokens, 1, d/2]
+    cos, sin = np.cos(angle), np.sin(angle)
+    even, odd = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2] = even * cos - odd * sin
+    out[..., 1::2] = even * sin + odd * cos
+    return out
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Causal grouped-query attention: q [T, H, D], k and v [T, KV, D] -> [T, H, D]."""
+    tokens, heads, d = q.shape
+    group = heads // k.shape[1]
+    # Query head h reads kv head h // group, as in llama.cpp's broadcast.
+    k = np.repeat(k, group, axis=1)
+    v = np.repeat(v, group, axis=1)
+    scores = np.einsum("thd,shd->hts", q, k) / np.sqrt(d)
+    future = np.triu(np.ones((tokens, tokens), dtype=bool), k=1)
+    scores[:, future] = -np.inf
+    scores -= scores.max(axis=-1, keepdims=True)
+    probs = np.exp(scores)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    return np.einsum("hts,shd->thd", probs, v)
+
+
+def forward(
+    weights: Mapping[str, np.ndarray], config: LlamaConfig, tokens: Sequence[int]
+) -> np.ndarray:
+    """Logits [len(tokens), vocab] (float64) of a causal forward pass from position 0."""
+
+    def w(name: str) -> np.ndarray:
+        return np.asarray(weights[name], dtype=np.float64)
+
+    c = config
+    t = len(tokens)
+    x = w("embed_tokens.weight")[np.asarray(tokens)]
+    for i in range(c.num_layers):
+        p = f"layers.{i}."
+        h = rms_norm(x, w(p + "input_layernorm.weight"), c.rms_norm_eps)
+        q = (h @ w(p + "self_attn.q_proj.weight").T).reshape(t, c.num_heads, c.head_dim)
+        k = (h @ w(p + "self_attn.k_proj.weight").T).reshape(t, c.num_kv_heads, c.head_dim)
+        v = (h @ w(p + "self_attn.v_proj.weight").T).reshape(t, c.num_kv_heads, c.head_dim)
+        a = attention(rope(q, c.rope_theta), rope(k, c.rope_theta), v)
+        x = x + a.reshape(t, -1) @ w(p + "self_attn.o_proj.weight").T
+
+        h = rms_norm(x, w(p + "post_attention_layernorm.weight"), c.rms_norm_eps)
+        gate = h @ w(p + "mlp.gate_proj.weight").T
+        up = h @ w(p + "mlp.up_proj.weight").T
+        x = x + (silu(gate) * up) @ w(p + "mlp.down_proj.weight").T
+
+    x = rms_norm(x, w("norm.weight"), c.rms_norm_eps)
+    out = "lm_head.weight" if "lm_head.weight" in weights else "embed_tokens.weight"
+    return x @ w(out).T
+
+
+def greedy(
+    weights: Mapping[str, np.ndarray], config: LlamaConfig, prompt_ids: Sequence[int], n: int
+) -> list[int]:
+    """The n ids generated greedily after prompt_ids (full forward pass per step)."""
+    # Convert once rather than on every step's forward pass.
+    weights64 = {name: np.asarray(a, dtype=np.float64) for name, a in weights.items()}
+    ids = list(prompt_ids)
+    for _ in range(n):
+        ids.append(int(np.argmax(forward(weights64, config, ids)[-1])))
+    return ids[len(prompt_ids) :]

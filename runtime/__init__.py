@@ -1,0 +1,1 @@
+"""Generation on top of a compiled plan: tokenizer, KV state, sampling."""

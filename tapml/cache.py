@@ -1,0 +1,89 @@
+"""The compile cache: artifacts keyed by a hash of everything that determines them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from . import __version__
+from .compiler import CONFIG_FILE, CompileOptions
+
+
+def cache_root() -> Path:
+    """$TAPML_CACHE_DIR, else $XDG_CACHE_HOME/tapml, else ~/.cache/tapml."""
+    if os.environ.get("TAPML_CACHE_DIR"):
+        return Path(os.environ["TAPML_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tapml"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _source_digest() -> str:
+    """A hash of tapml's own source: a change in any compiler module invalidates artifacts."""
+    import tapml.models
+    import tapml.runtime
+    import tapml.targets
+
+    digest = hashlib.sha256()
+    roots = [Path(m.__file__).parent for m in (__import__("tapml"), tapml.models, tapml.targets)]
+    roots.append(Path(tapml.runtime.__file__).parent)
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            digest.update(path.relative_to(root.parent).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def cache_key(gguf_path: Path, options: CompileOptions) -> str:
+    import tvm
+
+    inputs = {
+        "weights": file_sha256(gguf_path),
+        "options": asdict(options.resolved()),
+        "tapml": __version__,
+        "tapml_source": _source_digest(),
+        "tvm": tvm.__version__,
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def entry_dir(name: str, gguf_path: Path, options: CompileOptions) -> Path:
+    options = options.resolved()
+    key = cache_key(gguf_path, options)[:16]
+    return cache_root() / f"{name}-{options.quantization}-{options.target}-{key}"
+
+
+def entries() -> list[tuple[Path, int]]:
+    """Complete cache entries with their sizes in bytes."""
+    root = cache_root()
+    if not root.is_dir():
+        return []
+    found = []
+    for d in sorted(root.iterdir()):
+        if (d / CONFIG_FILE).is_file():
+            found.append((d, sum(f.stat().st_size for f in d.rglob("*") if f.is_file())))
+    return found
+
+
+def clear() -> int:
+    """Delete every cache entry (complete or partial); returns how many were removed."""
+    root = cache_root()
+    if not root.is_dir():
+        return 0
+    removed = 0
+    for d in root.iterdir():
+        if d.is_dir():
+            shutil.rmtree(d)
+            removed += 1
+    return removed

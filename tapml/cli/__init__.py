@@ -1,0 +1,52 @@
+"""The tapml command line: `tapml COMMAND --help` explains each step of the workflow."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from tapml import __version__
+from tapml.errors import TapmlError
+
+
+class _Group(click.Group):
+    """Shows TapmlError as a one-line message and exit code 1, without a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except TapmlError as e:
+            raise click.ClickException(str(e)) from e
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tapml")
+@click.option("-v", "--verbose", is_flag=True, help="Log every step, TVM's warnings included.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors and results: no progress bars.")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool, quiet: bool) -> None:
+    """tapml: bring ML models to new platforms, top-down.
+
+    \b
+    Examples:
+      tapml models
+      tapml run smollm2-135m --prompt "The capital of France is"
+      tapml compile smollm2-135m --target llvm --quantization q4f32_1 -o dist/smollm2
+      tapml bench smollm2-135m --json
+    """
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="tapml: %(message)s", stream=sys.stderr)
+    logging.getLogger("tapml").setLevel(level)
+    ctx.obj = {"progress": not quiet}
+
+
+def _register() -> None:
+    from . import bench, cache, compile, models, run
+
+    for module in (models, compile, run, bench, cache):
+        main.add_command(module.command)
+
+
+_register()

@@ -1,0 +1,34 @@
+"""`tapml compile`: a model for one target, into an artifact directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from tapml.compiler import CompileOptions, compile_model
+
+from .options import compile_options
+
+
+@click.command("compile")
+@click.argument("model")
+@compile_options
+@click.option(
+    "-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True,
+    help="Directory to write plan, kernels, weights and tokenizer into.",
+)  # fmt: skip
+@click.pass_obj
+def command(obj, model, target, quantization, max_context, chunk, target_options, output) -> None:
+    """Compile MODEL (a name from `tapml models` or a .gguf path) for a target.
+
+    \b
+    Example:
+      tapml compile smollm2-135m --target llvm --quantization q4f32_1 -o dist/smollm2
+    """
+    from tapml.models import resolve_gguf
+
+    _, gguf_path = resolve_gguf(model)
+    options = CompileOptions(target, quantization, max_context, chunk, target_options)
+    out = compile_model(gguf_path, output, options, progress=obj["progress"])
+    click.echo(str(out))

@@ -1,0 +1,50 @@
+"""Options shared by the commands that compile a model."""
+
+from __future__ import annotations
+
+import click
+
+from tapml.compiler import DEFAULT_CHUNK, DEFAULT_MAX_CONTEXT
+from tapml.quantization import QUANTIZATION
+from tapml.targets import TARGETS
+
+
+def _parse_target_options(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
+    options = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", ctx, param)
+        options[key] = value
+    return options
+
+
+def compile_options(f):
+    """--target, --quantization, --max-context, --chunk, --target-option."""
+    for decorator in reversed(
+        [
+            click.option(
+                "--target", type=click.Choice(list(TARGETS)), default="llvm", show_default=True,
+                help="Where the kernels run.",
+            ),
+            click.option(
+                "--quantization", type=click.Choice(list(QUANTIZATION)), default=None,
+                help="Weight format [default: q4f32_1, or q4f16_1 on targets with native f16].",
+            ),
+            click.option(
+                "--max-context", type=click.IntRange(1), default=DEFAULT_MAX_CONTEXT,
+                show_default=True, help="Tokens the KV cache holds (prompt + completion).",
+            ),
+            click.option(
+                "--chunk", type=click.IntRange(1), default=DEFAULT_CHUNK, show_default=True,
+                help="Tokens per prefill step (the last chunk of a prompt is padded).",
+            ),
+            click.option(
+                "--target-option", "target_options", multiple=True, metavar="KEY=VALUE",
+                callback=_parse_target_options,
+                help="TVM target option, e.g. mcpu=znver4 (default: this machine's CPU).",
+            ),
+        ]
+    ):  # fmt: skip
+        f = decorator(f)
+    return f

@@ -1,0 +1,194 @@
+"""The compiler driver: model + quantization + target -> a self-contained artifact directory.
+
+    DIR/tapml-config.json   what was compiled, with which settings (format versioned)
+    DIR/plan.json           the execution plan (docs/formats.md)
+    DIR/kernels_<target>.*  the plan's kernels for the target
+    DIR/weights/            converted weights: .bin shards + index.json
+    DIR/tokenizer/          tokenizer.json + tokenizer_config.json (chat template included)
+
+The directory is built under DIR.partial and renamed when complete, so DIR is never
+half-written; an interrupted compile resumes from the steps DIR.partial already holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .errors import CompileError, TapmlError
+from .fileio import write_atomic
+from .gguf import GGUFFile
+from .models.llama.config import LlamaConfig
+from .models.llama.weights import gguf_weights
+from .quantization import Quantization, get_quantization
+
+log = logging.getLogger("tapml")
+
+CONFIG_FILE = "tapml-config.json"
+CONFIG_FORMAT, CONFIG_VERSION = "tapml-artifact", 1
+DEFAULT_MAX_CONTEXT = 2048
+DEFAULT_CHUNK = 32
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Everything besides the weights that determines a compiled artifact."""
+
+    target: str = "llvm"
+    quantization: str | None = None  # None: the target's default
+    max_context: int = DEFAULT_MAX_CONTEXT
+    chunk: int = DEFAULT_CHUNK
+    target_options: dict[str, str] = field(default_factory=dict)
+
+    def resolved(self) -> CompileOptions:
+        """Options with defaults filled in (what a cache key must hash)."""
+        from tapml.targets import get_target
+
+        spec = get_target(self.target)
+        quant = self.quantization or spec.default_quantization
+        get_quantization(quant)
+        if self.chunk < 1 or self.max_context < self.chunk:
+            raise TapmlError(
+                f"need 1 <= chunk <= max_context, got chunk={self.chunk}, "
+                f"max_context={self.max_context}"
+            )
+        return CompileOptions(
+            self.target, quant, self.max_context, self.chunk,
+            {k: str(v) for k, v in spec.resolved_options(self.target_options).items()},
+        )  # fmt: skip
+
+
+def compile_model(
+    gguf_path: Path, output: Path, options: CompileOptions, progress: bool = True
+) -> Path:
+    """Compile the GGUF model at `gguf_path` into the artifact directory `output`."""
+    from tapml.tokenizer import Tokenizer
+
+    options = options.resolved()
+    quant = get_quantization(options.quantization)
+    gguf = GGUFFile(gguf_path)
+    config = LlamaConfig.from_gguf(gguf.metadata, gguf.tensor_names())
+    if options.max_context > config.context_length:
+        log.warning(
+            "max_context %d is beyond the model's trained context of %d",
+            options.max_context, config.context_length,
+        )  # fmt: skip
+    output = Path(output)
+    work = output.with_name(output.name + ".partial")
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    log.info("building the %s plan for %s (%s)", options.target, gguf_path.name, quant.name)
+    model, plan, fused = build_plan(config, quant, options)
+    plan.save(work / "plan.json")
+    Tokenizer.from_gguf_metadata(gguf.metadata).save(work / "tokenizer")
+    if not (work / "weights" / "index.json").is_file():
+        from tapml.weights import save_shards
+
+        log.info("converting weights to %s", quant.name)
+        params = convert_weights(
+            gguf_weights(gguf), quant, plan.names("param"), config, options.max_context
+        )
+        save_shards(params, work / "weights", progress=progress)
+    from tapml.targets import get_target
+
+    library = work / get_target(options.target).library
+    if not library.is_file():
+        from tapml.lower import kernel_functions
+        from tapml.targets import build_kernels
+
+        kernels = {k: f for k, f in kernel_functions(fused).items() if k in plan.kernels}
+        build_kernels(kernels, options, library, progress=progress)
+    write_atomic(
+        work / CONFIG_FILE,
+        json.dumps(
+            {
+                "format": CONFIG_FORMAT,
+                "version": CONFIG_VERSION,
+                "tapml_version": __version__,
+                "model": {"source": gguf_path.name, "architecture": "llama", **config.asdict()},
+                "options": asdict(options),
+            },
+            indent=1,
+        ).encode(),
+    )
+    if output.exists():
+        shutil.rmtree(output)
+    work.rename(output)
+    log.info("compiled %s in %.0fs", output, time.perf_counter() - start)
+    return output
+
+
+def build_plan(config: LlamaConfig, quant: Quantization, options: CompileOptions):
+    """(model, plan, fused Relax module) for the given config and compile options."""
+    from tapml.lower import extract_plan, fuse
+    from tapml.models.llama.model import LlamaForCausalLM
+
+    model = LlamaForCausalLM(config, quant, options.max_context, options.chunk)
+    mod, named = model.export_tvm(spec=model.export_spec())
+    fused = fuse(mod)
+    meta = {
+        "architecture": "llama",
+        "vocab_size": config.vocab_size,
+        "quantization": quant.name,
+        "dtype": quant.dtype,
+        "max_context": options.max_context,
+        "chunk": options.chunk,
+    }
+    plan = extract_plan(fused, [n for n, _ in named], model.cache_names(), meta)
+    return model, plan, fused
+
+
+def convert_weights(
+    source: Iterable[tuple[str, np.ndarray]],
+    quant: Quantization,
+    param_names: list[str],
+    config: LlamaConfig,
+    max_context: int,
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Float32 weights by name -> the parameters the plan needs, in the scheme's layout."""
+    from tapml.nn import rotary_tables
+
+    wanted = set(param_names)
+    produced = set()
+    for name, w in source:
+        base = name.removesuffix(".weight")
+        if f"{base}.q_weight" in wanted:
+            words, scale = quant.quantize(w)
+            yield f"{base}.q_weight", words
+            yield f"{base}.q_scale", scale
+            produced |= {f"{base}.q_weight", f"{base}.q_scale"}
+        elif name in wanted:
+            yield name, w.astype(quant.dtype)
+            produced.add(name)
+    cos, sin = rotary_tables(max_context, config.head_dim, config.rope_theta)
+    yield "rope.cos", cos
+    yield "rope.sin", sin
+    missing = wanted - produced - {"rope.cos", "rope.sin"}
+    if missing:
+        raise CompileError(
+            f"the weights lack {len(missing)} parameters the model needs: {sorted(missing)[:5]}"
+        )
+
+
+def describe(artifact: Path) -> dict[str, Any]:
+    """The artifact's tapml-config.json, checked."""
+    path = Path(artifact) / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise TapmlError(f"{artifact} is not a compiled tapml model (no {CONFIG_FILE})") from e
+    except json.JSONDecodeError as e:
+        raise TapmlError(f"{path} is corrupt ({e}); compile the model again") from e
+    if config.get("format") != CONFIG_FORMAT or config.get("version") != CONFIG_VERSION:
+        raise TapmlError(f"{path} is not a tapml artifact of version {CONFIG_VERSION}")
+    return config

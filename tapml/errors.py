@@ -1,0 +1,29 @@
+"""Errors meant for users: each says what failed, the values involved and what to do next."""
+
+
+class TapmlError(Exception):
+    """Base of every error tapml shows to users (the CLI prints it without a traceback)."""
+
+
+class ModelNotFound(TapmlError):
+    """An unknown model name, a missing weights package or an unreadable model file."""
+
+
+class WeightsError(TapmlError):
+    """Weight shards that are missing, truncated or fail their checksum."""
+
+
+class CompileError(TapmlError):
+    """A model or kernel that cannot be compiled for the requested target."""
+
+
+class ExecutorError(TapmlError):
+    """A kernel that cannot be run by an executor, or a plan the executor cannot load."""
+
+
+class PlanError(TapmlError):
+    """A plan file that is malformed, of an unknown version, or inconsistent with its kernels."""
+
+
+class GenerationError(TapmlError):
+    """Bad generation input, e.g. a prompt longer than the compiled context."""

@@ -1,0 +1,283 @@
+"""tapml's Relax layers: each one becomes a kernel of the plan.
+
+They are written as tensor expressions rather than with Relax's high-level ops so that
+every kernel has a known shape: matmuls accumulate in float32 and read quantized weights
+directly (dequantize fused into the matmul), RoPE reads precomputed tables (in-kernel
+sin/cos is imprecise on some GPUs), and attention only visits the positions written so far.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tvm import te, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op
+from tvm.script import tirx as T
+
+from .quantization import Quantization
+
+ACC = "float32"
+
+
+def _dequantize(quant: Quantization, words: te.Tensor, scale: te.Tensor):
+    """(row, col) -> the float32 weight, read from packed words and group scales."""
+    bits, per_word, mask = quant.bits, quant.per_word, (1 << quant.bits) - 1
+
+    def weight(n, k):
+        shift = tirx.Cast("uint32", k % per_word) * tirx.const(bits, "uint32")
+        q = (words[n, k // per_word] >> shift) & tirx.const(mask, "uint32")
+        offset = tirx.const(quant.max_int, ACC)
+        return (q.astype(ACC) - offset) * scale[n, k // quant.group_size].astype(ACC)
+
+    return weight
+
+
+class Linear(nn.Module):
+    """y = x @ W^T, W stored [out, in] in the activation dtype or group-quantized."""
+
+    def __init__(self, in_features: int, out_features: int, quant: Quantization):
+        self.in_features, self.out_features, self.quant = in_features, out_features, quant
+        if quant.quantized:
+            self.q_weight = nn.Parameter((out_features, in_features // quant.per_word), "uint32")
+            self.q_scale = nn.Parameter(
+                (out_features, in_features // quant.group_size), quant.dtype
+            )
+        else:
+            self.weight = nn.Parameter((out_features, in_features), quant.dtype)
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        if self.quant.quantized:
+            return matmul_quantized(x, self.q_weight, self.q_scale, self.quant)
+        return matmul(x, self.weight)
+
+
+def matmul(x: nn.Tensor, weight: nn.Tensor) -> nn.Tensor:
+    def compute(x_te: te.Tensor, w_te: te.Tensor):
+        w = te.compute(w_te.shape, lambda n, k: w_te[n, k].astype(ACC), name="weight")
+        return _matmul(x_te, w, "matmul")
+
+    return op.tensor_expr_op(compute, "matmul", [x, weight])
+
+
+def matmul_quantized(
+    x: nn.Tensor, words: nn.Tensor, scale: nn.Tensor, quant: Quantization
+) -> nn.Tensor:
+    def compute(x_te: te.Tensor, w_te: te.Tensor, s_te: te.Tensor):
+        shape = (w_te.shape[0], x_te.shape[1])
+        w = te.compute(shape, _dequantize(quant, w_te, s_te), name="dequantize")
+        return _matmul(x_te, w, "dequantize_matmul")
+
+    return op.tensor_expr_op(compute, "dequantize_matmul", [x, words, scale])
+
+
+def _matmul(x_te: te.Tensor, w: te.Tensor, name: str) -> te.Tensor:
+    """x @ w^T accumulated in float32, for w [N, K] produced by a stage of the same kernel.
+
+    The weight stage (a cast or a dequantization) is a block of its own so that schedules
+    can either inline it (one output row) or stage weight tiles for many rows at once.
+    """
+    k = te.reduce_axis((0, x_te.shape[1]), name="k")
+    acc = te.compute(
+        (x_te.shape[0], w.shape[0]),
+        lambda m, n: te.sum(x_te[m, k].astype(ACC) * w[n, k], axis=k),
+        name=name,
+    )
+    return _cast(acc, x_te.dtype)
+
+
+def _cast(t: te.Tensor, dtype: str) -> te.Tensor:
+    if t.dtype == dtype:
+        return t
+    return te.compute(t.shape, lambda *i: t(*i).astype(dtype), name="cast")
+
+
+class Embedding(nn.Module):
+    """Token embedding; with tied weights it is also the output layer (`project`)."""
+
+    def __init__(self, vocab_size: int, dim: int, quant: Quantization):
+        self.vocab_size, self.dim, self.quant = vocab_size, dim, quant
+        if quant.quantized:
+            self.q_weight = nn.Parameter((vocab_size, dim // quant.per_word), "uint32")
+            self.q_scale = nn.Parameter((vocab_size, dim // quant.group_size), quant.dtype)
+        else:
+            self.weight = nn.Parameter((vocab_size, dim), quant.dtype)
+
+    def forward(self, ids: nn.Tensor) -> nn.Tensor:
+        if not self.quant.quantized:
+            return op.take(self.weight, ids, axis=0)
+        quant, dtype = self.quant, self.quant.dtype
+
+        def compute(ids_te: te.Tensor, w_te: te.Tensor, s_te: te.Tensor):
+            weight = _dequantize(quant, w_te, s_te)
+            return te.compute(
+                (ids_te.shape[0], self.dim),
+                lambda i, k: weight(ids_te[i], k).astype(dtype),
+                name="dequantize_take",
+            )
+
+        return op.tensor_expr_op(compute, "dequantize_take", [ids, self.q_weight, self.q_scale])
+
+    def project(self, x: nn.Tensor) -> nn.Tensor:
+        """Logits from hidden states, computed in float32."""
+        if self.quant.quantized:
+            logits = matmul_quantized(x, self.q_weight, self.q_scale, self.quant)
+        else:
+            logits = matmul(x, self.weight)
+        return logits.astype("float32") if logits.dtype != "float32" else logits
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: str):
+        self.eps = eps
+        self.weight = nn.Parameter((dim,), dtype)
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        eps = self.eps
+
+        def compute(x_te: te.Tensor, w_te: te.Tensor):
+            rows, dim = x_te.shape
+            k = te.reduce_axis((0, dim), name="k")
+            sq = te.compute(
+                (rows,),
+                lambda i: te.sum(x_te[i, k].astype(ACC) * x_te[i, k].astype(ACC), axis=k),
+                name="sum_sq",
+            )
+
+            def norm(i, j):
+                inv = tirx.rsqrt(sq[i] / tirx.const(int(dim), ACC) + tirx.const(eps, ACC))
+                return (x_te[i, j].astype(ACC) * inv * w_te[j].astype(ACC)).astype(x_te.dtype)
+
+            return te.compute(x_te.shape, norm, name="rms_norm")
+
+        return op.tensor_expr_op(compute, "rms_norm", [x, self.weight])
+
+
+class RotaryTables(nn.Module):
+    """cos/sin of every (position, pair) angle, filled in when weights are converted."""
+
+    def __init__(self, max_context: int, head_dim: int):
+        self.cos = nn.Parameter((max_context, head_dim // 2), "float32")
+        self.sin = nn.Parameter((max_context, head_dim // 2), "float32")
+
+    def forward(self, x: nn.Tensor, pos: tirx.Var) -> nn.Tensor:
+        """x [s, heads, head_dim] at positions pos..pos+s-1, rotated over adjacent pairs."""
+
+        def compute(x_te: te.Tensor, cos: te.Tensor, sin: te.Tensor, p: tirx.Var):
+            def rotate(i, h, d):
+                pair = d // 2
+                c, s = cos[p + i, pair], sin[p + i, pair]
+                even = x_te[i, h, pair * 2].astype(ACC)
+                odd = x_te[i, h, pair * 2 + 1].astype(ACC)
+                out = tirx.Select(d % 2 == 0, even * c - odd * s, even * s + odd * c)
+                return out.astype(x_te.dtype)
+
+            return te.compute(x_te.shape, rotate, name="rope")
+
+        return op.tensor_expr_op(compute, "rope", [x, self.cos, self.sin, pos])
+
+
+def rotary_tables(max_context: int, head_dim: int, theta: float):
+    """The values of RotaryTables' parameters (numpy, float32)."""
+    import numpy as np
+
+    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    angles = np.arange(max_context, dtype=np.float64)[:, None] * inv_freq[None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def kv_write(cache: nn.Tensor, new: nn.Tensor, pos: tirx.Var, n_valid) -> nn.Tensor:
+    """Write rows [0, n_valid) of `new` into the cache at pos..; updates the cache in place."""
+    max_ctx, heads, dim = (int(x) for x in cache.shape)
+    rows = int(new.shape[0])
+    i64 = T.int64
+
+    @T.prim_func(private=True, s_tir=True)
+    def write(
+        c: T.Buffer((i64(max_ctx), i64(heads), i64(dim)), cache.dtype),
+        n: T.Buffer((i64(rows), i64(heads), i64(dim)), cache.dtype),
+        p: T.int64,
+        valid: T.int64,
+    ):
+        for i, h, d in T.grid(valid, i64(heads), i64(dim)):
+            with T.sblock("write"):
+                vi, vh, vd = T.axis.remap("SSS", [i, h, d])
+                T.reads(n[vi, vh, vd])
+                T.writes(c[p + vi, vh, vd])
+                c[p + vi, vh, vd] = n[vi, vh, vd]
+
+    if isinstance(n_valid, int):
+        n_valid = tirx.IntImm("int64", n_valid)
+    out = nn.Tensor.placeholder([max_ctx, heads, dim], cache.dtype)
+    return op.tensor_ir_inplace_op(write, "kv_write", [cache, new, pos, n_valid], [0], out)
+
+
+def attention(q: nn.Tensor, k_cache: nn.Tensor, v_cache: nn.Tensor, pos: tirx.Var) -> nn.Tensor:
+    """Causal attention of q [s, H, D] (positions pos..) over the cache -> [s, H*D].
+
+    Query row i sees cache rows 0..pos+i; the loops stop there, so the cost grows with the
+    context used, not with the cache's size. Softmax is computed online in float32.
+    """
+    rows, heads, dim = (int(x) for x in q.shape)
+    max_ctx, kv_heads = int(k_cache.shape[0]), int(k_cache.shape[1])
+    group = heads // kv_heads
+    scale = 1.0 / math.sqrt(dim)
+    dtype = q.dtype
+    i64 = T.int64
+
+    @T.prim_func(private=True, s_tir=True)
+    def attend(
+        q_in: T.Buffer((i64(rows), i64(heads), i64(dim)), dtype),
+        kc: T.Buffer((i64(max_ctx), i64(kv_heads), i64(dim)), dtype),
+        vc: T.Buffer((i64(max_ctx), i64(kv_heads), i64(dim)), dtype),
+        p: T.int64,
+        out: T.Buffer((i64(rows), i64(heads * dim)), dtype),
+    ):
+        for ih in T.parallel(i64(rows * heads)):
+            with T.sblock("row"):
+                vih = T.axis.spatial(i64(rows * heads), ih)
+                T.reads(
+                    q_in[vih // heads, vih % heads, 0:dim],
+                    kc[0:max_ctx, 0:kv_heads, 0:dim],
+                    vc[0:max_ctx, 0:kv_heads, 0:dim],
+                )
+                T.writes(out[vih // heads, (vih % heads) * dim : (vih % heads) * dim + dim])
+                i = vih // heads
+                h = vih % heads
+                kvh = h // group
+                run_max = T.alloc_buffer((1,), "float32", scope="local")
+                run_sum = T.alloc_buffer((1,), "float32", scope="local")
+                acc = T.alloc_buffer((dim,), "float32", scope="local")
+                score = T.alloc_buffer((1,), "float32", scope="local")
+                run_max[0] = T.float32(-3.0e38)
+                run_sum[0] = T.float32(0)
+                for d in range(dim):
+                    acc[d] = T.float32(0)
+                for j in range(p + i + 1):
+                    score[0] = T.float32(0)
+                    for d in range(dim):
+                        score[0] = score[0] + T.Cast("float32", q_in[i, h, d]) * T.Cast(
+                            "float32", kc[j, kvh, d]
+                        )
+                    score[0] = score[0] * T.float32(scale)
+                    new_max = T.max(run_max[0], score[0])
+                    correction = T.exp(run_max[0] - new_max)
+                    weight = T.exp(score[0] - new_max)
+                    run_sum[0] = run_sum[0] * correction + weight
+                    for d in range(dim):
+                        acc[d] = acc[d] * correction + weight * T.Cast("float32", vc[j, kvh, d])
+                    run_max[0] = new_max
+                for d in range(dim):
+                    out[i, h * dim + d] = T.Cast(dtype, acc[d] / run_sum[0])
+
+    out = nn.Tensor.placeholder([rows, heads * dim], dtype)
+    return op.tensor_ir_op(attend, "attention", [q, k_cache, v_cache, pos], out)
+
+
+def last_valid_row(x: nn.Tensor, n_valid: tirx.Var) -> nn.Tensor:
+    """Row n_valid-1 of x [s, d] as [1, d]: the position whose logits a padded chunk needs."""
+
+    def compute(x_te: te.Tensor, n: tirx.Var):
+        return te.compute((1, x_te.shape[1]), lambda _, j: x_te[n - 1, j], name="take_row")
+
+    return op.tensor_expr_op(compute, "last_valid_row", [x, n_valid])

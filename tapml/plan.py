@@ -1,0 +1,148 @@
+"""The execution plan: a model's entry points as straight-line lists of kernel calls.
+
+A plan names every buffer (parameters, KV state, inputs, outputs, temporaries placed in
+shared storages, and views of other buffers) and, per entry point, the calls that run in
+order. The only run-time values are a few scalars (`pos`, `n_valid`); a scalar argument of a
+call is a small expression of them. This module has no TVM dependency: it is what every
+executor, in any language, interprets. The format is documented in docs/formats.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import PlanError
+from .fileio import write_atomic
+
+FORMAT = "tapml-plan"
+VERSION = 1
+BUFFER_KINDS = ("param", "state", "input", "output", "temp", "view")
+
+
+@dataclass
+class Plan:
+    buffers: dict[str, dict[str, Any]]
+    storages: dict[str, int]
+    functions: dict[str, dict[str, Any]]
+    model: dict[str, Any]
+
+    # -- buffers -----------------------------------------------------------------
+    def root(self, name: str) -> str:
+        """The buffer that owns the memory `name` refers to (views resolve to their base)."""
+        while self.buffers[name]["kind"] == "view":
+            name = self.buffers[name]["base"]
+        return name
+
+    def nbytes(self, name: str) -> int:
+        b = self.buffers[name]
+        return int(np.prod(b["shape"], dtype=np.int64)) * np.dtype(b["dtype"]).itemsize
+
+    def names(self, kind: str) -> list[str]:
+        return [n for n, b in self.buffers.items() if b["kind"] == kind]
+
+    @property
+    def kernels(self) -> list[str]:
+        """Every distinct kernel the plan calls, in order of first use."""
+        seen: dict[str, None] = {}
+        for f in self.functions.values():
+            for call in f["calls"]:
+                seen.setdefault(call["kernel"], None)
+        return list(seen)
+
+    # -- serialization -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": self.model,
+            "buffers": self.buffers,
+            "storages": self.storages,
+            "functions": self.functions,
+        }
+
+    def save(self, path: Path) -> None:
+        write_atomic(path, json.dumps(self.to_dict(), indent=1).encode())
+
+    @classmethod
+    def load(cls, path: Path) -> Plan:
+        try:
+            d = json.loads(Path(path).read_text())
+        except FileNotFoundError as e:
+            raise PlanError(f"plan file not found: {path}") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PlanError(f"{path} is not valid JSON ({e}); recompile the model") from e
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise PlanError(f"{path} is not a tapml plan")
+        if d.get("version") != VERSION:
+            raise PlanError(
+                f"{path} has plan version {d.get('version')}, this tapml reads version "
+                f"{VERSION}; recompile the model"
+            )
+        plan = cls(d["buffers"], d["storages"], d["functions"], d["model"])
+        plan.validate(str(path))
+        return plan
+
+    def validate(self, where: str = "plan") -> None:
+        """Check the references a plan's executors rely on, so they fail here, not mid-run."""
+        for name, b in self.buffers.items():
+            if b.get("kind") not in BUFFER_KINDS:
+                raise PlanError(f"{where}: buffer {name!r} has unknown kind {b.get('kind')!r}")
+            if b["kind"] == "view" and b.get("base") not in self.buffers:
+                raise PlanError(f"{where}: view {name!r} has no base buffer {b.get('base')!r}")
+            if b["kind"] == "temp" and b.get("storage") not in self.storages:
+                raise PlanError(f"{where}: temp {name!r} has no storage {b.get('storage')!r}")
+        for fname, f in self.functions.items():
+            for i, call in enumerate(f["calls"]):
+                for arg in call["args"]:
+                    if "buffer" in arg and arg["buffer"] not in self.buffers:
+                        raise PlanError(
+                            f"{where}: {fname} call {i} ({call['kernel']}) uses unknown "
+                            f"buffer {arg['buffer']!r}"
+                        )
+
+
+def evaluate(expr: Any, scalars: dict[str, int]) -> int | float:
+    """Evaluate a scalar expression: a number, {"var": name} or {"op": name, "args": [...]}."""
+    if isinstance(expr, (int, float)):
+        return expr
+    if "var" in expr:
+        return scalars[expr["var"]]
+    args = [evaluate(a, scalars) for a in expr["args"]]
+    op = expr["op"]
+    if op == "cast":
+        return int(args[0]) if "int" in expr["dtype"] else float(args[0])
+    if op == "select":
+        return args[1] if args[0] else args[2]
+    return _OPS[op](*args)
+
+
+def _c_div(a, b):
+    return math.trunc(a / b) if isinstance(a, int) and isinstance(b, int) else a / b
+
+
+_OPS = {
+    "add": lambda a, b: a + b,
+    "sub": lambda a, b: a - b,
+    "mul": lambda a, b: a * b,
+    "div": _c_div,
+    "mod": lambda a, b: int(math.fmod(a, b)),
+    "floordiv": lambda a, b: a // b,
+    "floormod": lambda a, b: a % b,
+    "min": min,
+    "max": max,
+    "eq": lambda a, b: a == b,
+    "ne": lambda a, b: a != b,
+    "lt": lambda a, b: a < b,
+    "le": lambda a, b: a <= b,
+    "gt": lambda a, b: a > b,
+    "ge": lambda a, b: a >= b,
+    "and": lambda a, b: a and b,
+    "or": lambda a, b: a or b,
+    "not": lambda a: not a,
+}

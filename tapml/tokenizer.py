@@ -1,0 +1,279 @@
+"""Text <-> token ids for GGUF byte-level BPE vocabularies, matching llama.cpp's tokenizer."""
+
+from __future__ import annotations
+
+import codecs
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+from .errors import TapmlError
+from .fileio import write_atomic
+
+TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "tokenizer_config.json"
+CONTROL, USER_DEFINED = 3, 4  # GGUF tokenizer.ggml.token_type values
+
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3 = (
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# The regexes llama.cpp (llama-vocab.cpp) uses for each tokenizer.ggml.pre value. It applies them
+# in turn, each inside the pieces of the one before: for "smollm" the lone-digit pass runs first,
+# so "  2" becomes "  " + "2", never " " + " 2" as the GPT-2 regex alone would give.
+PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
+    "default": (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", "[0-9][0-9][0-9]"),
+    "gpt-2": (_GPT2,),
+    "gpt2": (_GPT2,),
+    "smollm": (r"\p{N}", _GPT2),
+    "starcoder": (r"\p{N}", _GPT2),
+    "llama3": (_LLAMA3,),
+    "llama-v3": (_LLAMA3,),
+    "llama-bpe": (_LLAMA3,),
+}
+# llama.cpp takes a pre-token that is itself in the vocabulary whole, skipping the merges
+_IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe"}
+# end-of-turn tokens that stop generation like eos does (llama.cpp's end-of-generation list)
+_STOP_TEXTS = {
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+}
+_CONFIG_KEYS = {"pre", "vocab_size", "bos_id", "eos_id", "stop_ids", "add_bos", "chat_template"}
+
+
+class Tokenizer:
+    """A GGUF vocabulary as an HF `tokenizers` tokenizer, with its special ids and chat template."""
+
+    def __init__(self, hf: HFTokenizer, config: Mapping[str, Any]):
+        """Prefer `from_gguf_metadata` or `load`; `config` has the keys of tokenizer_config.json."""
+        self._hf = hf
+        self._config = {key: config[key] for key in _CONFIG_KEYS}
+        added = hf.get_added_tokens_decoder()
+        self._control = {i for i, token in added.items() if token.special}
+        byte_of = _byte_decoder()
+        self._bytes = [b""] * self.vocab_size
+        for text, i in hf.get_vocab(with_added_tokens=True).items():
+            if i in added:
+                self._bytes[i] = text.encode()
+            else:
+                self._bytes[i] = b"".join(
+                    bytes([byte_of[c]]) if c in byte_of else c.encode() for c in text
+                )
+
+    @classmethod
+    def from_gguf_metadata(cls, metadata: Mapping[str, Any]) -> Tokenizer:
+        """The tokenizer stored in a GGUF file's metadata (`GGUFFile.metadata`)."""
+        model = metadata.get("tokenizer.ggml.model")
+        if model != "gpt2" or "tokenizer.ggml.tokens" not in metadata:
+            raise TapmlError(
+                f"unsupported GGUF tokenizer {model!r}: tapml reads byte-level BPE ('gpt2') "
+                "vocabularies only"
+            )
+        # llama.cpp also falls back to "default" when the key is missing
+        pre = str(metadata.get("tokenizer.ggml.pre", "default"))
+        pre_tokenizer = _pre_tokenizer(pre)
+        tokens = list(metadata["tokenizer.ggml.tokens"])
+        types = list(metadata.get("tokenizer.ggml.token_type", [1] * len(tokens)))
+        if len(types) != len(tokens):
+            raise TapmlError(
+                f"corrupt GGUF tokenizer: {len(tokens)} tokens but {len(types)} token types"
+            )
+        merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
+        vocab = {text: i for i, text in enumerate(tokens)}
+        hf = HFTokenizer(
+            models.BPE(vocab, merges, byte_fallback=False, ignore_merges=pre in _IGNORE_MERGES)
+        )
+        hf.pre_tokenizer = pre_tokenizer
+        hf.decoder = decoders.ByteLevel()
+        hf.add_tokens(
+            [
+                AddedToken(text, special=kind == CONTROL, normalized=False)
+                for text, kind in zip(tokens, types, strict=True)
+                if kind in (CONTROL, USER_DEFINED)
+            ]
+        )
+        eos_id = metadata.get("tokenizer.ggml.eos_token_id")
+        stop_ids = {eos_id} if eos_id is not None else set()
+        stop_ids |= {
+            i
+            for i, (text, kind) in enumerate(zip(tokens, types, strict=True))
+            if kind == CONTROL and text in _STOP_TEXTS
+        }
+        for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+            if key in metadata:
+                stop_ids.add(metadata[key])
+        config = {
+            "pre": pre,
+            "vocab_size": len(tokens),
+            "bos_id": metadata.get("tokenizer.ggml.bos_token_id"),
+            "eos_id": eos_id,
+            "stop_ids": sorted(stop_ids),
+            "add_bos": bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
+            "chat_template": metadata.get("tokenizer.chat_template"),
+        }
+        return cls(hf, config)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Tokenizer:
+        """The tokenizer written by `save` into `directory`."""
+        directory = Path(directory)
+        tokenizer_path, config_path = directory / TOKENIZER_FILE, directory / CONFIG_FILE
+        for path in (tokenizer_path, config_path):
+            if not path.is_file():
+                raise TapmlError(
+                    f"tokenizer file missing: {path}; save the tokenizer there again "
+                    "(recompile the model)"
+                )
+        try:
+            hf = HFTokenizer.from_file(str(tokenizer_path))
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            raise TapmlError(f"{tokenizer_path} is not a valid tokenizer file: {e}") from e
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            missing = _CONFIG_KEYS - config.keys()
+        except (ValueError, AttributeError) as e:
+            raise TapmlError(f"{config_path} is not a valid tokenizer config: {e}") from e
+        if missing:
+            raise TapmlError(f"{config_path} lacks the keys {', '.join(sorted(missing))}")
+        return cls(hf, config)
+
+    def save(self, directory: str | Path) -> None:
+        """Write tokenizer.json (HF format) and tokenizer_config.json into `directory`."""
+        directory = Path(directory)
+        write_atomic(directory / TOKENIZER_FILE, self._hf.to_str().encode())
+        config = json.dumps(self._config, indent=2, sort_keys=True, ensure_ascii=False)
+        write_atomic(directory / CONFIG_FILE, (config + "\n").encode())
+
+    @property
+    def pre(self) -> str:
+        """The GGUF's tokenizer.ggml.pre: which llama.cpp pre-tokenizer this matches."""
+        return self._config["pre"]
+
+    @property
+    def add_bos(self) -> bool:
+        return self._config["add_bos"]
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._config["chat_template"]
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._config["bos_id"]
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._config["eos_id"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self._config["vocab_size"]
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Ids that end generation: eos and the end-of-turn control tokens."""
+        return list(self._config["stop_ids"])
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """The ids of `text`; special tokens written in it (e.g. "<|im_start|>") become one id."""
+        ids = self._hf.encode(text, add_special_tokens=False).ids
+        if self.add_bos if add_bos is None else add_bos:
+            if self.bos_id is None:
+                raise TapmlError("cannot add a BOS token: this vocabulary has none")
+            ids.insert(0, self.bos_id)
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        """The text of `ids`; `skip_special` leaves out control tokens such as "<|im_end|>"."""
+        data = b"".join(self._piece(i, skip_special) for i in ids)
+        return data.decode("utf-8", errors="replace")
+
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        """The prompt for `messages` ({"role", "content"} dicts) in the model's chat format."""
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        if not self.chat_template:
+            raise TapmlError(
+                "this model has no chat template (tokenizer.chat_template in its GGUF); "
+                "pass the prompt as plain text instead"
+            )
+        # the same environment settings as HF transformers, which the templates are written for
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
+        env.globals["raise_exception"] = _raise_exception
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self._text(self.bos_id),
+                eos_token=self._text(self.eos_id),
+            )
+        except TemplateError as e:
+            raise TapmlError(f"the model's chat template failed: {e}") from e
+
+    def _piece(self, token_id: int, skip_special: bool) -> bytes:
+        if not 0 <= token_id < self.vocab_size:
+            raise TapmlError(
+                f"token id {token_id} is outside the vocabulary (0..{self.vocab_size - 1})"
+            )
+        if skip_special and token_id in self._control:
+            return b""
+        return self._bytes[token_id]
+
+    def _text(self, token_id: int | None) -> str:
+        return "" if token_id is None else self._piece(token_id, False).decode(errors="replace")
+
+
+class StreamDecoder:
+    """Decodes ids one at a time, holding back a character whose bytes span several tokens."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False):
+        self._tokenizer = tokenizer
+        self._skip_special = skip_special
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token_id: int) -> str:
+        """The text completed by `token_id`: "" while a character is still incomplete."""
+        return self._utf8.decode(self._tokenizer._piece(token_id, self._skip_special))
+
+    def flush(self) -> str:
+        """The bytes still held back at the end, as replacement characters."""
+        return self._utf8.decode(b"", final=True)
+
+
+def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
+    if pre not in PRE_TOKENIZERS:
+        raise TapmlError(
+            f"unknown pre-tokenizer {pre!r} (tokenizer.ggml.pre in the GGUF); "
+            f"tapml knows: {', '.join(sorted(PRE_TOKENIZERS))}"
+        )
+    splits = [pre_tokenizers.Split(Regex(r), "isolated") for r in PRE_TOKENIZERS[pre]]
+    return pre_tokenizers.Sequence(
+        [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: character -> the byte it stands for."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars = {b: chr(b) for b in printable}
+    others = [b for b in range(256) if b not in chars]
+    chars.update({b: chr(256 + n) for n, b in enumerate(others)})
+    return {c: b for b, c in chars.items()}
+
+
+def _raise_exception(message: str) -> None:
+    raise TapmlError(f"the model's chat template refused the messages: {message}")

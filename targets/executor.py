@@ -1,0 +1,113 @@
+"""The executor contract: run a plan's kernels on one backend.
+
+The base class owns the plan: it allocates every buffer through the backend's hooks
+(temporaries as views of shared storages), resolves each call's arguments once, and runs
+an entry point by evaluating scalar arguments and launching kernels in order. A backend
+fills in the hooks: `_alloc`, `_view`, `_upload`, `_download`, `_launch`, `_sync`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from tapml.errors import ExecutorError
+from tapml.plan import Plan, evaluate
+
+
+class Executor:
+    """Runs the entry points of a plan; subclasses implement the backend hooks."""
+
+    name = "base"
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.buffers: dict[str, Any] = {}
+        storages = {s: self._alloc(n) for s, n in plan.storages.items()}
+        for name, b in plan.buffers.items():
+            if b["kind"] == "temp":
+                self.buffers[name] = self._view(storages[b["storage"]], b["shape"], b["dtype"])
+            elif b["kind"] != "view":
+                self.buffers[name] = self._view(self._alloc(plan.nbytes(name)), b["shape"],
+                                                b["dtype"])  # fmt: skip
+        for name, b in plan.buffers.items():
+            if b["kind"] == "view":
+                base = self.buffers[plan.root(name)]
+                self.buffers[name] = self._view(base, b["shape"], b["dtype"])
+        self.reset_state()
+
+    # -- backend hooks ---------------------------------------------------------------
+    def _alloc(self, nbytes: int) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must implement _alloc")
+
+    def _view(self, base: Any, shape: list[int], dtype: str) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must implement _view")
+
+    def _upload(self, buffer: Any, array: np.ndarray) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must implement _upload")
+
+    def _download(self, buffer: Any) -> np.ndarray:
+        raise NotImplementedError(f"{type(self).__name__} must implement _download")
+
+    def _launch(self, kernel: str, args: list[Any]) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must implement _launch")
+
+    def _sync(self) -> None:
+        pass
+
+    # -- public API ------------------------------------------------------------------
+    def load_params(self, params: Mapping[str, np.ndarray]) -> None:
+        """Upload every parameter the plan names; a missing or misshapen one is an error."""
+        for name in self.plan.names("param"):
+            if name not in params:
+                raise ExecutorError(f"weights have no parameter {name!r} that the plan needs")
+            self.upload(name, params[name])
+
+    def upload(self, name: str, array: np.ndarray) -> None:
+        b = self.plan.buffers[name]
+        if list(array.shape) != b["shape"] or str(array.dtype) != b["dtype"]:
+            raise ExecutorError(
+                f"{name}: expected {b['dtype']}{b['shape']}, got {array.dtype}{list(array.shape)}"
+            )
+        self._upload(self.buffers[name], np.ascontiguousarray(array))
+
+    def download(self, name: str) -> np.ndarray:
+        self._sync()
+        return self._download(self.buffers[name])
+
+    def reset_state(self) -> None:
+        """Zero the KV state (stale rows are never read, but NaN garbage must not exist)."""
+        for name in self.plan.names("state"):
+            b = self.plan.buffers[name]
+            self._upload(self.buffers[name], np.zeros(b["shape"], b["dtype"]))
+
+    def run(self, function: str, scalars: Mapping[str, int], inputs: Mapping[str, np.ndarray]
+            ) -> np.ndarray:  # fmt: skip
+        """Run one entry point; returns its first output (the logits)."""
+        f = self.plan.functions[function]
+        missing = set(f["scalars"]) - set(scalars)
+        if missing:
+            raise ExecutorError(f"{function} needs scalars {sorted(missing)}")
+        for name, array in inputs.items():
+            self.upload(name, array)
+        for call in f["calls"]:
+            self._launch(call["kernel"], self._args(call, scalars))
+        return self.download(f["outputs"][0])
+
+    def time_call(self, call: dict[str, Any], scalars: Mapping[str, int]) -> float:
+        """Seconds one call of the plan takes, synchronized."""
+        args = self._args(call, scalars)
+        self._sync()
+        start = time.perf_counter()
+        self._launch(call["kernel"], args)
+        self._sync()
+        return time.perf_counter() - start
+
+    def _args(self, call: dict[str, Any], scalars: Mapping[str, int]) -> list[Any]:
+        return [
+            self.buffers[a["buffer"]] if "buffer" in a else evaluate(a["scalar"], scalars)
+            for a in call["args"]
+        ]

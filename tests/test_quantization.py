@@ -1,0 +1,54 @@
+"""4-bit group quantization: the packed layout, and dequantization against plain numpy."""
+
+import numpy as np
+import pytest
+
+from tapml.errors import TapmlError
+from tapml.quantization import QUANTIZATION, get_quantization
+
+
+def unpack_by_hand(words: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Value j of row n is nibble j % 8 of word j // 8, minus 7, times scale[n, j // 32]."""
+    n, k = words.shape[0], words.shape[1] * 8
+    out = np.zeros((n, k), np.float32)
+    for row in range(n):
+        for j in range(k):
+            nibble = (int(words[row, j // 8]) >> (4 * (j % 8))) & 0xF
+            out[row, j] = (nibble - 7) * float(scale[row, j // 32])
+    return out
+
+
+@pytest.mark.parametrize("name", ["q4f32_1", "q4f16_1"])
+def test_pack_layout_and_dequantize_match_numpy(name):
+    quant = QUANTIZATION[name]
+    w = np.random.default_rng(0).standard_normal((5, 96)).astype(np.float32)
+    words, scale = quant.quantize(w)
+    assert words.dtype == np.uint32 and words.shape == (5, 12)
+    assert scale.dtype == np.dtype(quant.dtype) and scale.shape == (5, 3)
+    np.testing.assert_array_equal(quant.dequantize(words, scale), unpack_by_hand(words, scale))
+
+
+def test_quantization_error_is_within_half_a_step():
+    quant = QUANTIZATION["q4f32_1"]
+    w = np.random.default_rng(1).standard_normal((16, 128)).astype(np.float32)
+    words, scale = quant.quantize(w)
+    step = np.repeat(scale, 32, axis=1)
+    assert np.all(np.abs(quant.dequantize(words, scale) - w) <= step / 2 + 1e-6)
+
+
+def test_group_of_zeros_stays_zero():
+    quant = QUANTIZATION["q4f32_1"]
+    w = np.zeros((2, 64), np.float32)
+    w[1, 32:] = 1.0
+    words, scale = quant.quantize(w)
+    np.testing.assert_array_equal(quant.dequantize(words, scale), w)
+
+
+def test_input_dimension_must_fill_groups():
+    with pytest.raises(TapmlError, match="multiple of 32"):
+        QUANTIZATION["q4f32_1"].quantize(np.ones((4, 40), np.float32))
+
+
+def test_unknown_quantization_lists_the_valid_ones():
+    with pytest.raises(TapmlError, match="q0f32, q0f16, q4f32_1, q4f16_1"):
+        get_quantization("q3f8")

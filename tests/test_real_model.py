@@ -1,0 +1,86 @@
+"""SmolLM2-135M end to end on the CPU: against llama.cpp's tokens, numpy and the Relax VM."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import LLAMA_CPP_GREEDY, PROMPT, PROMPT_IDS
+
+from tapml.compiler import CompileOptions, build_plan, describe
+from tapml.models.llama import reference
+from tapml.models.llama.config import LlamaConfig
+from tapml.quantization import QUANTIZATION, dequantize_params
+from tapml.runtime.engine import Engine
+from tapml.weights import load_shards
+
+pytestmark = pytest.mark.real_model
+
+# Max |difference| / max |reference logit| for float32 activations. The numpy pass runs in
+# float64 on the same (dequantized) weights; the kernels accumulate in float32.
+NUMPY_TOLERANCE = 1e-3
+VM_TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def engines(real_artifact):
+    return {q: Engine(real_artifact(q)) for q in ("q0f32", "q4f32_1")}
+
+
+def test_q0f32_greedy_tokens_equal_llama_cpp(engines):
+    tokens = list(engines["q0f32"].generate_ids(PROMPT_IDS, max_tokens=len(LLAMA_CPP_GREEDY)))
+    assert tokens == LLAMA_CPP_GREEDY
+
+
+def test_q4f32_1_says_paris(engines):
+    engine = engines["q4f32_1"]
+    assert engine.tokenizer.encode(PROMPT) == PROMPT_IDS
+    tokens = list(engine.generate_ids(PROMPT_IDS, max_tokens=len(LLAMA_CPP_GREEDY)))
+    assert tokens[0] == LLAMA_CPP_GREEDY[0]  # " Paris"
+    assert engine.tokenizer.decode(tokens).startswith(" Paris")
+
+
+@pytest.mark.parametrize("quantization", ["q0f32", "q4f32_1"])
+def test_logits_match_numpy_forward_pass(engines, quantization):
+    engine = engines[quantization]
+    config = LlamaConfig.from_dict(describe(engine.artifact)["model"])
+    weights = dequantize_params(load_shards(engine.artifact / "weights"),
+                                QUANTIZATION[quantization])  # fmt: skip
+    tokens = PROMPT_IDS + LLAMA_CPP_GREEDY[:3]
+    expected = reference.forward(weights, config, tokens)
+    engine.reset()
+    got = [engine.prefill(PROMPT_IDS)] + [engine.decode(t) for t in LLAMA_CPP_GREEDY[:3]]
+    for step, logits in enumerate(got):
+        ref = expected[len(PROMPT_IDS) - 1 + step]
+        error = np.abs(logits - ref).max() / np.abs(ref).max()
+        assert error < NUMPY_TOLERANCE, f"step {step}: relative error {error:.2e}"
+
+
+def test_plan_matches_relax_vm_on_the_same_module(engines):
+    from tapml.targets.relax_vm import RelaxVM
+
+    engine = engines["q4f32_1"]
+    config = LlamaConfig.from_dict(describe(engine.artifact)["model"])
+    options = CompileOptions(**describe(engine.artifact)["options"])
+    _, plan, fused = build_plan(config, QUANTIZATION["q4f32_1"], options)
+    vm = RelaxVM(fused, plan, load_shards(engine.artifact / "weights"))
+    tokens = np.zeros(options.chunk, "int32")
+    tokens[: len(PROMPT_IDS)] = PROMPT_IDS
+    expected = vm.run("prefill", {"pos": 0, "n_valid": len(PROMPT_IDS)},
+                      {"prefill.tokens": tokens})[0]  # fmt: skip
+    engine.reset()
+    got = engine.prefill(PROMPT_IDS)
+    assert np.abs(got - expected).max() / np.abs(expected).max() < VM_TOLERANCE
+    step = vm.run("decode", {"pos": len(PROMPT_IDS)}, {"decode.token": np.array([7042], "int32")})
+    assert np.abs(engine.decode(7042) - step[0]).max() / np.abs(step).max() < VM_TOLERANCE
+
+
+def test_cli_run_streams_the_paris_completion(engines):
+    result = subprocess.run(
+        [sys.executable, "-m", "tapml", "-q", "run", "smollm2-135m", "--prompt", PROMPT,
+         "--max-tokens", "4", "--quantization", "q4f32_1"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(" Paris")
+    assert "decode" in result.stderr and "tok/s" in result.stderr
