@@ -95,8 +95,10 @@ def compile_model(
         from tapml.weights import save_shards
 
         log.info("converting weights to %s", quant.name)
+        weights = dict(gguf_weights(gguf))
+        importance = calibrate(weights, config, gguf) if quant.quantized else {}
         params = convert_weights(
-            gguf_weights(gguf), quant, plan.names("param"), config, options.max_context
+            weights.items(), quant, plan.names("param"), config, options.max_context, importance
         )
         save_shards(params, work / "weights", progress=progress)
     from tapml.targets import get_target
@@ -154,8 +156,12 @@ def convert_weights(
     param_names: list[str],
     config: LlamaConfig,
     max_context: int,
+    importance: dict[str, np.ndarray] | None = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
-    """Float32 weights by name -> the parameters the plan needs, in the scheme's layout."""
+    """Float32 weights by name -> the parameters the plan needs, in the scheme's layout.
+
+    `importance` (weight name -> per-input-channel weights) steers 4-bit scale choice.
+    """
     from tapml.nn import rotary_tables
 
     wanted = set(param_names)
@@ -163,7 +169,7 @@ def convert_weights(
     for name, w in source:
         base = name.removesuffix(".weight")
         if f"{base}.q_weight" in wanted:
-            words, scale = quant.quantize(w)
+            words, scale = quant.quantize(w, (importance or {}).get(name))
             yield f"{base}.q_weight", words
             yield f"{base}.q_scale", scale
             produced |= {f"{base}.q_weight", f"{base}.q_scale"}
@@ -178,6 +184,17 @@ def convert_weights(
         raise CompileError(
             f"the weights lack {len(missing)} parameters the model needs: {sorted(missing)[:5]}"
         )
+
+
+def calibrate(weights: dict[str, np.ndarray], config: LlamaConfig, gguf: GGUFFile):
+    """Activation importance of every weight matrix, from the float model on calibration text."""
+    from tapml.calibration import CALIBRATION_TEXT, activation_importance
+    from tapml.models.llama.reference import forward
+    from tapml.tokenizer import Tokenizer
+
+    tokens = Tokenizer.from_gguf_metadata(gguf.metadata).encode(CALIBRATION_TEXT)
+    log.info("calibrating quantization on %d tokens", len(tokens))
+    return activation_importance(forward, weights, config, tokens)
 
 
 def describe(artifact: Path) -> dict[str, Any]:

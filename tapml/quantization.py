@@ -33,8 +33,16 @@ class Quantization:
     def max_int(self) -> int:
         return 2 ** (self.bits - 1) - 1
 
-    def quantize(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """[N, K] float weights -> (uint32 words [N, K/8], scales [N, K/32])."""
+    def quantize(
+        self, w: np.ndarray, importance: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """[N, K] float weights -> (uint32 words [N, K/8], scales [N, K/32]).
+
+        Each group's scale minimizes the squared error weighted by `importance` (one value per
+        input channel, e.g. the mean squared activation it sees; uniform when None): a few
+        candidate scales around the group's signed peak are each refined by least squares.
+        Using the signed peak lets it reach the code 15 (+8 steps), so all 16 codes serve.
+        """
         n, k = w.shape
         if k % self.group_size:
             raise TapmlError(
@@ -42,14 +50,40 @@ class Quantization:
                 f"got a [{n}, {k}] weight"
             )
         groups = w.astype(np.float32).reshape(n, k // self.group_size, self.group_size)
-        scale = (np.abs(groups).max(axis=-1) / self.max_int).astype(self.dtype)
-        s = scale.astype(np.float32)[..., None]
-        q = np.round(np.divide(groups, s, out=np.zeros_like(groups), where=s != 0))
-        q = np.clip(q + self.max_int, 0, 2 * self.max_int).astype(np.uint32)
+        if importance is None:
+            weight = np.ones((1, 1, self.group_size), np.float32)
+        else:
+            imp = np.asarray(importance, np.float32).reshape(1, k // self.group_size, -1)
+            weight = imp / max(float(imp.mean()), 1e-30) + 1e-3  # no channel counts for nothing
+        peak = np.take_along_axis(groups, np.abs(groups).argmax(-1)[..., None], axis=-1)
+        zero = peak == 0
+        peak = np.where(zero, 1.0, peak)
+        best_scale, best_error = peak / self.max_int, None
+        top = 2**self.bits - 1
+        for divisor in _SCALE_DIVISORS:
+            scale = peak / divisor
+            codes = np.clip(np.round(groups / scale) + self.max_int, 0, top) - self.max_int
+            num = (weight * groups * codes).sum(-1, keepdims=True)
+            den = (weight * codes * codes).sum(-1, keepdims=True)
+            scale = np.where(den > 0, num / np.maximum(den, 1e-30), scale)
+            scale = np.where(scale == 0, peak / divisor, scale)
+            codes = np.clip(np.round(groups / scale) + self.max_int, 0, top) - self.max_int
+            error = (weight * (groups - codes * scale) ** 2).sum(-1, keepdims=True)
+            if best_error is None:
+                best_scale, best_error = scale, error
+            else:
+                better = error < best_error
+                best_scale = np.where(better, scale, best_scale)
+                best_error = np.where(better, error, best_error)
+        scale = np.where(zero, 0.0, best_scale).astype(self.dtype)
+        s = scale.astype(np.float32)
+        safe = np.where(s == 0, 1.0, s)
+        q = np.clip(np.round(groups / safe) + self.max_int, 0, top)
+        q = np.where(s == 0, self.max_int, q).astype(np.uint32)
         q = q.reshape(n, k // self.per_word, self.per_word)
         shifts = np.arange(self.per_word, dtype=np.uint32) * np.uint32(self.bits)
         words = np.bitwise_or.reduce(q << shifts, axis=-1).astype(np.uint32)
-        return words, scale
+        return words, scale[..., 0]
 
     def dequantize(self, words: np.ndarray, scale: np.ndarray) -> np.ndarray:
         """The float32 weights [N, K] that the kernels compute with."""
@@ -59,6 +93,9 @@ class Quantization:
         q = q.reshape(n, -1).astype(np.float32) - self.max_int
         return q * np.repeat(scale.astype(np.float32), self.group_size, axis=1)
 
+
+# Candidate scales are the group's signed peak divided by these (8 lets the peak take code 15).
+_SCALE_DIVISORS = (6.5, 7.0, 7.5, 8.0, 8.5, 9.0)
 
 QUANTIZATION: dict[str, Quantization] = {
     q.name: q

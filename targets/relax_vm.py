@@ -21,10 +21,17 @@ class RelaxVM:
         import tvm
         from tvm import relax
 
+        from tapml.targets import get_target
+
+        from .llvm_schedules import schedule
+
         self._tvm = tvm
         self.plan = plan
         device = tvm.cpu()
-        vm_exec = tvm.compile(fused_module, target=tvm.target.Target("llvm"))
+        target = get_target("llvm").tvm_target()
+        # The kernels get the llvm target's schedules (which change loops, not values):
+        # unscheduled, the separate dequantize stages would hold whole weights as temporaries.
+        vm_exec = tvm.compile(schedule(fused_module, target), target=target)
         self._vm = relax.VirtualMachine(vm_exec, device)
         self._params = [tvm.runtime.tensor(params[n], device) for n in plan.names("param")]
         self._state_names = plan.names("state")

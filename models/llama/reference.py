@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -47,12 +47,23 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 def forward(
-    weights: Mapping[str, np.ndarray], config: LlamaConfig, tokens: Sequence[int]
+    weights: Mapping[str, np.ndarray],
+    config: LlamaConfig,
+    tokens: Sequence[int],
+    observe: Callable[[str, np.ndarray], None] | None = None,
 ) -> np.ndarray:
-    """Logits [len(tokens), vocab] (float64) of a causal forward pass from position 0."""
+    """Logits [len(tokens), vocab] (float64) of a causal forward pass from position 0.
+
+    `observe(weight_name, inputs)`, if given, sees the input of every matrix product.
+    """
 
     def w(name: str) -> np.ndarray:
         return np.asarray(weights[name], dtype=np.float64)
+
+    def linear(x: np.ndarray, name: str) -> np.ndarray:
+        if observe is not None:
+            observe(name, x)
+        return x @ w(name).T
 
     c = config
     t = len(tokens)
@@ -60,20 +71,20 @@ def forward(
     for i in range(c.num_layers):
         p = f"layers.{i}."
         h = rms_norm(x, w(p + "input_layernorm.weight"), c.rms_norm_eps)
-        q = (h @ w(p + "self_attn.q_proj.weight").T).reshape(t, c.num_heads, c.head_dim)
-        k = (h @ w(p + "self_attn.k_proj.weight").T).reshape(t, c.num_kv_heads, c.head_dim)
-        v = (h @ w(p + "self_attn.v_proj.weight").T).reshape(t, c.num_kv_heads, c.head_dim)
+        q = linear(h, p + "self_attn.q_proj.weight").reshape(t, c.num_heads, c.head_dim)
+        k = linear(h, p + "self_attn.k_proj.weight").reshape(t, c.num_kv_heads, c.head_dim)
+        v = linear(h, p + "self_attn.v_proj.weight").reshape(t, c.num_kv_heads, c.head_dim)
         a = attention(rope(q, c.rope_theta), rope(k, c.rope_theta), v)
-        x = x + a.reshape(t, -1) @ w(p + "self_attn.o_proj.weight").T
+        x = x + linear(a.reshape(t, -1), p + "self_attn.o_proj.weight")
 
         h = rms_norm(x, w(p + "post_attention_layernorm.weight"), c.rms_norm_eps)
-        gate = h @ w(p + "mlp.gate_proj.weight").T
-        up = h @ w(p + "mlp.up_proj.weight").T
-        x = x + (silu(gate) * up) @ w(p + "mlp.down_proj.weight").T
+        gate = linear(h, p + "mlp.gate_proj.weight")
+        up = linear(h, p + "mlp.up_proj.weight")
+        x = x + linear(silu(gate) * up, p + "mlp.down_proj.weight")
 
     x = rms_norm(x, w("norm.weight"), c.rms_norm_eps)
     out = "lm_head.weight" if "lm_head.weight" in weights else "embed_tokens.weight"
-    return x @ w(out).T
+    return linear(x, out)
 
 
 def greedy(

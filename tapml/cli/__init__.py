@@ -36,9 +36,12 @@ def main(ctx: click.Context, verbose: bool, quiet: bool) -> None:
       tapml compile smollm2-135m --target llvm --quantization q4f32_1 -o dist/smollm2
       tapml bench smollm2-135m --json
     """
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="tapml: %(message)s", stream=sys.stderr)
-    logging.getLogger("tapml").setLevel(level)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("tapml: %(message)s"))
+    log = logging.getLogger("tapml")
+    log.handlers = [handler]
+    log.propagate = False
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     ctx.obj = {"progress": not quiet}
 
 

@@ -1,0 +1,327 @@
+"""The llvm schedule rules: which rule each kernel pattern gets, and its numerics vs numpy.
+
+Kernels come from tapml.nn's layers through the same lowering as the compiler (a tiny
+module with `decode` (one row) and `prefill` (a chunk) entry points), at the real model's
+shapes and at odd ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import tvm
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op
+
+from tapml import lower
+from tapml import nn as tnn
+from tapml.quantization import QUANTIZATION
+from tapml.targets.llvm_schedules import ATTR, schedule, schedule_func
+
+CHUNK = 32
+MODE = {"param_mode": "plain", "effect_mode": "none"}
+TARGET = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+rng = np.random.default_rng(0)
+
+
+def entry_kernels(
+    module: nn.Module, inputs: Callable[[int], dict], chunk: int = CHUNK
+) -> dict[str, tvm.tirx.PrimFunc]:
+    """{entry point: the one kernel it calls}, lowered as the compiler lowers a model;
+    `inputs(rows)` gives the entry points' input specs for one row (decode) and a chunk."""
+    specs = {"decode": inputs(1), "prefill": inputs(chunk)}
+    mod, _ = module.export_tvm(spec={e: {**s, "$": MODE} for e, s in specs.items()})
+    fused = lower.fuse(mod)
+    funcs = lower.kernel_functions(fused)
+    out = {}
+    for entry in specs:
+        called = [
+            b.value.args[0].name_hint
+            for block in fused[entry].body.blocks
+            for b in block.bindings
+            if isinstance(b.value, tvm.relax.Call)
+            and isinstance(b.value.op, tvm.ir.Op)
+            and b.value.op.name.startswith("relax.call_tir")
+        ]
+        assert len(called) == 1, called
+        out[entry] = funcs[called[0]]
+    return out
+
+
+def run(func: tvm.tirx.PrimFunc, args: list, target=TARGET) -> tuple[list[np.ndarray], str | None]:
+    """Schedule, compile and run a kernel; returns its array arguments after the call and
+    the rule that scheduled it."""
+    scheduled = schedule_func(func, target)
+    name = str(func.attrs["global_symbol"])
+    lib = tvm.compile(tvm.IRModule({name: scheduled}), target=target)
+    dev = tvm.cpu()
+    tensors = [tvm.runtime.tensor(a, dev) if isinstance(a, np.ndarray) else a for a in args]
+    lib[name](*tensors)
+    arrays = [t.numpy() for t in tensors if not isinstance(t, int)]
+    rule = scheduled.attrs[ATTR] if ATTR in scheduled.attrs else None
+    return arrays, rule
+
+
+def assert_close(out: np.ndarray, ref: np.ndarray, dtype: str) -> None:
+    rel = 2e-3 if dtype == "float16" else 2e-5
+    scale = float(np.abs(ref).max()) or 1.0
+    np.testing.assert_allclose(out.astype("float32"), ref, rtol=0, atol=rel * scale)
+
+
+# -- matmuls (Linear), with the epilogues the model fuses into them ----------------------
+class Linear(nn.Module):
+    def __init__(self, k: int, n: int, quant, epilogue: str | None):
+        self.lin = tnn.Linear(k, n, quant)
+        self.epilogue = epilogue
+
+    def decode(self, x, r):
+        y = self.lin(x)
+        if self.epilogue == "add":
+            return y + r
+        if self.epilogue == "silu_mul":
+            return op.silu(y) * r
+        return y
+
+    prefill = decode
+
+
+def weights(quant, n: int, k: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """(the kernel's weight arguments, the float32 weight they stand for)."""
+    w = (0.1 * rng.standard_normal((n, k))).astype("float32")
+    if quant.quantized:
+        words, scale = quant.quantize(w)
+        return [words, scale], quant.dequantize(words, scale)
+    w = w.astype(quant.dtype)
+    return [w], w.astype("float32")
+
+
+MATMULS = [
+    # quantization, N, K, epilogue: the real shapes, then odd ones (K % 128 != 0, N not a
+    # multiple of the vector width)
+    ("q4f32_1", 1536, 576, "silu_mul"),
+    ("q4f32_1", 576, 1536, "add"),
+    ("q4f32_1", 192, 576, None),
+    ("q0f32", 576, 576, None),
+    ("q0f32", 1536, 576, "silu_mul"),
+    ("q4f32_1", 200, 96, "add"),
+    ("q4f32_1", 37, 160, None),
+    ("q0f32", 100, 160, "add"),
+    ("q0f32", 37, 100, None),
+    ("q4f16_1", 200, 96, "silu_mul"),
+]
+
+
+@pytest.mark.parametrize("quantization,n,k,epilogue", MATMULS)
+def test_matmul(quantization, n, k, epilogue):
+    quant = QUANTIZATION[quantization]
+    dt = quant.dtype
+    kernels = entry_kernels(
+        Linear(k, n, quant, epilogue),
+        lambda rows: {"x": nn.spec.Tensor([rows, k], dt), "r": nn.spec.Tensor([rows, n], dt)},
+    )
+    params, w = weights(quant, n, k)
+    for entry, rows, rule in (("decode", 1, "gemv"), ("prefill", CHUNK, "gemm")):
+        x = rng.standard_normal((rows, k)).astype(dt)
+        r = rng.standard_normal((rows, n)).astype(dt)
+        ref = x.astype("float32") @ w.T
+        if epilogue == "add":
+            ref = ref + r.astype("float32")
+        elif epilogue == "silu_mul":
+            ref = ref / (1 + np.exp(-ref)) * r.astype("float32")
+        args = [x, *params, *([r] if epilogue else []), np.zeros((rows, n), dt)]
+        arrays, used = run(kernels[entry], args)
+        assert used == rule
+        assert_close(arrays[-1], ref, dt)
+
+
+def test_matmul_on_a_cpu_with_narrow_vectors():
+    """A generic x86-64 target has 128-bit vectors: the rules must not assume AVX-512."""
+    quant = QUANTIZATION["q4f32_1"]
+    kernels = entry_kernels(
+        Linear(96, 40, quant, None),
+        lambda rows: {
+            "x": nn.spec.Tensor([rows, 96], "float32"),
+            "r": nn.spec.Tensor([rows, 40], "float32"),
+        },
+        chunk=8,
+    )
+    params, w = weights(quant, 40, 96)
+    generic = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})
+    for entry, rows in (("decode", 1), ("prefill", 8)):
+        x = rng.standard_normal((rows, 96)).astype("float32")
+        arrays, _ = run(kernels[entry], [x, *params, np.zeros((rows, 40), "float32")], generic)
+        assert_close(arrays[-1], x @ w.T, "float32")
+
+
+@pytest.mark.parametrize("chunk", [7, 100])
+def test_gemm_with_other_chunk_sizes(chunk):
+    """Rows are vectorized: a chunk that is not a multiple of the vector width still works."""
+    quant = QUANTIZATION["q4f32_1"]
+    kernels = entry_kernels(
+        Linear(64, 48, quant, "add"),
+        lambda rows: {
+            "x": nn.spec.Tensor([rows, 64], "float32"),
+            "r": nn.spec.Tensor([rows, 48], "float32"),
+        },
+        chunk=chunk,
+    )
+    params, w = weights(quant, 48, 64)
+    x = rng.standard_normal((chunk, 64)).astype("float32")
+    r = rng.standard_normal((chunk, 48)).astype("float32")
+    arrays, rule = run(kernels["prefill"], [x, *params, r, np.zeros((chunk, 48), "float32")])
+    assert rule == "gemm"
+    assert_close(arrays[-1], x @ w.T + r, "float32")
+
+
+# -- RMSNorm --------------------------------------------------------------------------------
+class Norm(nn.Module):
+    def __init__(self, dim: int, dtype: str):
+        self.norm = tnn.RMSNorm(dim, 1e-5, dtype)
+
+    def decode(self, x):
+        return self.norm(x)
+
+    prefill = decode
+
+
+@pytest.mark.parametrize("dtype,dim", [("float32", 576), ("float32", 100), ("float16", 576)])
+def test_rms_norm(dtype, dim):
+    kernels = entry_kernels(
+        Norm(dim, dtype), lambda rows: {"x": nn.spec.Tensor([rows, dim], dtype)}
+    )
+    w = (1 + 0.1 * rng.standard_normal(dim)).astype(dtype)
+    for entry, rows in (("decode", 1), ("prefill", CHUNK)):
+        x = rng.standard_normal((rows, dim)).astype(dtype)
+        xf = x.astype("float32")
+        ref = xf / np.sqrt(np.mean(xf * xf, axis=-1, keepdims=True) + 1e-5) * w.astype("float32")
+        arrays, rule = run(kernels[entry], [x, w, np.zeros_like(x)])
+        assert rule == "row_reduction"
+        assert_close(arrays[-1], ref, dtype)
+
+
+# -- elementwise: embedding lookups, RoPE, KV writes, the last valid row -------------------
+class Embed(nn.Module):
+    def __init__(self, vocab: int, dim: int, quant):
+        self.embed = tnn.Embedding(vocab, dim, quant)
+
+    def decode(self, ids):
+        return self.embed(ids)
+
+    prefill = decode
+
+
+@pytest.mark.parametrize("quantization,dim", [("q4f32_1", 576), ("q0f32", 576), ("q4f32_1", 96)])
+def test_embedding(quantization, dim):
+    quant, vocab = QUANTIZATION[quantization], 300
+    kernels = entry_kernels(
+        Embed(vocab, dim, quant), lambda rows: {"ids": nn.spec.Tensor([rows], "int32")}
+    )
+    params, w = weights(quant, vocab, dim)
+    for entry, rows in (("decode", 1), ("prefill", CHUNK)):
+        ids = rng.integers(0, vocab, rows).astype("int32")
+        out = np.zeros((rows, dim), quant.dtype)
+        # take's arguments are (weight, ids); dequantize_take's are (ids, words, scale)
+        args = [ids, *params, out] if quant.quantized else [*params, ids, out]
+        arrays, rule = run(kernels[entry], args)
+        assert rule == "elementwise"
+        assert_close(arrays[-1], w[ids], quant.dtype)
+
+
+class Rope(nn.Module):
+    def __init__(self, max_context: int, head_dim: int):
+        self.rope = tnn.RotaryTables(max_context, head_dim)
+
+    def decode(self, x, pos):
+        return self.rope(x, pos)
+
+    prefill = decode
+
+
+def test_rope():
+    heads, dim, ctx = 9, 64, 128
+    kernels = entry_kernels(
+        Rope(ctx, dim),
+        lambda rows: {"x": nn.spec.Tensor([rows, heads, dim], "float32"), "pos": int},
+    )
+    cos, sin = tnn.rotary_tables(ctx, dim, 10000.0)
+    for entry, rows in (("decode", 1), ("prefill", CHUNK)):
+        x, pos = rng.standard_normal((rows, heads, dim)).astype("float32"), 40
+        c, s = cos[pos : pos + rows, None, :], sin[pos : pos + rows, None, :]
+        even, odd = x[..., 0::2], x[..., 1::2]
+        ref = np.empty_like(x)
+        ref[..., 0::2], ref[..., 1::2] = even * c - odd * s, even * s + odd * c
+        arrays, rule = run(kernels[entry], [x, cos, sin, pos, np.zeros_like(x)])
+        assert rule == "elementwise"
+        assert_close(arrays[-1], ref, "float32")
+
+
+class KVWrite(nn.Module):
+    def decode(self, cache, new, pos):
+        return tnn.kv_write(cache, new, pos, 1)
+
+    def prefill(self, cache, new, pos, n_valid):
+        return tnn.kv_write(cache, new, pos, n_valid)
+
+
+def test_kv_write():
+    ctx, heads, dim = 128, 3, 64
+    kernels = entry_kernels(
+        KVWrite(),
+        lambda rows: {
+            "cache": nn.spec.Tensor([ctx, heads, dim], "float32"),
+            "new": nn.spec.Tensor([rows, heads, dim], "float32"),
+            "pos": int,
+            **({"n_valid": int} if rows > 1 else {}),
+        },
+    )
+    for entry, rows, valid in (("decode", 1, 1), ("prefill", CHUNK, 20)):
+        cache = rng.standard_normal((ctx, heads, dim)).astype("float32")
+        new = rng.standard_normal((rows, heads, dim)).astype("float32")
+        ref = cache.copy()
+        ref[50 : 50 + valid] = new[:valid]
+        arrays, rule = run(kernels[entry], [cache, new, 50, valid])
+        assert rule == "elementwise"
+        np.testing.assert_array_equal(arrays[0], ref)
+
+
+class LastRow(nn.Module):
+    def decode(self, x, n_valid):
+        return tnn.last_valid_row(x, n_valid)
+
+    prefill = decode
+
+
+def test_last_valid_row():
+    func = entry_kernels(
+        LastRow(), lambda rows: {"x": nn.spec.Tensor([rows, 576], "float32"), "n_valid": int}
+    )["prefill"]
+    x = rng.standard_normal((CHUNK, 576)).astype("float32")
+    arrays, rule = run(func, [x, 7, np.zeros((1, 576), "float32")])
+    assert rule == "elementwise"
+    np.testing.assert_array_equal(arrays[-1], x[6:7])
+
+
+# -- what is left alone -------------------------------------------------------------------
+class Attend(nn.Module):
+    def decode(self, q, kc, vc, pos):
+        return tnn.attention(q, kc, vc, pos)
+
+    prefill = decode
+
+
+def test_attention_is_left_as_written():
+    """The hand-written attention is already parallel: no rule touches it."""
+    cache = nn.spec.Tensor([64, 3, 64], "float32")
+    func = entry_kernels(
+        Attend(),
+        lambda rows: {
+            "q": nn.spec.Tensor([rows, 9, 64], "float32"),
+            "kc": cache,
+            "vc": cache,
+            "pos": int,
+        },
+    )["decode"]
+    mod = tvm.IRModule({"attention": func})
+    assert schedule(mod, TARGET)["attention"].same_as(func)
