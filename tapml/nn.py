@@ -216,7 +216,8 @@ def attention(q: nn.Tensor, k_cache: nn.Tensor, v_cache: nn.Tensor, pos: tirx.Va
     """Causal attention of q [s, H, D] (positions pos..) over the cache -> [s, H*D].
 
     Query row i sees cache rows 0..pos+i; the loops stop there, so the cost grows with the
-    context used, not with the cache's size. Softmax is computed online in float32.
+    context used, not with the cache's size. Softmax is computed online in float32. Each
+    (row, head) is independent: targets' schedules spread them over threads.
     """
     rows, heads, dim = (int(x) for x in q.shape)
     max_ctx, kv_heads = int(k_cache.shape[0]), int(k_cache.shape[1])
@@ -233,22 +234,17 @@ def attention(q: nn.Tensor, k_cache: nn.Tensor, v_cache: nn.Tensor, pos: tirx.Va
         p: T.int64,
         out: T.Buffer((i64(rows), i64(heads * dim)), dtype),
     ):
-        for ih in T.parallel(i64(rows * heads)):
+        for row, head in T.grid(i64(rows), i64(heads)):
             with T.sblock("row"):
-                vih = T.axis.spatial(i64(rows * heads), ih)
-                T.reads(
-                    q_in[vih // heads, vih % heads, 0:dim],
-                    kc[0:max_ctx, 0:kv_heads, 0:dim],
-                    vc[0:max_ctx, 0:kv_heads, 0:dim],
-                )
-                T.writes(out[vih // heads, (vih % heads) * dim : (vih % heads) * dim + dim])
-                i = vih // heads
-                h = vih % heads
-                kvh = h // group
+                i, h = T.axis.remap("SS", [row, head])
+                T.reads(q_in[i, h, 0:dim], kc[0:max_ctx, 0:kv_heads, 0:dim],
+                        vc[0:max_ctx, 0:kv_heads, 0:dim])  # fmt: skip
+                T.writes(out[i, h * dim : h * dim + dim])
                 run_max = T.alloc_buffer((1,), "float32", scope="local")
                 run_sum = T.alloc_buffer((1,), "float32", scope="local")
                 acc = T.alloc_buffer((dim,), "float32", scope="local")
                 score = T.alloc_buffer((1,), "float32", scope="local")
+                scaled = T.alloc_buffer((1,), "float32", scope="local")
                 run_max[0] = T.float32(-3.0e38)
                 run_sum[0] = T.float32(0)
                 for d in range(dim):
@@ -257,16 +253,18 @@ def attention(q: nn.Tensor, k_cache: nn.Tensor, v_cache: nn.Tensor, pos: tirx.Va
                     score[0] = T.float32(0)
                     for d in range(dim):
                         score[0] = score[0] + T.Cast("float32", q_in[i, h, d]) * T.Cast(
-                            "float32", kc[j, kvh, d]
+                            "float32", kc[j, h // group, d]
                         )
-                    score[0] = score[0] * T.float32(scale)
-                    new_max = T.max(run_max[0], score[0])
-                    correction = T.exp(run_max[0] - new_max)
-                    weight = T.exp(score[0] - new_max)
-                    run_sum[0] = run_sum[0] * correction + weight
+                    # scaled[0]: the new running max; score[0] becomes the key's weight
+                    scaled[0] = T.max(run_max[0], score[0] * T.float32(scale))
+                    score[0] = T.exp(score[0] * T.float32(scale) - scaled[0])
+                    run_max[0] = T.exp(run_max[0] - scaled[0])  # the old terms' correction
+                    run_sum[0] = run_sum[0] * run_max[0] + score[0]
                     for d in range(dim):
-                        acc[d] = acc[d] * correction + weight * T.Cast("float32", vc[j, kvh, d])
-                    run_max[0] = new_max
+                        acc[d] = acc[d] * run_max[0] + score[0] * T.Cast(
+                            "float32", vc[j, h // group, d]
+                        )
+                    run_max[0] = scaled[0]
                 for d in range(dim):
                     out[i, h * dim + d] = T.Cast(dtype, acc[d] / run_sum[0])
 

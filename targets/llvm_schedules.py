@@ -2,8 +2,8 @@
 
 Like dlight's rules, but for the kernels tapml.nn produces: a matmul with one output row
 (decode GEMV), a matmul with many rows (prefill GEMM), a row reduction followed by
-elementwise blocks (RMSNorm), and elementwise kernels. Kernels that match no rule (the
-hand-written attention, which is already parallel) are left as they are.
+elementwise blocks (RMSNorm), elementwise kernels, and independent rows with bodies of
+their own (the hand-written attention). Kernels that match no rule are left as they are.
 """
 
 from __future__ import annotations
@@ -317,11 +317,24 @@ def _elementwise(kernel: Kernel) -> bool:
     return True
 
 
+# -- independent rows with opaque bodies (attention: one query row and head each) --------------
+def _independent_rows(kernel: Kernel) -> bool:
+    """A single block over spatial loops only, whose body is its own code: rows in parallel."""
+    if len(kernel.blocks) != 1 or set(kernel.kinds(kernel.blocks[0])) != {"S"}:
+        return False
+    if kernel.is_simple(kernel.blocks[0]):
+        return False
+    loops = kernel.sch.get_loops(kernel.blocks[0])
+    kernel.sch.parallel(kernel.sch.fuse(*loops) if len(loops) > 1 else loops[0])
+    return True
+
+
 RULES: list[Rule] = [
     Rule("gemv", _gemv),
     Rule("gemm", _gemm),
     Rule("row_reduction", _row_reduction),
     Rule("elementwise", _elementwise),
+    Rule("independent_rows", _independent_rows),
 ]
 
 

@@ -82,3 +82,24 @@ def test_bench_json(tiny_artifact):
     figures = json.loads(result.stdout)
     assert figures["prefill_tok_s"] > 0 and figures["decode_tok_s"] > 0
     assert figures["peak_rss_mb"] > 0
+
+
+def test_chat_wraps_the_prompt_in_the_models_template(tiny_artifact):
+    from tapml.runtime.engine import Engine
+
+    engine = Engine(tiny_artifact("q4f32_1"))
+    template = engine.tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}])
+    assert template.endswith("<|im_start|>assistant\n")
+    chat = "".join(engine.generate("Hello", max_tokens=4, chat=True))
+    assert chat == "".join(engine.generate(template, max_tokens=4))
+    result = invoke("run", tiny_artifact("q4f32_1"), "--chat", "--prompt", "Hello", "-n", 4)
+    assert result.exit_code == 0 and result.stdout == chat + "\n"
+
+
+def test_python_api_loads_an_artifact_and_generates(tiny_artifact):
+    import tapml
+
+    engine = tapml.load(tiny_artifact("q4f32_1"))
+    text = "".join(engine.generate("Hello", max_tokens=4))
+    assert text == "".join(engine.generate("Hello", max_tokens=4))
+    assert engine.stats.prompt_tokens == len(engine.tokenizer.encode("Hello"))

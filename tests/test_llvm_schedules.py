@@ -303,7 +303,7 @@ def test_last_valid_row():
     np.testing.assert_array_equal(arrays[-1], x[6:7])
 
 
-# -- what is left alone -------------------------------------------------------------------
+# -- attention: independent (row, head) pairs ------------------------------------------------
 class Attend(nn.Module):
     def decode(self, q, kc, vc, pos):
         return tnn.attention(q, kc, vc, pos)
@@ -311,8 +311,7 @@ class Attend(nn.Module):
     prefill = decode
 
 
-def test_attention_is_left_as_written():
-    """The hand-written attention is already parallel: no rule touches it."""
+def test_attention_rows_run_in_parallel_and_match_numpy():
     cache = nn.spec.Tensor([64, 3, 64], "float32")
     func = entry_kernels(
         Attend(),
@@ -322,6 +321,18 @@ def test_attention_is_left_as_written():
             "vc": cache,
             "pos": int,
         },
-    )["decode"]
-    mod = tvm.IRModule({"attention": func})
-    assert schedule(mod, TARGET)["attention"].same_as(func)
+    )["prefill"]
+    q = rng.standard_normal((CHUNK, 9, 64)).astype("float32")
+    kc = rng.standard_normal((64, 3, 64)).astype("float32")
+    vc = rng.standard_normal((64, 3, 64)).astype("float32")
+    pos = 5
+    arrays, rule = run(func, [q, kc, vc, pos, np.zeros((CHUNK, 9 * 64), "float32")])
+    assert rule == "independent_rows"
+    expected = np.zeros((CHUNK, 9, 64))
+    for i in range(CHUNK):
+        for h in range(9):
+            keys, values = kc[: pos + i + 1, h // 3], vc[: pos + i + 1, h // 3]
+            scores = keys @ q[i, h] / 8.0
+            p = np.exp(scores - scores.max())
+            expected[i, h] = (p / p.sum()) @ values
+    np.testing.assert_allclose(arrays[-1].reshape(CHUNK, 9, 64), expected, rtol=1e-4, atol=1e-5)
