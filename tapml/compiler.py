@@ -63,7 +63,7 @@ class CompileOptions:
             )
         return CompileOptions(
             self.target, quant, self.max_context, self.chunk,
-            {k: str(v) for k, v in spec.resolved_options(self.target_options).items()},
+            spec.resolved_options(self.target_options),
         )  # fmt: skip
 
 
@@ -103,13 +103,13 @@ def compile_model(
         save_shards(params, work / "weights", progress=progress)
     from tapml.targets import get_target
 
-    library = work / get_target(options.target).library
+    library = work / get_target(options.target).kernels
     if not library.is_file():
         from tapml.lower import kernel_functions
         from tapml.targets import build_kernels
 
         kernels = {k: f for k, f in kernel_functions(fused).items() if k in plan.kernels}
-        build_kernels(kernels, options, library, progress=progress)
+        build_kernels(kernels, plan, options, library, progress=progress)
     write_atomic(
         work / CONFIG_FILE,
         json.dumps(

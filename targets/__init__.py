@@ -1,11 +1,29 @@
-"""Targets: one declarative spec each, and the executors that run a plan's kernels on them."""
+"""Targets: one declarative spec each, and the executors that run a plan's kernels on them.
+
+`TARGETS` is the registry every command's choices come from. A spec says how to compile
+(TVM target kind and options, the limits kernels must fit) and how to run what was compiled
+(which executor, and whether it can run on this machine).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from tapml.errors import TapmlError
+from tapml.errors import CompileError, TapmlError
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-dispatch limits a target's kernels must fit, whatever device runs them."""
+
+    max_invocations: int  # threads per workgroup
+    max_workgroup_storage: int  # bytes of shared memory per workgroup
+    max_storage_buffers: int  # buffers bound to one dispatch
+    max_binding_bytes: int  # bytes of one bound buffer
 
 
 @dataclass(frozen=True)
@@ -15,8 +33,10 @@ class TargetSpec:
     name: str
     description: str
     kind: str  # TVM target kind
-    f16: bool  # whether f16 arithmetic is native (decides the default quantization)
-    library: str  # file name of the compiled kernels inside an artifact
+    f16: bool  # f16 is native everywhere the target runs: f16 quantizations are the default
+    kernels: str  # file name of the compiled kernels inside an artifact
+    executor: str | None  # module under tapml.targets that runs them; None: generated only
+    limits: Limits | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -31,24 +51,54 @@ class TargetSpec:
 
             # "native" silently falls back to a generic CPU: always name the model.
             options["mcpu"] = llvm_get_system_cpu()
+        if self.limits is not None:
+            options["max_num_threads"] = self.limits.max_invocations
         options.update(overrides or {})
         return options
 
     def tvm_target(self, overrides: dict[str, str] | None = None):
         import tvm
 
-        return tvm.target.Target({"kind": self.kind, **self.resolved_options(overrides)})
+        options = {"kind": self.kind, **self.resolved_options(overrides)}
+        if self.kind != "llvm":
+            options["host"] = {"kind": "llvm"}
+        return tvm.target.Target(options)
 
 
 TARGETS: dict[str, TargetSpec] = {
-    "llvm": TargetSpec(
-        name="llvm",
-        description="this machine's CPU, through LLVM and the TVM runtime",
-        kind="llvm",
-        f16=False,
-        library="kernels_llvm.so",
-    ),
-}
+    spec.name: spec
+    for spec in [
+        TargetSpec(
+            "llvm", "this machine's CPU, through LLVM and the TVM runtime",
+            kind="llvm", f16=False, kernels="kernels_llvm.so", executor="llvm",
+        ),
+        TargetSpec(
+            "webgpu", "WGSL within WebGPU's default limits, so any browser runs it (wgpu here)",
+            kind="webgpu", f16=False, kernels="kernels_webgpu.json", executor="webgpu",
+            limits=Limits(256, 16 * 1024, 8, 128 * MiB),
+        ),
+        TargetSpec(
+            "vulkan", "WGSL within Vulkan-class limits, run by wgpu on its Vulkan backend",
+            kind="webgpu", f16=False, kernels="kernels_vulkan.json", executor="webgpu",
+            limits=Limits(1024, 32 * 1024, 16, 1024 * MiB),
+        ),
+        TargetSpec(
+            "opencl", "OpenCL C for phones' GPUs (the Android target's kernels)",
+            kind="opencl", f16=False, kernels="kernels_opencl.json", executor="opencl",
+            limits=Limits(256, 32 * 1024, 64, 256 * MiB),
+        ),
+        TargetSpec(
+            "metal", "Metal Shading Language for Apple GPUs (runs on a Mac only)",
+            kind="metal", f16=True, kernels="kernels_metal.json", executor=None,
+            limits=Limits(1024, 32 * 1024, 31, 1024 * MiB),
+        ),
+        TargetSpec(
+            "cuda", "CUDA for NVIDIA GPUs (PTX from NVRTC; runs where a GPU is)",
+            kind="cuda", f16=True, kernels="kernels_cuda.json", executor=None,
+            limits=Limits(1024, 48 * 1024, 64, 4096 * MiB),
+        ),
+    ]
+}  # fmt: skip
 
 
 def get_target(name: str) -> TargetSpec:
@@ -57,24 +107,51 @@ def get_target(name: str) -> TargetSpec:
     return TARGETS[name]
 
 
-def build_kernels(kernels: dict, options, path, progress: bool = False) -> None:
+def build_kernels(kernels: dict, plan, options, path: Path, progress: bool = False) -> None:
     """Compile the plan's kernels (name -> PrimFunc) for `options.target` into `path`."""
     spec = get_target(options.target)
+    target = spec.tvm_target(options.target_options)
     if spec.kind == "llvm":
         from .llvm import build
 
-        build(kernels, spec.tvm_target(options.target_options), path, progress)
-    else:  # pragma: no cover - every registered target has a builder
-        raise TapmlError(f"no kernel builder for target {spec.name!r}")
+        build(kernels, target, path, progress)
+        return
+    from .gpu import build_records
+
+    check_bindings(plan, spec)
+    build_records(kernels, target, spec, path, progress)
 
 
-def load_executor(target: str, plan, artifact_dir):
+def check_bindings(plan, spec: TargetSpec) -> None:
+    """Refuse a plan that binds a buffer larger than the target lets one binding be."""
+    limit = spec.limits.max_binding_bytes
+    for fname, f in plan.functions.items():
+        for call in f["calls"]:
+            for arg in call["args"]:
+                if "buffer" in arg and plan.nbytes(plan.root(arg["buffer"])) > limit:
+                    raise CompileError(
+                        f"{fname}: kernel {call['kernel']} binds {arg['buffer']} of "
+                        f"{plan.nbytes(plan.root(arg['buffer'])) / MiB:.1f} MiB; {spec.name} "
+                        f"allows {limit / MiB:.0f} MiB per binding (max_binding_bytes)"
+                    )
+
+
+def load_executor(target: str, plan, artifact_dir: Path):
     """An executor for `target` with the kernels compiled into `artifact_dir`."""
-    from pathlib import Path
-
     spec = get_target(target)
-    if spec.kind == "llvm":
+    path = Path(artifact_dir) / spec.kernels
+    if spec.executor == "llvm":
         from .llvm import LlvmExecutor
 
-        return LlvmExecutor(plan, Path(artifact_dir) / spec.library)
-    raise TapmlError(f"no executor for target {spec.name!r}")  # pragma: no cover
+        return LlvmExecutor(plan, path)
+    if spec.executor == "webgpu":
+        from .webgpu import WebGPUExecutor
+
+        return WebGPUExecutor(plan, path, spec)
+    if spec.executor == "opencl":
+        from .opencl import OpenCLExecutor
+
+        return OpenCLExecutor(plan, path, spec)
+    raise TapmlError(
+        f"{spec.name} kernels are generated, not executed, on this machine: {spec.description}"
+    )

@@ -18,7 +18,7 @@ from tvm.relax.frontend.nn import op
 from tapml import lower
 from tapml import nn as tnn
 from tapml.quantization import QUANTIZATION
-from tapml.targets.llvm_schedules import ATTR, schedule, schedule_func
+from tapml.targets.llvm_schedules import ATTR, schedule_func
 
 CHUNK = 32
 MODE = {"param_mode": "plain", "effect_mode": "none"}

@@ -9,13 +9,13 @@ from tapml.quantization import QUANTIZATION
 from tapml.targets import TARGETS
 
 
-def _parse_target_options(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
+def _parse_target_options(ctx, param, values: tuple[str, ...]) -> dict[str, str | int]:
     options = {}
     for item in values:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", ctx, param)
-        options[key] = value
+        options[key] = int(value) if value.isdigit() else value
     return options
 
 

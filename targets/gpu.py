@@ -1,0 +1,261 @@
+"""Kernels for GPU-style targets: dlight schedules, device code, and launch records.
+
+Each plan kernel becomes a record the executors interpret without TVM:
+
+    {"schedule": RULES, "params": [names], "source": device code of the kernel (WGSL, OpenCL C,
+     MSL or CUDA), "dispatches": [{"entry": device function, "args": [{"buffer": param index}
+     | {"pod": dtype, "expr": EXPR}], "writable": [bool per buffer arg], "grid": [EXPR x3],
+     "workgroup": [EXPR x3], "shared_bytes": int}]}
+
+EXPR is the plan's scalar expression language over the kernel's scalar parameters, so an
+executor evaluates launch dimensions from the call's scalars. Every dispatch is checked
+against the target's limits, and a kernel over a limit is refused naming both.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import tvm
+import tvm_ffi
+from tvm import tirx
+from tvm.s_tir import dlight as dl
+
+from tapml.errors import CompileError
+from tapml.lower import expr_to_json
+
+# Rule lists tried in turn: the first that schedules and lowers a kernel wins. dlight's
+# GEMV/Matmul rules can fail on unusual kernels; GeneralReduction and Fallback always apply.
+RULE_SETS: list[tuple[str, Any]] = [
+    ("matmul+gemv+reduction", lambda: [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(),
+                                       dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+                                       dl.gpu.Fallback()]),
+    ("reduction", lambda: [dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]),
+    ("fallback", lambda: [dl.gpu.Fallback()]),
+]  # fmt: skip
+
+
+# dlight's Matmul rule takes a simdgroup path on Metal whose codegen crashes TVM 0.27
+# (a segfault, which no fallback can catch): Metal gets the other rule sets.
+SKIP = {"metal": ("matmul+gemv+reduction",)}
+
+
+def schedule(name: str, func: tirx.PrimFunc, target: tvm.target.Target) -> tuple[str, Any]:
+    """(rule set name, scheduled IRModule) for one kernel."""
+    errors = []
+    for label, rules in RULE_SETS:
+        if label in SKIP.get(target.kind.name, ()):
+            continue
+        mod = tvm.IRModule({name: func.with_attr("global_symbol", name)})
+        try:
+            with target:
+                mod = dl.ApplyDefaultSchedule(*rules())(mod)
+            _lower(mod, target)  # fail here, not in the executor, if it does not lower
+            return label, mod
+        except Exception as e:  # noqa: BLE001 - any failure moves on to the next rule set
+            errors.append(
+                f"{label}: {type(e).__name__}: {(str(e).strip() or '?').splitlines()[-1][:200]}"
+            )
+    raise CompileError(f"kernel {name} cannot be scheduled for {target.kind.name}: {errors}")
+
+
+def _lower(mod: tvm.IRModule, target: tvm.target.Target):
+    """(host IRModule, device IRModule, device target) after TVM's TIR pipeline."""
+    from tvm.tirx.build import split_host_device_mods
+
+    mod = tirx.transform.BindTarget(target)(mod)
+    pipeline, _, finalize_device = tvm.tirx.get_default_tir_pipeline(target)
+    host, devices = split_host_device_mods(pipeline(mod))
+    ((device_target, device),) = devices.items()
+    return host, finalize_device()(device), device_target
+
+
+def build_record(name: str, func: tirx.PrimFunc, target: tvm.target.Target, limits) -> dict:
+    """Schedule and generate one kernel; returns its record (see the module docstring)."""
+    from tvm.tirx.build import codegen_build
+
+    label, mod = schedule(name, func, target)
+    host, device, device_target = _lower(mod, target)
+    runtime_mod = codegen_build(device, device_target)
+    info = _function_info(device, runtime_mod)
+    source = runtime_mod.inspect_source()
+    params = [p.name for p in func.params]
+    scalars = {p.name for p in func.params if not isinstance(p.ty, tvm.ir.PointerType)}
+    shared = _shared_bytes(device)
+    dispatches = []
+    for call in _kernel_launches(host):
+        entry = call.args[0].value
+        fi = info[entry]
+        n_args = len(fi["arg_types"])
+        tags = [t for t in fi["launch_param_tags"] if not t.startswith("paramWriteAccess")]
+        write_tag = [t for t in fi["launch_param_tags"] if t.startswith("paramWriteAccess:")]
+        writable = json.loads(write_tag[0].split(":", 1)[1]) if write_tag else []
+        args = []
+        for dtype, value in zip(fi["arg_types"], call.args[1 : 1 + n_args], strict=True):
+            if dtype == "handle":
+                args.append({"buffer": params.index(_buffer_param(value, params))})
+            else:
+                args.append({"pod": dtype, "expr": _scalar_expr(value, scalars, name)})
+        grid, workgroup = [1, 1, 1], [1, 1, 1]
+        for tag, value in zip(tags, call.args[1 + n_args :], strict=True):
+            dims = grid if tag.startswith("blockIdx") else workgroup
+            dims["xyz".index(tag[-1])] = _scalar_expr(value, scalars, name)
+        dispatches.append({
+            "entry": entry, "args": args, "writable": writable, "grid": grid,
+            "workgroup": workgroup, "shared_bytes": shared.get(entry, 0),
+        })  # fmt: skip
+    record = {"schedule": label, "params": params, "source": source, "dispatches": dispatches}
+    check_limits(name, record, limits)
+    return record
+
+
+def _function_info(device: tvm.IRModule, runtime_mod) -> dict[str, dict]:
+    """Per device function: argument types ("handle" or a dtype) and launch tags, read from the
+    device IR (the WebGPU module also says which buffers each function writes)."""
+    info = {}
+    for gv, func in device.functions_items():
+        info[gv.name_hint] = {
+            "arg_types": [
+                "handle" if isinstance(p.ty, tvm.ir.PointerType) else str(p.ty.dtype)
+                for p in func.params
+            ],
+            "launch_param_tags": [str(t) for t in func.attrs["tirx.kernel_launch_params"]],
+        }
+    if runtime_mod.kind == "webgpu":
+        for name, fi in json.loads(runtime_mod.inspect_source("func_info")).items():
+            info[name]["launch_param_tags"] = fi["launch_param_tags"]
+            info[name]["arg_types"] = fi["arg_types"]
+    return info
+
+
+def _kernel_launches(host: tvm.IRModule) -> list:
+    found = []
+
+    def visit(node, visitor):
+        if isinstance(node, tvm.ir.Call) and getattr(node.op, "name", "") == "tirx.call_ffi_kernel":
+            found.append(node)
+        visitor.default_visit(node)
+
+    for _, func in host.functions_items():
+        tvm_ffi.structural_visit(func.body, [(tvm_ffi.Object, visit)])
+    return found
+
+
+def _buffer_param(value, params: list[str]) -> str:
+    """The kernel parameter a launch argument's data pointer belongs to."""
+    names = []
+
+    def visit(node, visitor):
+        name = getattr(node, "name", None)
+        if isinstance(name, str):
+            names.append(name)
+        visitor.default_visit(node)
+
+    tvm_ffi.structural_visit(value, [(tvm_ffi.Object, visit)])
+    for candidate in names:
+        for suffix in ("", "_data"):
+            base = candidate.removesuffix(suffix) if suffix else candidate
+            if base in params:
+                return base
+    raise CompileError(f"cannot tell which buffer launch argument {value} refers to")
+
+
+def _scalar_expr(value, scalars: set[str], kernel: str) -> Any:
+    expr = expr_to_json(value)
+    unknown = _variables(expr) - scalars
+    if unknown:
+        raise CompileError(f"{kernel}: a launch value depends on {sorted(unknown)}: {value}")
+    return expr
+
+
+def _variables(expr: Any) -> set[str]:
+    if isinstance(expr, dict):
+        if "var" in expr:
+            return {expr["var"]}
+        return set().union(*(_variables(a) for a in expr["args"]))
+    return set()
+
+
+_ALLOC = re.compile(r"shared")
+
+
+def _shared_bytes(device: tvm.IRModule) -> dict[str, int]:
+    """Workgroup (shared) memory each device function allocates, in bytes."""
+    sizes: dict[str, int] = {}
+    for gv, func in device.functions_items():
+        total = 0
+
+        def visit(node, visitor):
+            nonlocal total
+            if isinstance(node, tirx.AllocBuffer) and _ALLOC.search(node.buffer.scope()):
+                count = 1
+                for extent in node.buffer.shape:
+                    count *= int(extent)
+                total += count * tvm.DataType(node.buffer.dtype).bits // 8
+            visitor.default_visit(node)
+
+        tvm_ffi.structural_visit(func.body, [(tvm_ffi.Object, visit)])
+        sizes[gv.name_hint] = total
+    return sizes
+
+
+def check_limits(name: str, record: dict, limits) -> None:
+    """Refuse a kernel whose dispatches exceed the target's per-dispatch limits."""
+    for d in record["dispatches"]:
+        threads = 1
+        for value in d["workgroup"]:
+            if not isinstance(value, int):
+                raise CompileError(f"kernel {name}: workgroup size {value} is not static")
+            threads *= value
+        if threads > limits.max_invocations:
+            raise CompileError(
+                f"kernel {name} ({d['entry']}) uses {threads} invocations per workgroup; "
+                f"the target allows {limits.max_invocations}"
+            )
+        if d["shared_bytes"] > limits.max_workgroup_storage:
+            raise CompileError(
+                f"kernel {name} ({d['entry']}) uses {d['shared_bytes']} bytes of workgroup "
+                f"storage; the target allows {limits.max_workgroup_storage}"
+            )
+        buffers = sum(1 for a in d["args"] if "buffer" in a)
+        if buffers > limits.max_storage_buffers:
+            raise CompileError(
+                f"kernel {name} ({d['entry']}) binds {buffers} storage buffers; the target "
+                f"allows {limits.max_storage_buffers} per stage"
+            )
+
+
+FORMAT, VERSION = "tapml-kernels", 1
+
+
+def build_records(kernels: dict, target, spec, path, progress: bool = False) -> None:
+    """Every kernel's record for a GPU target, written as one JSON file (see docs/formats.md)."""
+    from tqdm import tqdm
+
+    from tapml.fileio import write_atomic
+
+    records = {}
+    bar = tqdm(kernels.items(), desc=f"compiling {spec.name} kernels", unit="kernel",
+               disable=not progress)  # fmt: skip
+    for name, func in bar:
+        records[name] = build_record(name, func, target, spec.limits)
+    document = {"format": FORMAT, "version": VERSION, "target": spec.name,
+                "tvm_target": str(target), "kernels": records}  # fmt: skip
+    write_atomic(path, json.dumps(document, indent=1).encode())
+
+
+def load_records(path) -> dict[str, dict]:
+    """The kernel records of a GPU target's kernels file, checked."""
+    from tapml.errors import ExecutorError
+
+    try:
+        document = json.loads(open(path).read())
+    except FileNotFoundError as e:
+        raise ExecutorError(f"kernels file not found: {path}") from e
+    except json.JSONDecodeError as e:
+        raise ExecutorError(f"{path} is corrupt ({e}); compile the model again") from e
+    if document.get("format") != FORMAT or document.get("version") != VERSION:
+        raise ExecutorError(f"{path} is not a tapml kernels file of version {VERSION}")
+    return document["kernels"]
