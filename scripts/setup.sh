@@ -14,14 +14,19 @@ elif [[ $# -gt 0 ]]; then
     exit 2
 fi
 
-# System packages: a C++ toolchain links the compiled kernels into shared libraries.
+# System packages: a C++ toolchain links the compiled kernels into shared libraries; Mesa's
+# lavapipe (software Vulkan) and PoCL (CPU OpenCL) let WebGPU, Vulkan and OpenCL kernels
+# execute on machines without a GPU.
 missing=()
 command -v g++ >/dev/null || missing+=(g++)
 command -v python3 >/dev/null || missing+=(python3 python3-venv)
+for package in mesa-vulkan-drivers pocl-opencl-icd ocl-icd-libopencl1; do
+    dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+done
 if ((${#missing[@]})); then
     if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; else SUDO=; fi
     $SUDO apt-get update -q
-    $SUDO apt-get install -y -q "${missing[@]}"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${missing[@]}"
 fi
 
 PYTHON=${PYTHON:-python3}

@@ -87,15 +87,22 @@ TARGETS: dict[str, TargetSpec] = {
             kind="opencl", f16=False, kernels="kernels_opencl.json", executor="opencl",
             limits=Limits(256, 32 * 1024, 64, 256 * MiB),
         ),
+        # metal and cuda: records (MSL; CUDA source + PTX) in the .json, and beside it a TVM
+        # library (.so) that the TVM runtime executor of targets/llvm.py runs on the GPU.
         TargetSpec(
             "metal", "Metal Shading Language for Apple GPUs (runs on a Mac only)",
-            kind="metal", f16=True, kernels="kernels_metal.json", executor=None,
+            kind="metal", f16=True, kernels="kernels_metal.json", executor="llvm",
             limits=Limits(1024, 32 * 1024, 31, 1024 * MiB),
+            # Apple silicon: 32-wide SIMD groups, 1024 threads per threadgroup
+            options={"thread_warp_size": 32, "max_threads_per_block": 1024,
+                     "max_shared_memory_per_block": 32 * 1024},
         ),
         TargetSpec(
             "cuda", "CUDA for NVIDIA GPUs (PTX from NVRTC; runs where a GPU is)",
-            kind="cuda", f16=True, kernels="kernels_cuda.json", executor=None,
+            kind="cuda", f16=True, kernels="kernels_cuda.json", executor="cuda",
             limits=Limits(1024, 48 * 1024, 64, 4096 * MiB),
+            # the same code whatever GPU the compiling machine has (or none): Turing and later
+            options={"arch": "sm_75", "max_shared_memory_per_block": 48 * 1024},
         ),
     ]
 }  # fmt: skip
@@ -108,7 +115,11 @@ def get_target(name: str) -> TargetSpec:
 
 
 def build_kernels(kernels: dict, plan, options, path: Path, progress: bool = False) -> None:
-    """Compile the plan's kernels (name -> PrimFunc) for `options.target` into `path`."""
+    """Compile the plan's kernels (name -> PrimFunc) for `options.target` into `path`.
+
+    cuda also writes the TVM library beside `path` (kernels_cuda.so), and so does metal on a
+    Mac (kernels_metal.so); elsewhere metal kernels are generated only.
+    """
     spec = get_target(options.target)
     target = spec.tvm_target(options.target_options)
     if spec.kind == "llvm":
@@ -116,10 +127,24 @@ def build_kernels(kernels: dict, plan, options, path: Path, progress: bool = Fal
 
         build(kernels, target, path, progress)
         return
-    from .gpu import build_records
-
     check_bindings(plan, spec)
-    build_records(kernels, target, spec, path, progress)
+    if spec.kind == "cuda":
+        from .cuda import build
+
+        build(kernels, target, spec, path, progress)
+        return
+    import sys
+
+    from .gpu import compile_records
+    from .records import write_records
+
+    records, modules = compile_records(kernels, target, spec, progress)
+    if spec.kind == "metal" and sys.platform == "darwin":
+        from .llvm import build_library
+
+        # MSL source inside: the Metal runtime compiles it when the library loads.
+        build_library(modules, target, path.with_suffix(".so"))
+    write_records(records, spec.name, str(target), path)
 
 
 def check_bindings(plan, spec: TargetSpec) -> None:
@@ -140,6 +165,26 @@ def load_executor(target: str, plan, artifact_dir: Path):
     """An executor for `target` with the kernels compiled into `artifact_dir`."""
     spec = get_target(target)
     path = Path(artifact_dir) / spec.kernels
+    if spec.executor == "cuda":
+        from .cuda import CudaExecutor
+
+        return CudaExecutor(plan, path.with_suffix(".so"))
+    if spec.kind == "metal":
+        from tapml.errors import ExecutorError
+
+        from .llvm import TvmRuntimeExecutor, available
+
+        executes, why = available(spec)
+        if not executes:
+            raise ExecutorError(
+                f"metal kernels are generated, not executed, on this machine: {why}"
+            )
+        library = path.with_suffix(".so")
+        if not library.is_file():
+            raise ExecutorError(
+                f"{artifact_dir} has no {library.name}: compile the model for metal on this Mac"
+            )
+        return TvmRuntimeExecutor(plan, library, "metal")
     if spec.executor == "llvm":
         from .llvm import LlvmExecutor
 
@@ -155,3 +200,16 @@ def load_executor(target: str, plan, artifact_dir: Path):
     raise TapmlError(
         f"{spec.name} kernels are generated, not executed, on this machine: {spec.description}"
     )
+
+
+def executes_here(spec: TargetSpec) -> tuple[bool, str]:
+    """Whether this machine can run `spec`'s kernels, and the device (or the reason not)."""
+    import importlib
+
+    if spec.executor is None:
+        return False, spec.description
+    try:
+        module = importlib.import_module(f"tapml.targets.{spec.executor}")
+    except ImportError as e:
+        return False, f"its executor cannot load: {e}"
+    return module.available(spec)

@@ -87,15 +87,23 @@ class Executor:
     def run(self, function: str, scalars: Mapping[str, int], inputs: Mapping[str, np.ndarray]
             ) -> np.ndarray:  # fmt: skip
         """Run one entry point; returns its first output (the logits)."""
+        f = self.begin_run(function, scalars, inputs)
+        for call in f["calls"]:
+            self._launch(call["kernel"], self._args(call, scalars))
+        return self.download(f["outputs"][0])
+
+    def begin_run(self, function: str, scalars: Mapping[str, int],
+                  inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:  # fmt: skip
+        """Check the scalars and upload the inputs of a run; returns the plan's function."""
+        if function not in self.plan.functions:
+            raise ExecutorError(f"the plan has no entry point {function!r}")
         f = self.plan.functions[function]
         missing = set(f["scalars"]) - set(scalars)
         if missing:
             raise ExecutorError(f"{function} needs scalars {sorted(missing)}")
         for name, array in inputs.items():
             self.upload(name, array)
-        for call in f["calls"]:
-            self._launch(call["kernel"], self._args(call, scalars))
-        return self.download(f["outputs"][0])
+        return f
 
     def time_call(self, call: dict[str, Any], scalars: Mapping[str, int]) -> float:
         """Seconds one call of the plan takes, synchronized."""

@@ -5,7 +5,7 @@ Each plan kernel becomes a record the executors interpret without TVM:
     {"schedule": RULES, "params": [names], "source": device code of the kernel (WGSL, OpenCL C,
      MSL or CUDA), "dispatches": [{"entry": device function, "args": [{"buffer": param index}
      | {"pod": dtype, "expr": EXPR}], "writable": [bool per buffer arg], "grid": [EXPR x3],
-     "workgroup": [EXPR x3], "shared_bytes": int}]}
+     "workgroup": [EXPR x3], "shared_bytes": int}], "ptx": PTX from NVRTC (cuda only)}
 
 EXPR is the plan's scalar expression language over the kernel's scalar parameters, so an
 executor evaluates launch dimensions from the call's scalars. Every dispatch is checked
@@ -74,10 +74,21 @@ def _lower(mod: tvm.IRModule, target: tvm.target.Target):
 
 def build_record(name: str, func: tirx.PrimFunc, target: tvm.target.Target, limits) -> dict:
     """Schedule and generate one kernel; returns its record (see the module docstring)."""
+    return build_record_module(name, func, target, limits)[0]
+
+
+def build_record_module(name: str, func: tirx.PrimFunc, target: tvm.target.Target, limits
+                        ) -> tuple[dict, tvm.IRModule]:  # fmt: skip
+    """(record, scheduled IRModule) of one kernel: the module is what TVM's own runtime
+    builds from (the cuda and metal libraries)."""
     from tvm.tirx.build import codegen_build
 
     label, mod = schedule(name, func, target)
     host, device, device_target = _lower(mod, target)
+    if target.kind.name == "cuda":
+        from .cuda import use_nvrtc_for_tvm
+
+        use_nvrtc_for_tvm()  # where TVM's CUDA runtime is loaded, codegen compiles at once
     runtime_mod = codegen_build(device, device_target)
     info = _function_info(device, runtime_mod)
     source = runtime_mod.inspect_source()
@@ -108,7 +119,7 @@ def build_record(name: str, func: tirx.PrimFunc, target: tvm.target.Target, limi
         })  # fmt: skip
     record = {"schedule": label, "params": params, "source": source, "dispatches": dispatches}
     check_limits(name, record, limits)
-    return record
+    return record, mod
 
 
 def _function_info(device: tvm.IRModule, runtime_mod) -> dict[str, dict]:
@@ -227,35 +238,22 @@ def check_limits(name: str, record: dict, limits) -> None:
             )
 
 
-FORMAT, VERSION = "tapml-kernels", 1
-
-
 def build_records(kernels: dict, target, spec, path, progress: bool = False) -> None:
     """Every kernel's record for a GPU target, written as one JSON file (see docs/formats.md)."""
+    from .records import write_records
+
+    records, _ = compile_records(kernels, target, spec, progress)
+    write_records(records, spec.name, str(target), path)
+
+
+def compile_records(kernels: dict, target, spec, progress: bool = False
+                    ) -> tuple[dict[str, dict], dict[str, tvm.IRModule]]:  # fmt: skip
+    """(records, scheduled modules) of every kernel, by kernel name."""
     from tqdm import tqdm
 
-    from tapml.fileio import write_atomic
-
-    records = {}
+    records, modules = {}, {}
     bar = tqdm(kernels.items(), desc=f"compiling {spec.name} kernels", unit="kernel",
                disable=not progress)  # fmt: skip
     for name, func in bar:
-        records[name] = build_record(name, func, target, spec.limits)
-    document = {"format": FORMAT, "version": VERSION, "target": spec.name,
-                "tvm_target": str(target), "kernels": records}  # fmt: skip
-    write_atomic(path, json.dumps(document, indent=1).encode())
-
-
-def load_records(path) -> dict[str, dict]:
-    """The kernel records of a GPU target's kernels file, checked."""
-    from tapml.errors import ExecutorError
-
-    try:
-        document = json.loads(open(path).read())
-    except FileNotFoundError as e:
-        raise ExecutorError(f"kernels file not found: {path}") from e
-    except json.JSONDecodeError as e:
-        raise ExecutorError(f"{path} is corrupt ({e}); compile the model again") from e
-    if document.get("format") != FORMAT or document.get("version") != VERSION:
-        raise ExecutorError(f"{path} is not a tapml kernels file of version {VERSION}")
-    return document["kernels"]
+        records[name], modules[name] = build_record_module(name, func, target, spec.limits)
+    return records, modules

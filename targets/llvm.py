@@ -1,7 +1,14 @@
-"""The llvm target: kernels compiled to a shared library for this CPU, run by the TVM runtime."""
+"""The TVM runtime executor, and the llvm target it runs on this machine's CPU.
+
+`TvmRuntimeExecutor` runs a kernel library built by `tvm.compile` on one TVM device: the CPU
+for llvm, the GPU for cuda (targets/cuda.py) and metal. `build` compiles the llvm target's
+kernels; `build_library` links a GPU target's scheduled kernels into a library of host code
+with the device code inside it.
+"""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +20,20 @@ from tapml.plan import Plan
 from .executor import Executor
 
 
-class LlvmExecutor(Executor):
-    name = "llvm"
+class TvmRuntimeExecutor(Executor):
+    """Runs the plan through a TVM kernel library on `device` ("cpu", "cuda" or "metal")."""
 
-    def __init__(self, plan: Plan, library: Path):
+    name = "tvm"
+
+    def __init__(self, plan: Plan, library: Path, device: str = "cpu"):
         import tvm
 
+        library = Path(library)
         self._tvm = tvm
-        self._device = tvm.cpu()
+        self.name = "llvm" if device == "cpu" else device
+        self._device = tvm.device(device, 0)
+        if not self._device.exist:
+            raise ExecutorError(f"no {device} device on this machine to run {library.name}")
         try:
             self._lib = tvm.runtime.load_module(str(library))
         except Exception as e:  # TVM raises its own error types for unreadable libraries
@@ -48,6 +61,17 @@ class LlvmExecutor(Executor):
     def _launch(self, kernel: str, args: list[Any]) -> None:
         self._kernels[kernel](*args)
 
+    def _sync(self) -> None:
+        # GPU launches are asynchronous; a CPU device's sync returns at once.
+        self._device.sync()
+
+
+class LlvmExecutor(TvmRuntimeExecutor):
+    """The llvm target's executor: the TVM runtime on the CPU."""
+
+    def __init__(self, plan: Plan, library: Path):
+        super().__init__(plan, library, "cpu")
+
 
 def build(kernels: dict[str, Any], target: Any, path: Path, progress: bool = False) -> None:
     """Schedule and compile each kernel for the CPU, then link them into one library."""
@@ -55,7 +79,6 @@ def build(kernels: dict[str, Any], target: Any, path: Path, progress: bool = Fal
     from tqdm import tqdm
 
     from tapml.errors import CompileError
-    from tapml.fileio import atomic_path
 
     from .llvm_schedules import schedule
 
@@ -68,8 +91,47 @@ def build(kernels: dict[str, Any], target: Any, path: Path, progress: bool = Fal
             modules.append(tvm.compile(mod, target=target).mod)
         except Exception as e:
             raise CompileError(f"kernel {name} failed to compile for {target}: {e}") from e
+    _export(modules, path)
+
+
+def build_library(modules: dict[str, Any], target: Any, path: Path) -> None:
+    """Compile a GPU target's scheduled kernels (name -> IRModule) into one TVM library.
+
+    One module for all kernels: one host object and one device module to link and load.
+    """
+    import tvm
+
+    from tapml.errors import CompileError
+
+    merged = tvm.IRModule({name: mod[name] for name, mod in modules.items()})
+    try:
+        lib = tvm.compile(merged, target=target).mod
+    except Exception as e:
+        raise CompileError(f"the {target.kind.name} kernel library failed to build: {e}") from e
+    _export([lib], path)
+
+
+def _export(modules: list[Any], path: Path) -> None:
+    from tapml.fileio import atomic_path
+
     lib = modules[0]
     for m in modules[1:]:
         lib.import_module(m)
     with atomic_path(path) as tmp:
         lib.export_library(str(tmp))
+
+
+def available(spec) -> tuple[bool, str]:
+    """Whether this machine runs `spec`'s kernels through the TVM runtime, and on what (or why
+    not): the CPU always runs llvm kernels; metal kernels need a Mac with a Metal GPU."""
+    if spec.kind == "metal":
+        if sys.platform != "darwin":
+            return False, "Metal runs on macOS only (bench/metal_check.sh runs it on a Mac)"
+        import tvm
+
+        if not tvm.metal(0).exist:
+            return False, "this Mac has no Metal device that TVM's runtime can open"
+        return True, f"{tvm.metal(0).device_name} through TVM's Metal runtime"
+    from tvm.target.codegen import llvm_get_system_cpu
+
+    return True, f"this CPU ({llvm_get_system_cpu()}) through the TVM runtime"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -30,17 +31,34 @@ def tiny_gguf(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_artifact(tiny_gguf, tmp_path_factory):
-    """tiny_artifact(quantization) -> the tiny model compiled once per quantization."""
-    built: dict[str, Path] = {}
+    """tiny_artifact(quantization, target) -> the tiny model, compiled once per pair per run."""
+    built: dict[tuple[str, str], Path] = {}
 
-    def get(quantization: str = "q4f32_1") -> Path:
-        if quantization not in built:
-            out = tmp_path_factory.mktemp("tiny") / quantization
-            options = CompileOptions("llvm", quantization, TINY_CONTEXT, TINY_CHUNK)
-            built[quantization] = compile_model(tiny_gguf, out, options, progress=False)
-        return built[quantization]
+    def get(quantization: str = "q4f32_1", target: str = "llvm") -> Path:
+        if (quantization, target) not in built:
+            out = tmp_path_factory.mktemp(target) / quantization
+            options = CompileOptions(target, quantization, TINY_CONTEXT, TINY_CHUNK)
+            built[quantization, target] = compile_model(tiny_gguf, out, options, progress=False)
+        return built[quantization, target]
 
     return get
+
+
+def greedy_trace(engine, prompt_ids: list[int], steps: int) -> tuple[list[np.ndarray], list[int]]:
+    """Logits after the prompt and after each greedy decode step, and the greedy ids."""
+    engine.reset()
+    logits, ids = [engine.prefill(prompt_ids)], []
+    for _ in range(steps):
+        ids.append(int(np.argmax(logits[-1])))
+        logits.append(engine.decode(ids[-1]))
+    return logits, ids
+
+
+def assert_close(got: list[np.ndarray], want: list[np.ndarray], rtol: float) -> None:
+    """Each step's max |got - want| / max |want| is within rtol."""
+    for step, (a, b) in enumerate(zip(got, want, strict=True)):
+        error = float(np.abs(a - b).max() / np.abs(b).max())
+        assert error <= rtol, f"step {step}: relative error {error:.2e} > {rtol}"
 
 
 @pytest.fixture(scope="session")

@@ -46,9 +46,9 @@ def main(ctx: click.Context, verbose: bool, quiet: bool) -> None:
 
 
 def _register() -> None:
-    from . import bench, cache, compile, models, run
+    from . import bench, cache, compile, models, run, targets
 
-    for module in (models, compile, run, bench, cache):
+    for module in (models, targets, compile, run, bench, cache):
         main.add_command(module.command)
 
 

@@ -1,0 +1,71 @@
+"""Decode speed per executable target, and where a decode step's time goes (webgpu vs llvm).
+
+    .venv/bin/python bench/targets.py [--model smollm2-135m] [--quantization q4f32_1]
+
+Every target that executes on this machine runs the same prompt; the table gives decode
+tokens/s and the ratio to llvm, then the 10 kernels that take longest in one decode step on
+webgpu, next to their llvm time. Kernels are timed one call at a time, synchronized, so the
+per-kernel sums exceed a pipelined step's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+from tapml.api import ensure_compiled
+from tapml.runtime.engine import Engine
+from tapml.runtime.sampling import greedy
+from tapml.targets import TARGETS, executes_here
+
+PROMPT = "The capital of France is"
+
+
+def decode_speed(engine: Engine, steps: int) -> float:
+    engine.reset()
+    logits = engine.prefill(engine.tokenizer.encode(PROMPT))
+    start = time.perf_counter()
+    for _ in range(steps):
+        logits = engine.decode(greedy(logits))
+    return steps / (time.perf_counter() - start)
+
+
+def kernel_times(engine: Engine) -> dict[str, float]:
+    """Seconds per kernel name, summed over the calls of one decode step."""
+    engine.reset()
+    engine.prefill(engine.tokenizer.encode(PROMPT))
+    scalars = {"pos": engine.pos}
+    totals: dict[str, float] = defaultdict(float)
+    for call in engine.plan.functions["decode"]["calls"]:
+        totals[call["kernel"]] += engine.executor.time_call(call, scalars)
+    return totals
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--quantization", default="q4f32_1")
+    parser.add_argument("--steps", type=int, default=16)
+    args = parser.parse_args()
+
+    engines = {}
+    for name, spec in TARGETS.items():
+        ok, why = executes_here(spec)
+        if not ok:
+            print(f"{name:8} generated, not executed ({why})")
+            continue
+        engines[name] = Engine(ensure_compiled(args.model, name, args.quantization))
+    speeds = {name: decode_speed(e, args.steps) for name, e in engines.items()}
+    print(f"\n{'target':8} {'decode tok/s':>12} {'vs llvm':>8}")
+    for name, speed in speeds.items():
+        print(f"{name:8} {speed:12.1f} {speed / speeds['llvm']:8.2f}x")
+    if "webgpu" in engines:
+        gpu, cpu = kernel_times(engines["webgpu"]), kernel_times(engines["llvm"])
+        print(f"\n{'kernel (one decode step)':44} {'webgpu ms':>10} {'llvm ms':>9}")
+        for kernel, seconds in sorted(gpu.items(), key=lambda kv: -kv[1])[:10]:
+            print(f"{kernel:44} {seconds * 1e3:10.2f} {cpu[kernel] * 1e3:9.2f}")
+
+
+if __name__ == "__main__":
+    main()
