@@ -14,7 +14,8 @@ from tapml.errors import GenerationError
 from tapml.plan import Plan
 from tapml.tokenizer import StreamDecoder, Tokenizer
 
-from .sampling import greedy
+from .constraint import Constraint
+from .sampling import Sampler, SamplingParams
 
 
 @dataclass
@@ -53,6 +54,8 @@ class Engine:
         self.executor.load_params(load_shards(self.artifact / "weights", verify=verify_weights))
         self.pos = 0
         self.stats = Stats()
+        # why the last generation ended: "stop", "length", "grammar" or "context"
+        self.finish_reason: str | None = None
 
     def reset(self) -> None:
         self.executor.reset_state()
@@ -88,41 +91,150 @@ class Engine:
                 "shorten the prompt or compile with a larger --max-context"
             )
 
-    def generate_ids(self, prompt_ids: Sequence[int], max_tokens: int) -> Iterator[int]:
-        """Greedy ids after the prompt, until a stop token, `max_tokens` or the context's end."""
+    def generate_ids(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams | None = None,
+        constraint: Constraint | None = None,
+        *,
+        max_tokens: int | None = None,
+    ) -> Iterator[int]:
+        """The ids after the prompt, sampled by `params` (default: greedy).
+
+        Generation ends at a stop token (the tokenizer's and `params.stop_token_ids`; not
+        yielded), after `max_tokens` (the keyword wins over `params.max_tokens`), when
+        `constraint` is complete, or at the end of the compiled context; `finish_reason` then
+        says which: "stop", "length", "grammar" or "context". Stop strings are text, handled by
+        `generate_text`. With a constraint, each step's logits go through `constraint.mask`
+        and each chosen token through `constraint.accept`.
+        """
+        params = params or SamplingParams()
+        max_tokens = params.max_tokens if max_tokens is None else max_tokens
         if len(prompt_ids) >= self.max_context:
             raise GenerationError(
                 f"the prompt has {len(prompt_ids)} tokens; the model was compiled for a context "
                 f"of {self.max_context} (compile with a larger --max-context)"
             )
+        self.finish_reason = None
         self.reset()
         self.stats = Stats(prompt_tokens=len(prompt_ids))
         start = time.perf_counter()
         logits = self.prefill(prompt_ids)
         self.stats.prefill_seconds = time.perf_counter() - start
-        stop = set(self.tokenizer.stop_ids)
+        sampler = Sampler(params)
+        stop = set(self.tokenizer.stop_ids) | set(params.stop_token_ids)
+        generated: list[int] = []
         for i in range(max_tokens):
-            token = greedy(logits)
+            if constraint is not None:
+                logits = constraint.mask(logits)
+            token = sampler(logits, generated, prompt_ids)
             if token in stop:
+                self.finish_reason = "stop"
                 return
+            if constraint is not None:
+                constraint.accept(token)
+            generated.append(token)
             yield token
-            if i + 1 == max_tokens or self.pos >= self.max_context:
+            if constraint is not None and constraint.is_complete():
+                self.finish_reason = "grammar"
+                return
+            if i + 1 == max_tokens:
+                self.finish_reason = "length"
+                return
+            if self.pos >= self.max_context:
+                self.finish_reason = "context"
                 return
             start = time.perf_counter()
             logits = self.decode(token)
             self.stats.decode_seconds += time.perf_counter() - start
             self.stats.decode_tokens += 1
+        self.finish_reason = "length"  # max_tokens == 0
 
-    def generate(self, prompt: str, max_tokens: int = 64, chat: bool = False) -> Iterator[str]:
-        """Stream the completion of `prompt` as text pieces (greedy decoding)."""
-        if chat:
-            prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-        ids = self.tokenizer.encode(prompt)
+    def generate_text(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams | None = None,
+        constraint: Constraint | None = None,
+        *,
+        max_tokens: int | None = None,
+    ) -> Iterator[str]:
+        """Stream the completion of `prompt_ids` as text pieces, up to a stop string.
+
+        The text before the first of `params.stop` is streamed, the stop string and anything
+        after it are not. Text that could be the start of a stop string is held back until the
+        next tokens tell (so no piece ever has to be taken back).
+        """
+        params = params or SamplingParams()
         stream = StreamDecoder(self.tokenizer, skip_special=True)
-        for token in self.generate_ids(ids, max_tokens):
-            piece = stream.add(token)
-            if piece:
-                yield piece
-        tail = stream.flush()
-        if tail:
-            yield tail
+        ids = self.generate_ids(prompt_ids, params, constraint, max_tokens=max_tokens)
+        if not params.stop:
+            for token in ids:
+                piece = stream.add(token)
+                if piece:
+                    yield piece
+            tail = stream.flush()
+            if tail:
+                yield tail
+            return
+        pending = ""
+        for token in ids:
+            pending += stream.add(token)
+            cut = _find_stop(pending, params.stop)
+            if cut is not None:
+                ids.close()
+                self.finish_reason = "stop"
+                if pending[:cut]:
+                    yield pending[:cut]
+                return
+            held = _held_back(pending, params.stop)
+            if len(pending) > held:
+                yield pending[: len(pending) - held]
+                pending = pending[len(pending) - held :]
+        pending += stream.flush()
+        cut = _find_stop(pending, params.stop)
+        if cut is not None:
+            self.finish_reason = "stop"
+            pending = pending[:cut]
+        if pending:
+            yield pending
+
+    def generate(
+        self,
+        prompt: str,
+        params: SamplingParams | None = None,
+        chat: bool = False,
+        system: str | None = None,
+        constraint: Constraint | None = None,
+        *,
+        max_tokens: int | None = None,
+    ) -> Iterator[str]:
+        """Stream the completion of `prompt` as text pieces (greedy unless `params` say not).
+
+        `chat` wraps the prompt in the model's chat template, after a `system` message if one
+        is given. See `generate_ids` and `generate_text` for when generation ends.
+        """
+        if system is not None and not chat:
+            raise GenerationError("a system prompt needs the chat template: pass chat=True")
+        if chat:
+            messages = [{"role": "system", "content": system}] if system is not None else []
+            messages.append({"role": "user", "content": prompt})
+            prompt = self.tokenizer.apply_chat_template(messages)
+        ids = self.tokenizer.encode(prompt)
+        yield from self.generate_text(ids, params, constraint, max_tokens=max_tokens)
+
+
+def _find_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Where the earliest stop string in `text` begins, or None."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """The length of the longest end of `text` that is the start of a stop string."""
+    longest = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if s.startswith(text[-n:]):
+                longest = n
+                break
+    return longest

@@ -46,9 +46,9 @@ def main(ctx: click.Context, verbose: bool, quiet: bool) -> None:
 
 
 def _register() -> None:
-    from . import bench, cache, compile, models, run, targets
+    from . import bench, cache, chat, compile, models, run, targets
 
-    for module in (models, targets, compile, run, bench, cache):
+    for module in (models, targets, compile, run, chat, bench, cache):
         main.add_command(module.command)
 
 

@@ -3,38 +3,83 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
 from .options import compile_options
 
-
-@click.command("run")
-@click.argument("model")
-@click.option("--prompt", "-p", required=True, help="The text to complete.")
-@click.option(
-    "--max-tokens", "-n", type=click.IntRange(1), default=64, show_default=True,
-    help="Most tokens to generate.",
+# the keyword arguments `sampling_options` adds, which `sampling_params` takes back out
+SAMPLING_KEYS = (
+    "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+    "frequency_penalty", "seed", "stop",
 )  # fmt: skip
-@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
-@compile_options
-@click.pass_obj
-def command(
-    obj, model, prompt, max_tokens, chat, target, quantization, max_context, chunk,
-    target_options,
-) -> None:  # fmt: skip
-    """Complete PROMPT with MODEL, streaming the text to stdout (greedy decoding).
+GRAMMAR_KEYS = ("json_schema", "any_json", "regex", "grammar", "grammar_backend")
+INCOMPLETE = {
+    "length": "--max-tokens ran out before the grammar completed",
+    "context": "the compiled context ran out before the grammar completed "
+    "(compile with a larger --max-context)",
+}
 
-    MODEL is a name from `tapml models`, a .gguf path, or a directory written by
-    `tapml compile`. Names and GGUF files are compiled on first use and cached.
-    Speeds go to stderr, so stdout holds only the completion.
 
-    \b
-    Example:
-      tapml run smollm2-135m --prompt "The capital of France is" --max-tokens 16
-    """
-    from pathlib import Path
+def sampling_options(f):
+    """--temperature, --top-k, --top-p, --min-p, the penalties, --seed, --stop (greedy default)."""
+    for decorator in reversed(
+        [
+            click.option(
+                "--temperature", "-t", type=click.FloatRange(0), default=0.0, show_default=True,
+                help="Sampling temperature; 0 is greedy decoding.",
+            ),
+            click.option(
+                "--top-k", type=click.IntRange(0), default=0, show_default=True,
+                help="Sample among the K most likely tokens only (0: all).",
+            ),
+            click.option(
+                "--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0,
+                show_default=True,
+                help="Sample among the fewest most likely tokens holding P of the probability.",
+            ),
+            click.option(
+                "--min-p", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+                help="Drop tokens less than P times as likely as the most likely one.",
+            ),
+            click.option(
+                "--repetition-penalty", type=click.FloatRange(0, min_open=True), default=1.0,
+                show_default=True,
+                help="Divide the logits of tokens already seen (prompt included); 1 is off.",
+            ),
+            click.option(
+                "--presence-penalty", type=click.FloatRange(-2, 2), default=0.0,
+                show_default=True, help="Subtract from the logits of tokens generated already.",
+            ),
+            click.option(
+                "--frequency-penalty", type=click.FloatRange(-2, 2), default=0.0,
+                show_default=True,
+                help="Subtract, times their count, from the logits of tokens generated already.",
+            ),
+            click.option(
+                "--seed", type=click.IntRange(0), default=None,
+                help="Seed of the sampler: the same seed gives the same text [default: random].",
+            ),
+            click.option(
+                "--stop", multiple=True, metavar="TEXT",
+                help="End the output before this text (repeatable).",
+            ),
+        ]
+    ):  # fmt: skip
+        f = decorator(f)
+    return f
 
+
+def sampling_params(options: dict, max_tokens: int):
+    """A SamplingParams from the options `sampling_options` added (taken out of `options`)."""
+    from tapml.runtime.sampling import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, **{k: options.pop(k) for k in SAMPLING_KEYS})
+
+
+def load_engine(obj, model, target, quantization, max_context, chunk, target_options):
+    """An Engine for a compiled directory, or for a name or GGUF compiled on first use."""
     from tapml.api import ensure_compiled
     from tapml.compiler import CONFIG_FILE
     from tapml.runtime.engine import Engine
@@ -45,8 +90,102 @@ def command(
         artifact = ensure_compiled(
             model, target, quantization, max_context, chunk, target_options, obj["progress"]
         )
-    engine = Engine(artifact)
-    for piece in engine.generate(prompt, max_tokens=max_tokens, chat=chat):
+    return Engine(artifact)
+
+
+def grammar_options(f):
+    """--json-schema, --any-json, --regex, --grammar, --grammar-backend."""
+    file = click.Path(exists=True, dir_okay=False, path_type=Path)
+    for decorator in reversed(
+        [
+            click.option(
+                "--json-schema", type=file, metavar="FILE",
+                help="Constrain the output to JSON matching this JSON Schema.",
+            ),
+            click.option(
+                "--any-json", is_flag=True, help="Constrain the output to a JSON object."
+            ),
+            click.option(
+                "--regex", metavar="R", help="Constrain the output to match this regex in full."
+            ),
+            click.option(
+                "--grammar", type=file, metavar="FILE",
+                help="Constrain the output to this GBNF grammar (its start rule is named root).",
+            ),
+            click.option(
+                "--grammar-backend", type=click.Choice(["llguidance", "xgrammar"]),
+                default="llguidance", show_default=True, help="What enforces the constraint.",
+            ),
+        ]
+    ):  # fmt: skip
+        f = decorator(f)
+    return f
+
+
+def constraint_from_options(
+    tokenizer, json_schema=None, any_json=False, regex=None, grammar=None,
+    grammar_backend="llguidance",
+):  # fmt: skip
+    """The Constraint the grammar options ask for, or None when they ask for none.
+
+    The grammar backends are tapml.runtime.grammar's; this only reads the options (and the
+    files they name).
+    """
+    given = {"json_schema": json_schema, "any_json": any_json, "regex": regex, "grammar": grammar}
+    chosen = {kind: value for kind, value in given.items() if value}
+    if not chosen:
+        return None
+    if len(chosen) > 1:
+        flags = ", ".join("--" + kind.replace("_", "-") for kind in chosen)
+        raise click.UsageError(f"choose one constraint, not {flags}")
+    ((kind, value),) = chosen.items()
+    if kind in ("json_schema", "grammar"):
+        value = value.read_text(encoding="utf-8")
+    elif kind == "any_json":
+        value = None
+    from tapml.runtime.grammar import make_constraint
+
+    return make_constraint(kind, value, tokenizer, grammar_backend)
+
+
+@click.command("run")
+@click.argument("model")
+@click.option("--prompt", "-p", required=True, help="The text to complete.")
+@click.option(
+    "--max-tokens", "-n", type=click.IntRange(1), default=64, show_default=True,
+    help="Most tokens to generate.",
+)  # fmt: skip
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
+@click.option("--system", metavar="TEXT", help="System message before the prompt (with --chat).")
+@sampling_options
+@grammar_options
+@compile_options
+@click.pass_obj
+def command(
+    obj, model, prompt, max_tokens, chat, system, target, quantization, max_context, chunk,
+    target_options, **options,
+) -> None:  # fmt: skip
+    """Complete PROMPT with MODEL, streaming the text to stdout (greedy unless --temperature).
+
+    MODEL is a name from `tapml models`, a .gguf path, or a directory written by
+    `tapml compile`. Names and GGUF files are compiled on first use and cached.
+    Speeds go to stderr, so stdout holds only the completion. With a constraint
+    (--json-schema, --any-json, --regex, --grammar), an output cut short by --max-tokens
+    is printed and the exit code is 1.
+
+    \b
+    Examples:
+      tapml run smollm2-135m --prompt "The capital of France is" --max-tokens 16
+      tapml run smollm2-135m --chat -p "Write a haiku." -t 0.8 --top-p 0.95 --seed 1
+    """
+    if system is not None and not chat:
+        raise click.UsageError("--system needs --chat (it is a message of the chat template)")
+    params = sampling_params(options, max_tokens)
+    engine = load_engine(obj, model, target, quantization, max_context, chunk, target_options)
+    constraint = constraint_from_options(
+        engine.tokenizer, **{k: options.pop(k) for k in GRAMMAR_KEYS}
+    )
+    for piece in engine.generate(prompt, params, chat=chat, system=system, constraint=constraint):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -56,3 +195,5 @@ def command(
         f"decode: {s.decode_tokens} tokens, {s.decode_tok_s:.1f} tok/s",
         err=True,
     )
+    if constraint is not None and engine.finish_reason in INCOMPLETE:
+        raise click.ClickException(f"output is incomplete: {INCOMPLETE[engine.finish_reason]}")

@@ -1,0 +1,317 @@
+"""Grammar-constrained generation: JSON schema, regex and GBNF token masks from two backends.
+
+`make_constraint(kind, value, tokenizer, backend)` compiles the grammar (errors surface here,
+before any model runs) and returns a `Constraint` (runtime/constraint.py). Backends:
+
+- "llguidance" (default): a small Rust wheel with a numpy API.
+- "xgrammar": the XGrammar engine; an optional extra, since importing it imports torch and
+  transformers: `pip install 'tapml[grammar-xgrammar]'`.
+
+JSON whitespace is set the same for both: the separators of Python's `json.dumps` (", " between
+items, ": " after keys) and no other whitespace anywhere, so the model cannot stall in runs of
+newlines and the output is one line. Objects follow JSON Schema semantics for both: properties
+in the schema's order, other properties allowed unless additionalProperties is false.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+
+from tapml.errors import GenerationError, TapmlError
+from tapml.tokenizer import Tokenizer, _byte_decoder
+
+KINDS = ("json_schema", "any_json", "regex", "grammar")
+JSON_SEPARATORS = (", ", ": ")  # item, key; as json.dumps writes them
+ANY_JSON_SCHEMA = '{"type": "object"}'  # "any_json": any JSON object, like OpenAI's json_object
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Each token's raw bytes, and which ids are control tokens and which stop generation."""
+
+    tokens: list[bytes]
+    control: frozenset[int]
+    stop_ids: tuple[int, ...]
+    eos_id: int | None
+    bos_id: int | None
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Tokenizer) -> Vocabulary:
+        # The HF vocabulary's strings are GPT-2 byte-level text: one character per byte.
+        # Control tokens ("<|im_end|>") are literal text marked special; ids missing from the
+        # vocabulary count as control too, so that no grammar text can ever produce them.
+        hf = tokenizer._hf
+        added = hf.get_added_tokens_decoder()
+        byte_of = _byte_decoder()
+        tokens: list[bytes | None] = [None] * tokenizer.vocab_size
+        for text, i in hf.get_vocab(with_added_tokens=True).items():
+            if i in added:
+                tokens[i] = text.encode()
+            elif i < len(tokens):
+                tokens[i] = b"".join(
+                    bytes([byte_of[c]]) if c in byte_of else c.encode() for c in text
+                )
+        control = {i for i, t in added.items() if t.special} | {
+            i for i, t in enumerate(tokens) if t is None
+        }
+        stop = set(tokenizer.stop_ids) | ({tokenizer.eos_id} - {None})
+        return cls(
+            tokens=[t or b"" for t in tokens],
+            control=frozenset(control),
+            stop_ids=tuple(sorted(stop)),
+            eos_id=tokenizer.eos_id,
+            bos_id=tokenizer.bos_id,
+        )
+
+    @property
+    def size(self) -> int:
+        return len(self.tokens)
+
+
+class GrammarConstraint:
+    """A compiled grammar's state; implements `Constraint`. Backends fill in the hooks."""
+
+    backend = ""  # its key in BACKENDS
+    install = ""  # the command that installs its package
+
+    def __init__(self, vocab: Vocabulary):
+        self.vocab = vocab
+        words = (vocab.size + 31) // 32
+        self._bitmask = np.zeros((1, words), np.int32)  # bit i of word w: token 32 * w + i
+        self._fresh = False  # _bitmask holds the mask for the current state
+        self._stopped = False  # a stop token was accepted
+        # every vocabulary token but the stop tokens: "only stop tokens allowed" is a zero AND
+        keep = np.ones(words * 32, np.uint8)
+        keep[vocab.size :] = 0
+        keep[list(vocab.stop_ids)] = 0
+        self._non_stop = np.packbits(keep, bitorder="little").view(np.int32)
+
+    def allowed(self) -> np.ndarray:
+        """One bool per vocabulary token: may it come next?"""
+        bitmask = self._current_bitmask()
+        bits = np.unpackbits(bitmask.view(np.uint8), bitorder="little", count=self.vocab.size)
+        return bits.view(np.bool_)
+
+    def mask(self, logits: np.ndarray) -> np.ndarray:
+        """A float32 copy of `logits` with -inf for every token the grammar does not allow next;
+        logits past the vocabulary (padding) are -inf too."""
+        allowed = self.allowed()
+        logits = np.asarray(logits, np.float32)
+        if logits.shape[-1] < allowed.size:
+            raise GenerationError(
+                f"{logits.shape[-1]} logits for a vocabulary of {allowed.size} tokens"
+            )
+        if logits.shape[-1] > allowed.size:
+            pad = np.zeros(logits.shape[-1] - allowed.size, np.bool_)
+            allowed = np.concatenate([allowed, pad])
+        return np.where(allowed, logits, np.float32(-np.inf))
+
+    def accept(self, token: int) -> None:
+        """Advance by `token`; a GenerationError if the grammar does not allow it here."""
+        error = self._consume(int(token))
+        if error is not None:
+            piece = self.vocab.tokens[token] if 0 <= token < self.vocab.size else b"?"
+            raise GenerationError(
+                f"token {token} ({piece!r}) is not allowed by the {self.backend} grammar here: "
+                f"{error}"
+            )
+        self._fresh = False
+        self._stopped = token in self.vocab.stop_ids
+
+    def is_complete(self) -> bool:
+        """True once a stop token was accepted, or the grammar is satisfied and allows nothing
+        more than a stop token."""
+        if self._stopped:
+            return True
+        if not self._accepting():
+            return False
+        # the next mask, which mask() then reuses
+        return not np.any(self._current_bitmask()[0] & self._non_stop)
+
+    def _current_bitmask(self) -> np.ndarray:
+        if not self._fresh:
+            self._fill(self._bitmask)
+            self._fresh = True
+        return self._bitmask
+
+    # hooks
+    def _fill(self, bitmask: np.ndarray) -> None:
+        """Write the allowed tokens of the current state into `bitmask` (int32, (1, words))."""
+        raise NotImplementedError(f"{type(self).__name__} lacks _fill")
+
+    def _consume(self, token: int) -> str | None:
+        """Advance by `token`; None, or why it was refused."""
+        raise NotImplementedError(f"{type(self).__name__} lacks _consume")
+
+    def _accepting(self) -> bool:
+        """Does the text so far satisfy the grammar?"""
+        raise NotImplementedError(f"{type(self).__name__} lacks _accepting")
+
+
+class LLGuidanceConstraint(GrammarConstraint):
+    backend = "llguidance"
+    install = "pip install 'llguidance>=1.0' (a dependency of tapml: reinstall tapml)"
+
+    @staticmethod
+    def tokenizer_info(vocab: Vocabulary, tokenizer: Tokenizer):
+        import llguidance
+
+        hf = tokenizer._hf
+
+        class Wrapped:  # what llguidance.TokenizerWrapper reads
+            eos_token_id, bos_token_id = vocab.eos_id, vocab.bos_id
+            tokens, special_token_ids = vocab.tokens, sorted(vocab.control)
+
+            def __call__(self, text: str) -> list[int]:
+                # llguidance tokenizes the text a grammar forces with this. It must never give
+                # control ids, so it skips the added tokens that Tokenizer.encode parses: BPE on
+                # each pre-token only (the same ids as encode for text without them)
+                if not isinstance(text, str):
+                    raise TypeError("encodes str only")  # llguidance then passes str
+                pieces = hf.pre_tokenizer.pre_tokenize_str(text)
+                return [t.id for piece, _ in pieces for t in hf.model.tokenize(piece)]
+
+        wrapper = llguidance.TokenizerWrapper(Wrapped())
+        return llguidance.LLTokenizer(wrapper, n_vocab=vocab.size, eos_token=list(vocab.stop_ids))
+
+    def __init__(self, info, vocab: Vocabulary, kind: str, value: str):
+        import llguidance
+        from llguidance.gbnf_to_lark import gbnf_to_lark
+
+        super().__init__(vocab)
+        try:
+            if kind == "regex":
+                grammar = llguidance.LLMatcher.grammar_from_regex(value)
+            elif kind == "grammar":
+                grammar = llguidance.LLMatcher.grammar_from_lark(gbnf_to_lark(value))
+            else:
+                options = {
+                    "whitespace_flexible": False,
+                    "item_separator": JSON_SEPARATORS[0],
+                    "key_separator": JSON_SEPARATORS[1],
+                }
+                grammar = llguidance.LLMatcher.grammar_from_json_schema(value, overrides=options)
+        except Exception as e:  # the GBNF converter raises bare Exceptions
+            raise _invalid(kind, self.backend, str(e)) from e
+        # the matcher never raises for a bad grammar: it starts in an error state instead
+        self._matcher = llguidance.LLMatcher(info, grammar, log_level=0)
+        if self._matcher.is_error():
+            raise _invalid(kind, self.backend, self._matcher.get_error())
+
+    def _fill(self, bitmask):
+        from llguidance.numpy import fill_next_token_bitmask
+
+        fill_next_token_bitmask(self._matcher, bitmask)
+
+    def _consume(self, token):
+        if self._matcher.consume_token(token):
+            return None
+        return self._matcher.get_error().split("\n")[0]  # the rest dumps the parser's state
+
+    def _accepting(self):
+        return self._matcher.is_accepting()
+
+
+class XGrammarConstraint(GrammarConstraint):
+    backend = "xgrammar"
+    install = "pip install 'tapml[grammar-xgrammar]'"
+
+    @staticmethod
+    def tokenizer_info(vocab: Vocabulary, tokenizer: Tokenizer):
+        import xgrammar
+
+        # xgrammar counts empty tokens as special: never allowed by grammar text
+        tokens = [b"" if i in vocab.control else t for i, t in enumerate(vocab.tokens)]
+        info = xgrammar.TokenizerInfo(
+            tokens,
+            xgrammar.VocabType.RAW,
+            vocab_size=vocab.size,
+            stop_token_ids=list(vocab.stop_ids),
+        )
+        return xgrammar.GrammarCompiler(info)  # holds the info and a cache of compiled grammars
+
+    def __init__(self, compiler, vocab: Vocabulary, kind: str, value: str):
+        import xgrammar
+
+        super().__init__(vocab)
+        try:
+            if kind == "regex":
+                compiled = compiler.compile_regex(value)
+            elif kind == "grammar":
+                compiled = compiler.compile_grammar(value)
+            else:
+                compiled = compiler.compile_json_schema(
+                    value, any_whitespace=False, separators=JSON_SEPARATORS, strict_mode=False
+                )
+        except RuntimeError as e:
+            # "[08:41:34] /project/cpp/regex_converter.cc:83: Regex parsing error ..."
+            raise _invalid(kind, self.backend, re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(e))) from e
+        self._matcher = xgrammar.GrammarMatcher(compiled)
+
+    def _fill(self, bitmask):
+        self._matcher.fill_next_token_bitmask(bitmask)  # numpy arrays go through DLPack
+
+    def _consume(self, token):
+        return None if self._matcher.accept_token(token) else "refused by the matcher"
+
+    def _accepting(self):
+        return self._matcher.is_completed()
+
+
+BACKENDS: dict[str, type[GrammarConstraint]] = {
+    "llguidance": LLGuidanceConstraint,
+    "xgrammar": XGrammarConstraint,
+}
+# per tokenizer, built once: its Vocabulary ("vocab") and each backend's tokenizer info
+_CACHE: weakref.WeakKeyDictionary[Tokenizer, dict[str, object]] = weakref.WeakKeyDictionary()
+
+
+def make_constraint(
+    kind: str, value: str | None, tokenizer: Tokenizer, backend: str = "llguidance"
+) -> GrammarConstraint:
+    """A constraint that lets generation produce only text of the grammar.
+
+    kind: "json_schema" (value: the schema as JSON text), "any_json" (value: None; any JSON
+    object), "regex" (value: the regex, matched in full) or "grammar" (value: GBNF, the EBNF
+    dialect of llama.cpp and xgrammar, with a rule named "root"). backend: a key of BACKENDS.
+    A malformed value raises TapmlError with the backend's message.
+    """
+    if kind not in KINDS:
+        raise TapmlError(f"unknown grammar kind {kind!r}; tapml knows: {', '.join(KINDS)}")
+    if backend not in BACKENDS:
+        raise TapmlError(f"unknown grammar backend {backend!r}; tapml knows: {', '.join(BACKENDS)}")
+    if kind == "any_json":
+        if value is not None:
+            raise TapmlError("the 'any_json' grammar takes no value")
+        value = ANY_JSON_SCHEMA
+    elif not isinstance(value, str):
+        raise TapmlError(f"the {kind!r} grammar needs its text as a str, got {value!r}")
+    elif kind == "json_schema":
+        try:
+            json.loads(value)
+        except ValueError as e:
+            raise _invalid(kind, None, f"not valid JSON: {e}") from e
+    cls = BACKENDS[backend]
+    cache = _CACHE.setdefault(tokenizer, {})
+    if "vocab" not in cache:
+        cache["vocab"] = Vocabulary.from_tokenizer(tokenizer)
+    if backend not in cache:
+        try:
+            cache[backend] = cls.tokenizer_info(cache["vocab"], tokenizer)
+        except ImportError as e:
+            raise TapmlError(
+                f"the {backend} grammar backend is not installed ({e}); install it with: "
+                f"{cls.install}"
+            ) from e
+    return cls(cache[backend], cache["vocab"], kind, value)
+
+
+def _invalid(kind: str, backend: str | None, message: str) -> TapmlError:
+    what = {"json_schema": "JSON schema", "any_json": "JSON grammar", "regex": "regex"}
+    by = f" ({backend})" if backend else ""
+    return TapmlError(f"invalid {what.get(kind, 'GBNF grammar')}{by}: {message.strip()}")
