@@ -1,24 +1,150 @@
-"""Speed of a compiled model: prefill and decode tokens/s, measured on the real runtime."""
+"""Speed of a compiled model: prefill and decode tokens/s, memory, and weight-read bandwidth.
+
+`run` measures tapml's engine; `run_llama_cpp` measures llama.cpp (llama-cpp-python, the
+`bench` extra) on the same GGUF and prompt ids in the same process, for `tapml bench --compare`.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import resource
 import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from tapml.errors import GenerationError, TapmlError
+from tapml.plan import Plan
 from tapml.runtime.engine import Engine
 from tapml.runtime.sampling import greedy
+from tapml.targets.llvm import tvm_threads
 
 BENCH_TEXT = (
     "The history of computing is a story of people who turned ideas into machines, and "
     "machines into tools that changed how everyone works, learns and talks to each other. "
 )
+LLAMA_CPP_INSTALL = "pip install 'tapml[bench]'"
+
+log = logging.getLogger("tapml")
+
+
+def prompt_ids(tokenizer, n: int) -> list[int]:
+    """`n` prompt ids: BENCH_TEXT's tokens, repeated."""
+    ids = tokenizer.encode(BENCH_TEXT)
+    return (ids * (n // len(ids) + 1))[:n]
+
+
+def decode_param_bytes(plan: Plan) -> int:
+    """Bytes of the parameters the plan's decode function reads (each buffer counted once)."""
+    used = {
+        plan.root(arg["buffer"])
+        for call in plan.functions["decode"]["calls"]
+        for arg in call["args"]
+        if "buffer" in arg
+    }
+    return sum(plan.nbytes(name) for name in used if plan.buffers[name]["kind"] == "param")
+
+
+def measure(
+    artifact: Path,
+    prompt_tokens: int = 256,
+    decode_tokens: int = 128,
+    compare_gguf: Path | None = None,
+) -> dict[str, Any]:
+    """Everything `tapml bench` reports: `run` on `artifact`, TVM's thread count, this
+    machine's bandwidth on as many threads and, with `compare_gguf`, llama.cpp on that file
+    with the same prompt ids and threads, and the ratios tapml / llama.cpp."""
+    if compare_gguf is not None:
+        import_llama_cpp()  # before minutes of benchmarking, not after
+    _warn_if_busy()
+    # leave out the peak of compiling the model, if this process did (what compiling left
+    # resident still counts: rss_before_mb)
+    rss_before = rss_mb()
+    reset_peak_rss()
+    engine = Engine(artifact)
+    ours = run(engine, prompt_tokens, decode_tokens)
+    threads = tvm_threads()
+    prompt = prompt_ids(engine.tokenizer, prompt_tokens)
+    del engine
+    result = {key: ours.pop(key) for key in ("decode_tok_s", "prefill_tok_s", "peak_rss_mb",
+                                             "bandwidth_gb_s")}  # fmt: skip
+    result["machine_bandwidth_gb_s"] = machine_bandwidth_gb_s(threads)
+    result["threads"] = threads
+    result["rss_before_mb"] = rss_before
+    result.update(ours)
+    if compare_gguf is not None:
+        theirs = run_llama_cpp(compare_gguf, prompt, decode_tokens, threads)
+        result["llama_cpp"] = theirs
+        result["decode_ratio"] = result["decode_tok_s"] / theirs["decode_tok_s"]
+        result["prefill_ratio"] = result["prefill_tok_s"] / theirs["prefill_tok_s"]
+    _warn_if_busy()  # something may have started meanwhile
+    return result
+
+
+def _warn_if_busy() -> None:
+    busy = busy_cores()
+    if busy is not None and busy > 0.5:
+        # llama.cpp's OpenMP threads spin at barriers: one busy core can slow it 20-fold
+        log.warning("other processes keep %.1f cores busy: the figures may be low", busy)
+
+
+def busy_cores(seconds: float = 0.25) -> float | None:
+    """How many cores are busy over `seconds` while this process sleeps (None off Linux)."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(t) for t in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # all, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 == total0:
+        return 0.0
+    return (1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
+
+
+def source_gguf(model: str) -> Path:
+    """The GGUF file behind `model`: a model name, a .gguf path or a compiled artifact."""
+    from tapml.compiler import CONFIG_FILE, describe
+    from tapml.models import MODELS, resolve_gguf
+
+    if not (Path(model) / CONFIG_FILE).is_file():
+        return resolve_gguf(model)[1]
+    source = describe(Path(model))["model"]["source"]
+    for card in MODELS.values():
+        if card.filename == source:
+            return card.gguf_path()
+    raise TapmlError(
+        f"{model} was compiled from {source}, which is no model tapml knows by name; to compare "
+        "with llama.cpp, pass the model's .gguf path instead of the compiled directory"
+    )
 
 
 def run(engine: Engine, prompt_tokens: int = 256, decode_tokens: int = 128) -> dict[str, Any]:
-    """Prefill a `prompt_tokens` prompt, then decode `decode_tokens` greedy tokens."""
-    ids = engine.tokenizer.encode(BENCH_TEXT)
-    prompt = (ids * (prompt_tokens // len(ids) + 1))[:prompt_tokens]
+    """Prefill a `prompt_tokens` prompt, then decode `decode_tokens` greedy tokens.
+
+    `peak_rss_mb` is the process's peak RSS (`reset_peak_rss` before loading the engine leaves
+    out what the process held at its peak before, e.g. compiling the model).
+    `bandwidth_gb_s` is the parameter bytes one decode step reads times decode steps per second.
+    """
+    if prompt_tokens + decode_tokens > engine.max_context:
+        raise GenerationError(
+            f"{prompt_tokens} prompt + {decode_tokens} decode tokens do not fit the compiled "
+            f"context of {engine.max_context}; pass smaller --prompt-tokens/--decode-tokens or "
+            "compile with a larger --max-context"
+        )
+    prompt = prompt_ids(engine.tokenizer, prompt_tokens)
+    # warm-up: thread pool start, first-touch page faults of the KV cache and temporaries
+    engine.reset()
+    engine.decode(greedy(engine.prefill(prompt[: engine.chunk])))
     engine.reset()
     start = time.perf_counter()
     logits = engine.prefill(prompt)
@@ -27,10 +153,125 @@ def run(engine: Engine, prompt_tokens: int = 256, decode_tokens: int = 128) -> d
     for _ in range(decode_tokens):
         logits = engine.decode(greedy(logits))
     decode_s = time.perf_counter() - start
+    step_bytes = decode_param_bytes(engine.plan)
     return {
         "prefill_tokens": prompt_tokens,
         "prefill_tok_s": prompt_tokens / prefill_s,
         "decode_tokens": decode_tokens,
         "decode_tok_s": decode_tokens / decode_s,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
+        "decode_bytes_per_token": step_bytes,
+        "bandwidth_gb_s": step_bytes * decode_tokens / decode_s / 1e9,
     }
+
+
+def run_llama_cpp(
+    gguf_path: Path, prompt: Sequence[int], decode_tokens: int, threads: int
+) -> dict[str, Any]:
+    """llama.cpp on `gguf_path`: prefill `prompt` (ids, no BOS added), then `decode_tokens` greedy
+    steps, on `threads` threads. `peak_rss_mb` is what llama.cpp added to the process's RSS
+    (model, KV cache, compute buffers), or None where the peak cannot be reset."""
+    llama_cpp = import_llama_cpp()
+    import gguf
+
+    before = rss_mb()
+    can_reset = reset_peak_rss()
+    llm = llama_cpp.Llama(
+        model_path=str(gguf_path), n_ctx=max(512, len(prompt) + decode_tokens + 1),
+        n_batch=max(256, len(prompt)), n_threads=threads, n_threads_batch=threads,
+        verbose=False,
+    )  # fmt: skip
+    n_vocab = llm.n_vocab()
+
+    def next_token() -> int:
+        logits = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return greedy(np.ctypeslib.as_array(logits, shape=(n_vocab,)))
+
+    try:
+        llm.reset()  # warm-up, as in `run`
+        llm.eval(list(prompt[:32]))
+        llm.eval([next_token()])
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(list(prompt))
+        prefill_s = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(decode_tokens):
+            llm.eval([next_token()])
+        decode_s = time.perf_counter() - start
+        peak = peak_rss_mb() - before if can_reset else None
+    finally:
+        llm.close()
+    # every tensor is read once per token (token_embd whole only where it is tied to the output)
+    step_bytes = sum(int(t.n_bytes) for t in gguf.GGUFReader(gguf_path).tensors)
+    return {
+        "decode_tok_s": decode_tokens / decode_s,
+        "prefill_tok_s": len(prompt) / prefill_s,
+        "peak_rss_mb": peak,
+        "bandwidth_gb_s": step_bytes * decode_tokens / decode_s / 1e9,
+        "decode_bytes_per_token": step_bytes,
+        "version": llama_cpp.__version__,
+    }
+
+
+def import_llama_cpp():
+    """The llama_cpp module, or a TapmlError that says how to install it."""
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise TapmlError(
+            f"--compare llama.cpp needs llama-cpp-python ({e}); install it with: "
+            f"{LLAMA_CPP_INSTALL}"
+        ) from e
+    return llama_cpp
+
+
+def machine_bandwidth_gb_s(threads: int = 1, nbytes: int = 512 * 2**20, repeats: int = 3) -> float:
+    """This machine's memory read bandwidth in GB/s: the best of `repeats` passes of `threads`
+    threads each reducing its slice of an `nbytes` array (numpy drops the GIL meanwhile)."""
+    # ones, not zeros: a calloc'd array of zeros maps one shared zero page until written. A max,
+    # not a sum: numpy's pairwise float sum is compute-bound at about cache speed.
+    data = np.ones(nbytes // 4, np.float32)
+    parts = np.array_split(data, threads)
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            list(pool.map(np.max, parts))
+            best = min(best, time.perf_counter() - start)
+    return data.nbytes / best / 1e9
+
+
+# -- threads -------------------------------------------------------------------------
+# -- memory --------------------------------------------------------------------------
+def rss_mb() -> float:
+    """The process's resident memory now, in MiB (Linux; elsewhere its peak)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory, in MiB (since `reset_peak_rss`, on Linux)."""
+    # VmHWM: the figure that `reset_peak_rss` resets
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if os.uname().sysname == "Darwin" else peak / 1024  # bytes on macOS
+
+
+def reset_peak_rss() -> bool:
+    """Reset the process's peak RSS to its current RSS (Linux >= 4.0); False where it can't."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True

@@ -8,13 +8,14 @@ with the device code inside it.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tapml.errors import ExecutorError
+from tapml.errors import ExecutorError, TapmlError
 from tapml.plan import Plan
 
 from .executor import Executor
@@ -135,3 +136,62 @@ def available(spec) -> tuple[bool, str]:
     from tvm.target.codegen import llvm_get_system_cpu
 
     return True, f"this CPU ({llvm_get_system_cpu()}) through the TVM runtime"
+
+
+# -- threads -------------------------------------------------------------------------
+def default_threads() -> int:
+    """One thread per physical core this process may run on.
+
+    TVM's own default is half the logical CPUs on x86 (it assumes SMT pairs): one thread on a
+    2-core VM without SMT.
+    """
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    if cpus is None:
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        path = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+        try:
+            cores.add(path.read_text().strip())
+        except OSError:
+            return len(cpus)
+    return len(cores)
+
+
+def tvm_threads() -> int:
+    """The threads TVM's CPU thread pool runs kernels on (it starts the pool if need be)."""
+    import tvm
+
+    return int(tvm.get_global_func("runtime.NumThreads")())
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Run TVM's CPU kernels on `threads` threads (default: one per physical core); returns
+    the count read back from TVM.
+
+    The pool reads TVM_NUM_THREADS once, when it starts; a pool that already runs can be
+    narrowed but not widened.
+    """
+    threads = threads or default_threads()
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    if tvm_threads() != threads:
+        import tvm
+
+        # mode 1 (kBig): the pool's default, every worker on the fastest cores
+        tvm.get_global_func("runtime.config_threadpool")(1, threads)
+    actual = tvm_threads()
+    if actual != threads:
+        raise TapmlError(
+            f"TVM's thread pool already runs {actual} threads and cannot grow to {threads}; "
+            f"set TVM_NUM_THREADS={threads} before the first kernel runs (e.g. a fresh process)"
+        )
+    return actual
+
+
+def use_threads(threads: int | None) -> None:
+    """Before any kernel runs: `threads` CPU threads, else one per physical core unless the
+    environment already sets TVM_NUM_THREADS."""
+    if threads:
+        set_threads(threads)
+    elif "TVM_NUM_THREADS" not in os.environ:
+        os.environ["TVM_NUM_THREADS"] = str(default_threads())

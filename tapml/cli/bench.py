@@ -1,4 +1,4 @@
-"""`tapml bench`: prefill and decode speed of a model."""
+"""`tapml bench`: prefill and decode speed of a model, optionally against llama.cpp."""
 
 from __future__ import annotations
 
@@ -13,44 +13,62 @@ from .options import compile_options
 @click.argument("model")
 @compile_options
 @click.option("--threads", type=click.IntRange(1), default=None,
-              help="CPU threads for the llvm target [default: all cores].")  # fmt: skip
+              help="CPU threads for the llvm target (and llama.cpp) "
+                   "[default: $TVM_NUM_THREADS, else one per physical core].")  # fmt: skip
 @click.option("--prompt-tokens", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--decode-tokens", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--compare", type=click.Choice(["llama.cpp"]), default=None,
+              help="Also run llama.cpp on the same GGUF, prompt and threads "
+                   "(pip install 'tapml[bench]').")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_obj
 def command(
     obj, model, target, quantization, max_context, chunk, target_options, threads,
-    prompt_tokens, decode_tokens, as_json,
+    prompt_tokens, decode_tokens, compare, as_json,
 ) -> None:  # fmt: skip
-    """Measure prefill tokens/s for a PROMPT_TOKENS prompt and decode tokens/s.
+    """Measure prefill tokens/s for a PROMPT_TOKENS prompt, decode tokens/s, peak RSS, and the
+    weight-read bandwidth of decoding against this machine's memory bandwidth.
 
     \b
-    Example:
+    Examples:
       tapml bench smollm2-135m --target llvm --threads 2 --json
+      tapml bench smollm2-135m --compare llama.cpp
     """
-    import os
     from pathlib import Path
 
-    if threads:  # read by the TVM runtime when its thread pool starts
-        os.environ["TVM_NUM_THREADS"] = str(threads)
     from tapml import bench
+    from tapml.targets.llvm import use_threads
+
+    use_threads(threads)
     from tapml.api import ensure_compiled
     from tapml.compiler import CONFIG_FILE
-    from tapml.runtime.engine import Engine
 
+    if compare:
+        bench.import_llama_cpp()  # fail before compiling, not after
+    gguf = bench.source_gguf(model) if compare else None
     if (Path(model) / CONFIG_FILE).is_file():
         artifact = Path(model)
     else:
         artifact = ensure_compiled(
             model, target, quantization, max_context, chunk, target_options, obj["progress"]
         )
-    result = bench.run(Engine(artifact), prompt_tokens, decode_tokens)
-    result["threads"] = threads or os.cpu_count()
+    result = bench.measure(artifact, prompt_tokens, decode_tokens, compare_gguf=gguf)
     if as_json:
         click.echo(json.dumps(result))
-    else:
+        return
+    rows = [("tapml", result)] + ([("llama.cpp", result["llama_cpp"])] if compare else [])
+    click.echo(f"{'':10} {'prefill tok/s':>14} {'decode tok/s':>13} {'weights GB/s':>13} "
+               f"{'peak RSS MB':>12}")  # fmt: skip
+    for name, r in rows:
+        rss = "n/a" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f}"
+        click.echo(f"{name:10} {r['prefill_tok_s']:14.1f} {r['decode_tok_s']:13.1f} "
+                   f"{r['bandwidth_gb_s']:13.2f} {rss:>12}")  # fmt: skip
+    if compare:
         click.echo(
-            f"prefill {result['prefill_tok_s']:8.1f} tok/s ({prompt_tokens} tokens)\n"
-            f"decode  {result['decode_tok_s']:8.1f} tok/s ({decode_tokens} tokens)\n"
-            f"peak RSS {result['peak_rss_mb']:.0f} MB, {result['threads']} threads"
+            f"tapml / llama.cpp: prefill {result['prefill_ratio']:.2f}x, "
+            f"decode {result['decode_ratio']:.2f}x (llama.cpp's RSS: what it added)"
         )
+    click.echo(
+        f"{prompt_tokens}-token prompt, {decode_tokens} decode tokens, {result['threads']} "
+        f"threads; memory bandwidth {result['machine_bandwidth_gb_s']:.1f} GB/s"
+    )

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .options import compile_options
+from .options import compile_options, threads_option
 from .run import load_engine, sampling_options, sampling_params
 
 
@@ -19,10 +19,11 @@ from .run import load_engine, sampling_options, sampling_params
 )  # fmt: skip
 @sampling_options
 @compile_options
+@threads_option
 @click.pass_obj
 def command(
     obj, model, system, max_tokens, target, quantization, max_context, chunk, target_options,
-    **options,
+    threads, **options,
 ) -> None:  # fmt: skip
     """Chat with MODEL: type a message after "> ", the reply streams to stdout.
 
@@ -35,7 +36,9 @@ def command(
       tapml chat smollm2-135m --system "Answer in one sentence." -t 0.7 --seed 1
     """
     params = sampling_params(options, max_tokens)
-    engine = load_engine(obj, model, target, quantization, max_context, chunk, target_options)
+    engine = load_engine(
+        obj, model, target, quantization, max_context, chunk, target_options, threads
+    )
     try:
         _converse(engine, params, system)
     except (EOFError, KeyboardInterrupt):

@@ -48,3 +48,11 @@ def compile_options(f):
     ):  # fmt: skip
         f = decorator(f)
     return f
+
+
+def threads_option(f):
+    """--threads: CPU threads for the llvm target's kernels."""
+    return click.option(
+        "--threads", type=click.IntRange(1), default=None,
+        help="CPU threads for llvm kernels [default: one per physical core].",
+    )(f)  # fmt: skip

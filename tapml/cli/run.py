@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .options import compile_options
+from .options import compile_options, threads_option
 
 # the keyword arguments `sampling_options` adds, which `sampling_params` takes back out
 SAMPLING_KEYS = (
@@ -78,8 +78,12 @@ def sampling_params(options: dict, max_tokens: int):
     return SamplingParams(max_tokens=max_tokens, **{k: options.pop(k) for k in SAMPLING_KEYS})
 
 
-def load_engine(obj, model, target, quantization, max_context, chunk, target_options):
+def load_engine(obj, model, target, quantization, max_context, chunk, target_options,
+                threads=None):  # fmt: skip
     """An Engine for a compiled directory, or for a name or GGUF compiled on first use."""
+    from tapml.targets.llvm import use_threads
+
+    use_threads(threads)  # before TVM's thread pool starts
     from tapml.api import ensure_compiled
     from tapml.compiler import CONFIG_FILE
     from tapml.runtime.engine import Engine
@@ -160,10 +164,11 @@ def constraint_from_options(
 @sampling_options
 @grammar_options
 @compile_options
+@threads_option
 @click.pass_obj
 def command(
     obj, model, prompt, max_tokens, chat, system, target, quantization, max_context, chunk,
-    target_options, **options,
+    target_options, threads, **options,
 ) -> None:  # fmt: skip
     """Complete PROMPT with MODEL, streaming the text to stdout (greedy unless --temperature).
 
@@ -181,7 +186,9 @@ def command(
     if system is not None and not chat:
         raise click.UsageError("--system needs --chat (it is a message of the chat template)")
     params = sampling_params(options, max_tokens)
-    engine = load_engine(obj, model, target, quantization, max_context, chunk, target_options)
+    engine = load_engine(
+        obj, model, target, quantization, max_context, chunk, target_options, threads
+    )
     constraint = constraint_from_options(
         engine.tokenizer, **{k: options.pop(k) for k in GRAMMAR_KEYS}
     )
