@@ -24,10 +24,25 @@ def load(
     """
     from tapml.runtime.engine import Engine
 
-    if (Path(model) / CONFIG_FILE).is_file():
-        return Engine(Path(model))
     return Engine(
-        ensure_compiled(str(model), target, quantization, max_context, chunk, progress=progress)
+        artifact_for(str(model), target, quantization, max_context, chunk, progress=progress)
+    )
+
+
+def artifact_for(
+    model: str,
+    target: str = "llvm",
+    quantization: str | None = None,
+    max_context: int | None = None,
+    chunk: int | None = None,
+    target_options: dict[str, str] | None = None,
+    progress: bool = True,
+) -> Path:
+    """`model` itself if it is a compiled artifact directory, else its cached build."""
+    if (Path(model) / CONFIG_FILE).is_file():
+        return Path(model)
+    return ensure_compiled(
+        model, target, quantization, max_context, chunk, target_options, progress
     )
 
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from .gguf import GGUFFile
 from .models.llama.config import LlamaConfig
 from .models.llama.weights import gguf_weights
 from .quantization import Quantization, get_quantization
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
 
 log = logging.getLogger("tapml")
 
@@ -90,13 +93,14 @@ def compile_model(
     log.info("building the %s plan for %s (%s)", options.target, gguf_path.name, quant.name)
     model, plan, fused = build_plan(config, quant, options)
     plan.save(work / "plan.json")
-    Tokenizer.from_gguf_metadata(gguf.metadata).save(work / "tokenizer")
+    tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
+    tokenizer.save(work / "tokenizer")
     if not (work / "weights" / "index.json").is_file():
         from tapml.weights import save_shards
 
         log.info("converting weights to %s", quant.name)
         weights = dict(gguf_weights(gguf))
-        importance = calibrate(weights, config, gguf) if quant.quantized else {}
+        importance = calibrate(weights, config, tokenizer) if quant.quantized else {}
         params = convert_weights(
             weights.items(), quant, plan.names("param"), config, options.max_context, importance
         )
@@ -186,13 +190,12 @@ def convert_weights(
         )
 
 
-def calibrate(weights: dict[str, np.ndarray], config: LlamaConfig, gguf: GGUFFile):
+def calibrate(weights: dict[str, np.ndarray], config: LlamaConfig, tokenizer: Tokenizer):
     """Activation importance of every weight matrix, from the float model on calibration text."""
     from tapml.calibration import CALIBRATION_TEXT, activation_importance
     from tapml.models.llama.reference import forward
-    from tapml.tokenizer import Tokenizer
 
-    tokens = Tokenizer.from_gguf_metadata(gguf.metadata).encode(CALIBRATION_TEXT)
+    tokens = tokenizer.encode(CALIBRATION_TEXT)
     log.info("calibrating quantization on %d tokens", len(tokens))
     return activation_importance(forward, weights, config, tokens)
 

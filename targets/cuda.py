@@ -59,8 +59,7 @@ def build(kernels: dict[str, Any], target: Any, spec: Any, path: Path, progress:
     from .llvm import build_library
     from .records import write_records
 
-    use_nvrtc_for_tvm()
-    records, modules = compile_records(kernels, target, spec, progress)
+    records, modules = compile_records(kernels, target, spec, progress)  # registers NVRTC
     arch = "compute_" + str(target.attrs.get("arch", ARCH)).removeprefix("sm_")
     # ~1 s a kernel, nearly all of it NVRTC parsing the CCCL headers
     bar = tqdm(records.items(), desc=f"NVRTC: cuda kernels to PTX ({arch})", unit="kernel",

@@ -34,24 +34,19 @@ def command(
       tapml bench smollm2-135m --target llvm --threads 2 --json
       tapml bench smollm2-135m --compare llama.cpp
     """
-    from pathlib import Path
 
     from tapml import bench
     from tapml.targets.llvm import use_threads
 
     use_threads(threads)
-    from tapml.api import ensure_compiled
-    from tapml.compiler import CONFIG_FILE
+    from tapml.api import artifact_for
 
     if compare:
         bench.import_llama_cpp()  # fail before compiling, not after
     gguf = bench.source_gguf(model) if compare else None
-    if (Path(model) / CONFIG_FILE).is_file():
-        artifact = Path(model)
-    else:
-        artifact = ensure_compiled(
-            model, target, quantization, max_context, chunk, target_options, obj["progress"]
-        )
+    artifact = artifact_for(
+        model, target, quantization, max_context, chunk, target_options, obj["progress"]
+    )
     result = bench.measure(artifact, prompt_tokens, decode_tokens, compare_gguf=gguf)
     if as_json:
         click.echo(json.dumps(result))

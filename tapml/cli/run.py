@@ -84,17 +84,14 @@ def load_engine(obj, model, target, quantization, max_context, chunk, target_opt
     from tapml.targets.llvm import use_threads
 
     use_threads(threads)  # before TVM's thread pool starts
-    from tapml.api import ensure_compiled
-    from tapml.compiler import CONFIG_FILE
+    from tapml.api import artifact_for
     from tapml.runtime.engine import Engine
 
-    if (Path(model) / CONFIG_FILE).is_file():
-        artifact = Path(model)
-    else:
-        artifact = ensure_compiled(
+    return Engine(
+        artifact_for(
             model, target, quantization, max_context, chunk, target_options, obj["progress"]
         )
-    return Engine(artifact)
+    )
 
 
 def grammar_options(f):
