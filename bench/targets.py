@@ -37,8 +37,8 @@ def kernel_times(engine: Engine) -> dict[str, float]:
     engine.prefill(engine.tokenizer.encode(PROMPT))
     scalars = {"pos": engine.pos}
     totals: dict[str, float] = defaultdict(float)
-    for call in engine.plan.functions["decode"]["calls"]:
-        totals[call["kernel"]] += engine.executor.time_call(call, scalars)
+    for index, call in enumerate(engine.plan.functions["decode"]["calls"]):
+        totals[call["kernel"]] += engine.executor.time_call("decode", index, scalars)
     return totals
 
 

@@ -105,8 +105,14 @@ class Executor:
             self.upload(name, array)
         return f
 
-    def time_call(self, call: dict[str, Any], scalars: Mapping[str, int]) -> float:
-        """Seconds one call of the plan takes, synchronized."""
+    def launch(self, function: str, index: int, scalars: Mapping[str, int]) -> None:
+        """Launch call `index` of entry point `function` alone (carving, offloading)."""
+        call = self.plan.functions[function]["calls"][index]
+        self._launch(call["kernel"], self._args(call, scalars))
+
+    def time_call(self, function: str, index: int, scalars: Mapping[str, int]) -> float:
+        """Seconds call `index` of `function` takes, synchronized."""
+        call = self.plan.functions[function]["calls"][index]
         args = self._args(call, scalars)
         self._sync()
         start = time.perf_counter()

@@ -80,12 +80,12 @@ def test_reset_state_zeroes_the_kv_cache(gpu_artifact):
 def test_time_call_launches_one_call(gpu_artifact):
     engine = Engine(gpu_artifact("webgpu"))
     executor, calls = engine.executor, engine.plan.functions["decode"]["calls"]
-    write = next(c for c in calls if c["kernel"].startswith("kv_write"))
+    index, write = next((i, c) for i, c in enumerate(calls) if c["kernel"].startswith("kv_write"))
     cache, row = (a["buffer"] for a in write["args"][:2])
     b = engine.plan.buffers[row]
     values = np.arange(np.prod(b["shape"]), dtype=b["dtype"]).reshape(b["shape"]) + 1
     executor.upload(row, values)
-    assert executor.time_call(write, {"pos": 3}) > 0
+    assert executor.time_call("decode", index, {"pos": 3}) > 0
     rows = executor.download(cache).reshape(TINY_CONTEXT, -1)
     np.testing.assert_array_equal(rows[3], values.reshape(-1))
     assert not rows[4].any()
@@ -181,7 +181,7 @@ def test_folded_grid_runs_each_workgroup_once(adapter, tmp_path, guard, n):
     executor, counts = run_one_kernel(tmp_path, record, buffers, args, {"total": n})
     assert counts.tolist() == [n, n - 1, n, 0]  # the int64 POD arrives as WGSL's i32
     executor.reset_state()
-    executor.time_call(executor.plan.functions["main"]["calls"][0], {"total": 7})
+    executor.time_call("main", 0, {"total": 7})
     assert executor.download("counts").tolist() == [7, 6, 7, 0]
 
 
