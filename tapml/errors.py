@@ -27,3 +27,19 @@ class PlanError(TapmlError):
 
 class GenerationError(TapmlError):
     """Bad generation input, e.g. a prompt longer than the compiled context."""
+
+
+class SuiteError(TapmlError):
+    """A carved suite that is missing, corrupt, truncated or of another version."""
+
+
+class DeviceError(TapmlError):
+    """A remote device (tapml device agent, TVM RPC) that refuses a request or cannot be used."""
+
+
+class DeviceLost(DeviceError):
+    """A remote device that stopped answering: its connection closed or a call timed out."""
+
+
+class BundleError(TapmlError):
+    """A bundle that cannot be packaged, or whose manifest is missing, corrupt or unknown."""

@@ -46,9 +46,11 @@ def main(ctx: click.Context, verbose: bool, quiet: bool) -> None:
 
 
 def _register() -> None:
-    from . import bench, cache, chat, compile, models, run, targets
+    from . import bench, cache, carve, chat, compile, device, models, run, targets, test
+    from . import package, verify
 
-    for module in (models, targets, compile, run, chat, bench, cache):
+    for module in (models, targets, compile, run, chat, carve, test, device, bench, cache,
+                   package, verify):
         main.add_command(module.command)
 
 

@@ -1,0 +1,79 @@
+"""`tapml carve`: unit tests carved from real runs of a model on the source platform."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from tapml.quantization import QUANTIZATION
+
+from .options import threads_option
+
+
+@click.command("carve")
+@click.argument("model")
+@click.option(
+    "--source", type=click.Choice(["llvm", "cuda"]), default="llvm", show_default=True,
+    help="The mature platform whose kernel calls become the reference (cuda needs a GPU).",
+)
+@click.option(
+    "--quantization", type=click.Choice(list(QUANTIZATION)), default=None,
+    help="Weight format [default: the source's default, q4f32_1 on llvm].",
+)
+@click.option(
+    "--scenario", "scenarios", multiple=True, metavar="NAME",
+    help="A built-in scenario: chat, long, json, multilingual (repeatable) [default: all].",
+)
+@click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
+              help="Carve a run of this prompt too (repeatable).")
+@click.option("--prompt-file", "prompt_files", multiple=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Carve a run of the prompt in this file (repeatable).")
+@click.option(
+    "--max-calls-per-kernel", type=click.IntRange(1), default=3, show_default=True,
+    help="Calls kept per kernel and scenario, chosen to cover distinct scalars and layers.",
+)
+@click.option(
+    "-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Suite directory [default: carved/MODEL-QUANTIZATION-SOURCE].",
+)
+@threads_option
+@click.pass_obj
+def command(obj, model, source, quantization, scenarios, prompts, prompt_files,
+            max_calls_per_kernel, output, threads) -> None:  # fmt: skip
+    """Run MODEL on the source platform and record its kernel calls as a test suite.
+
+    Each scenario (a prompt's prefill and 8 greedy decode steps) runs on the source; up to
+    --max-calls-per-kernel calls of every kernel are kept with all their inputs and
+    outputs. An interrupted carve resumes where it stopped when run again.
+
+    \b
+    Examples:
+      tapml carve smollm2-135m -o carved/smollm2
+      tapml carve smollm2-135m --scenario chat --prompt "Write a limerick." -o carved/mine
+      tapml test carved/smollm2 --target webgpu
+    """
+    from tapml.api import artifact_for
+    from tapml.carving.carve import carve
+    from tapml.carving.scenarios import select
+    from tapml.compiler import describe
+    from tapml.targets.llvm import use_threads
+
+    use_threads(threads)
+    texts = list(prompts) + [p.read_text() for p in prompt_files]
+    chosen = select(tuple(scenarios), tuple(texts))
+    artifact = artifact_for(model, source, quantization, progress=obj["progress"])
+    if output is None:
+        quantization = describe(artifact)["options"]["quantization"]
+        name = Path(model).name.removesuffix(".gguf")
+        output = Path("carved") / f"{name}-{quantization}-{source}"
+    suite = carve(artifact, output, chosen, model, max_calls_per_kernel, obj["progress"])
+    m = suite.manifest
+    seen = sum(k["calls"] for k in m["kernels"].values())
+    click.echo(
+        f"carved {len(m['calls'])} of {seen} calls ({len(m['kernels'])} kernels, scenarios "
+        f"{', '.join(s['name'] for s in m['scenarios'])}) into {output}: "
+        f"{suite.arrays.nbytes() / 2**20:.1f} MiB", err=True,
+    )
+    click.echo(str(output))
