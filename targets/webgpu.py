@@ -86,20 +86,7 @@ class WebGPUExecutor(Executor):
 
     def _request_device(self, plan: Plan, spec: TargetSpec) -> Any:
         """A device with exactly the limits the plan needs, or an error naming the one missing."""
-        roots = [n for n, b in plan.buffers.items() if b["kind"] not in ("temp", "view")]
-        uniforms = [SLOT * self._count(f["calls"]) for f in plan.functions.values()]
-        limits = {
-            "max-compute-invocations-per-workgroup": spec.limits.max_invocations,
-            "max-compute-workgroup-storage-size": spec.limits.max_workgroup_storage,
-            "max-storage-buffers-per-shader-stage": spec.limits.max_storage_buffers,
-            # the target allows bindings up to its limit; ask for what this plan binds
-            "max-storage-buffer-binding-size": _words(max(map(plan.nbytes, plan.buffers))),
-            "max-buffer-size": _words(max([*plan.storages.values(), *map(plan.nbytes, roots),
-                                           *uniforms])),
-        }  # fmt: skip
-        sizes = [d["workgroup"] for k in plan.kernels for d in self._records[k]["dispatches"]]
-        for axis, name in enumerate("xyz"):
-            limits[f"max-compute-workgroup-size-{name}"] = max((s[axis] for s in sizes), default=1)
+        limits = required_limits(plan, self._records, spec)
         adapter, features = self._adapter, []
         for key, need in limits.items():
             if adapter.limits[key] < need:
@@ -118,7 +105,7 @@ class WebGPUExecutor(Executor):
             raise ExecutorError(f"{describe(adapter)} refused a device: {e}") from e
 
     def _count(self, calls: list[dict[str, Any]]) -> int:
-        return sum(len(self._records[c["kernel"]]["dispatches"]) for c in calls)
+        return _dispatch_count(self._records, calls)
 
     # -- buffers -----------------------------------------------------------------------
     def _buffer(self, nbytes: int, *usages: str) -> Any:
@@ -263,6 +250,34 @@ class WebGPUExecutor(Executor):
         # queue writes land before later submissions, so uniforms can follow the encoding
         self._queue.write_buffer(uniform, 0, values)
         self._queue.submit([encoder.finish()])
+
+
+def required_limits(plan: Plan, records: Mapping[str, dict], spec: TargetSpec) -> dict[str, int]:
+    """The WebGPU device limits (wgpu's names) that running `plan` with `records` needs.
+
+    Workgroup limits are the target's own; buffer sizes are what this plan allocates and
+    binds, with one uniform slot of SLOT bytes per dispatch. The JavaScript runtime of web
+    bundles requests the same (tapml.package writes them into the bundle).
+    """
+    roots = [n for n, b in plan.buffers.items() if b["kind"] not in ("temp", "view")]
+    uniforms = [SLOT * _dispatch_count(records, f["calls"]) for f in plan.functions.values()]
+    limits = {
+        "max-compute-invocations-per-workgroup": spec.limits.max_invocations,
+        "max-compute-workgroup-storage-size": spec.limits.max_workgroup_storage,
+        "max-storage-buffers-per-shader-stage": spec.limits.max_storage_buffers,
+        # the target allows bindings up to its limit; ask for what this plan binds
+        "max-storage-buffer-binding-size": _words(max(map(plan.nbytes, plan.buffers))),
+        "max-buffer-size": _words(max([*plan.storages.values(), *map(plan.nbytes, roots),
+                                       *uniforms])),
+    }  # fmt: skip
+    sizes = [d["workgroup"] for k in plan.kernels for d in records[k]["dispatches"]]
+    for axis, name in enumerate("xyz"):
+        limits[f"max-compute-workgroup-size-{name}"] = max((s[axis] for s in sizes), default=1)
+    return limits
+
+
+def _dispatch_count(records: Mapping[str, dict], calls: list[dict[str, Any]]) -> int:
+    return sum(len(records[c["kernel"]]["dispatches"]) for c in calls)
 
 
 def _interface(record: dict[str, Any], d: dict[str, Any]) -> tuple[str, list[type], int]:

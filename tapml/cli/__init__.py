@@ -46,8 +46,20 @@ def main(ctx: click.Context, verbose: bool, quiet: bool) -> None:
 
 
 def _register() -> None:
-    from . import bench, cache, carve, chat, compile, device, models, run, targets, test
-    from . import package, verify
+    from . import (
+        bench,
+        cache,
+        carve,
+        chat,
+        compile,
+        device,
+        models,
+        package,
+        run,
+        targets,
+        test,
+        verify,
+    )
 
     for module in (models, targets, compile, run, chat, carve, test, device, bench, cache,
                    package, verify):

@@ -150,7 +150,11 @@ def constraint_from_options(
 
 
 @click.command("run")
-@click.argument("model")
+@click.argument("model", required=False)
+@click.option(
+    "--bundle", type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Run a bundle written by `tapml package` (instead of MODEL), with its target's executor.",
+)  # fmt: skip
 @click.option("--prompt", "-p", required=True, help="The text to complete.")
 @click.option(
     "--max-tokens", "-n", type=click.IntRange(1), default=64, show_default=True,
@@ -164,13 +168,14 @@ def constraint_from_options(
 @threads_option
 @click.pass_obj
 def command(
-    obj, model, prompt, max_tokens, chat, system, target, quantization, max_context, chunk,
-    target_options, threads, **options,
+    obj, model, bundle, prompt, max_tokens, chat, system, target, quantization, max_context,
+    chunk, target_options, threads, **options,
 ) -> None:  # fmt: skip
     """Complete PROMPT with MODEL, streaming the text to stdout (greedy unless --temperature).
 
     MODEL is a name from `tapml models`, a .gguf path, or a directory written by
-    `tapml compile`. Names and GGUF files are compiled on first use and cached.
+    `tapml compile`; or pass --bundle DIR to run a bundle from `tapml package`.
+    Names and GGUF files are compiled on first use and cached.
     Speeds go to stderr, so stdout holds only the completion. With a constraint
     (--json-schema, --any-json, --regex, --grammar), an output cut short by --max-tokens
     is printed and the exit code is 1.
@@ -182,6 +187,13 @@ def command(
     """
     if system is not None and not chat:
         raise click.UsageError("--system needs --chat (it is a message of the chat template)")
+    if (model is None) == (bundle is None):
+        raise click.UsageError("give either MODEL or --bundle DIR")
+    if bundle is not None:
+        from tapml.package import read_manifest
+
+        read_manifest(bundle)  # a bundle is an artifact directory with a manifest
+        model = str(bundle)
     params = sampling_params(options, max_tokens)
     engine = load_engine(
         obj, model, target, quantization, max_context, chunk, target_options, threads

@@ -1,0 +1,140 @@
+// engine.js: a tapml web bundle ready to generate: prefill in fixed chunks (the last one
+// padded) and decode one token at a time, as runtime/engine.py does.
+import { Bundle } from "./bundle.js";
+import { PlanExecutor, requestDevice } from "./executor.js";
+import { JsonSchemaConstraint } from "./grammar.js";
+import { Sampler } from "./sampler.js";
+import { StreamDecoder, TextTokenizer } from "./tokenizer.js";
+
+export class Engine {
+  constructor(bundle, device, adapter, executor, tokenizer, stats) {
+    Object.assign(this, { bundle, device, adapter, executor, tokenizer, stats });
+    const m = bundle.manifest;
+    this.chunk = m.chunk;
+    this.maxContext = m.max_context;
+    this.pos = 0;
+    this.finishReason = null; // why the last generation ended: stop, length, grammar or context
+  }
+
+  // Load the bundle whose directory is `base` (default: the page's own). onProgress(stage, done,
+  // total) follows the stages "weights" and "kernels".
+  static async load(base = new URL("./", document.baseURI), onProgress = () => {}) {
+    const start = performance.now();
+    const bundle = await Bundle.open(base);
+    const { adapter, device } = await requestDevice(bundle.manifest.requirements);
+    const kernels = await bundle.json(`kernels_${bundle.manifest.target}.json`);
+    if (kernels.format !== "tapml-kernels" || kernels.version !== 1)
+      throw new Error(`kernels_${bundle.manifest.target}.json is not a tapml-kernels v1 file`);
+    const plan = await bundle.json("plan.json");
+    if (plan.format !== "tapml-plan" || plan.version !== 1) throw new Error("plan.json is not a tapml-plan v1 file");
+    const tokenizer = await TextTokenizer.load(bundle);
+    const executor = new PlanExecutor(device, plan, kernels.kernels);
+    const weightsStart = performance.now();
+    const weights = await bundle.loadWeights(executor, (done, total) => onProgress("weights", done, total));
+    const kernelsStart = performance.now();
+    onProgress("kernels", 0, 1);
+    await executor.prepare();
+    onProgress("kernels", 1, 1);
+    const end = performance.now();
+    const stats = { load_ms: end - start, weights_ms: kernelsStart - weightsStart, kernels_ms: end - kernelsStart,
+                    weight_bytes: weights.bytes, adapter: adapter.info ?? {} };
+    return new Engine(bundle, device, adapter, executor, tokenizer, stats);
+  }
+
+  reset() {
+    this.executor.resetState();
+    this.pos = 0;
+  }
+
+  checkRoom(n) {
+    if (this.pos + n > this.maxContext)
+      throw new Error(`${this.pos + n} tokens do not fit the compiled context of ${this.maxContext}`);
+  }
+
+  // Feed `ids` at the current position; the logits after the last one.
+  async prefill(ids) {
+    if (!ids.length) throw new Error("cannot prefill an empty prompt");
+    this.checkRoom(ids.length);
+    const input = this.executor.plan.functions.prefill.inputs[0];
+    let logits;
+    for (let start = 0; start < ids.length; start += this.chunk) {
+      const part = ids.slice(start, start + this.chunk), tokens = new Int32Array(this.chunk);
+      tokens.set(part);
+      logits = await this.executor.run("prefill", { pos: this.pos, n_valid: part.length }, { [input]: tokens });
+      this.pos += part.length;
+    }
+    return logits;
+  }
+
+  async decode(token) {
+    this.checkRoom(1);
+    const input = this.executor.plan.functions.decode.inputs[0];
+    const logits = await this.executor.run("decode", { pos: this.pos }, { [input]: Int32Array.of(token) });
+    this.pos += 1;
+    return logits;
+  }
+
+  // The ids after `promptIds`. options: maxTokens, temperature, topP, topK, seed, constraint
+  // (a JsonSchemaConstraint), onLogits(logits) to see each step's raw logits.
+  async *generateIds(promptIds, options = {}) {
+    const { maxTokens = 64, constraint = null, onLogits = null } = options;
+    if (promptIds.length >= this.maxContext)
+      throw new Error(`the prompt has ${promptIds.length} tokens; the model was compiled for a context of ${this.maxContext}`);
+    const sampler = new Sampler(options);
+    const stop = new Set(this.tokenizer.stopIds);
+    this.finishReason = null;
+    this.reset();
+    const stats = this.stats;
+    let t = performance.now();
+    let logits = await this.prefill(promptIds);
+    Object.assign(stats, { prompt_tokens: promptIds.length, prefill_ms: performance.now() - t, decode_tokens: 0, decode_ms: 0 });
+    for (let i = 0; i < maxTokens; i++) {
+      if (onLogits) onLogits(logits);
+      if (constraint) logits = await constraint.mask(logits);
+      const token = sampler.sample(logits);
+      if (stop.has(token)) { this.finishReason = "stop"; return; }
+      if (constraint) constraint.accept(token);
+      yield token;
+      if (constraint && (await constraint.isComplete())) { this.finishReason = "grammar"; return; }
+      if (i + 1 === maxTokens) break;
+      if (this.pos >= this.maxContext) { this.finishReason = "context"; return; }
+      t = performance.now();
+      logits = await this.decode(token);
+      stats.decode_ms += performance.now() - t;
+      stats.decode_tokens += 1;
+    }
+    this.finishReason = "length";
+  }
+
+  // Stream the completion as text pieces. prompt: a string, or with options.chat the user's
+  // message (options.system: a system message; options.messages: a whole conversation).
+  // options.jsonSchema constrains the output to JSON matching that schema.
+  async *generate(prompt, options = {}) {
+    let text = prompt;
+    if (options.chat || options.messages) {
+      const messages = options.messages ?? [
+        ...(options.system ? [{ role: "system", content: options.system }] : []), { role: "user", content: prompt }];
+      text = this.tokenizer.chatPrompt(messages);
+    }
+    const constraint = options.jsonSchema ? await JsonSchemaConstraint.create(this.tokenizer, options.jsonSchema) : null;
+    const stream = new StreamDecoder(this.tokenizer);
+    try {
+      for await (const token of this.generateIds(this.tokenizer.encode(text), { ...options, constraint })) {
+        const piece = stream.add(token);
+        if (piece) yield piece;
+      }
+      const tail = stream.flush();
+      if (tail) yield tail;
+    } finally {
+      if (constraint) constraint.dispose();
+    }
+  }
+
+  // Greedy ids and the logits before each (for tests): prefill then `steps` - 1 decodes.
+  async trace(promptIds, steps) {
+    const logits = [], tokens = [];
+    const onLogits = (l) => logits.push(Array.from(l));
+    for await (const token of this.generateIds(promptIds, { maxTokens: steps, onLogits })) tokens.push(token);
+    return { tokens, logits };
+  }
+}

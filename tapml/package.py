@@ -1,0 +1,416 @@
+"""Bundles: a compiled artifact plus what a browser or a phone needs to run it, with checksums.
+
+A bundle IS an artifact directory (tapml-config.json, plan.json, the kernels file, weights/,
+tokenizer/), so everything that runs artifacts runs bundles, plus `bundle.json`: a versioned
+manifest with the size and sha256 of every file and the record of the device limits and
+features the bundle needs. A web bundle also holds the JavaScript runtime (`runtime/`, the
+third-party modules it imports under `runtime/vendor/`) and `index.html`, a chat page.
+Layout and fields: docs/formats.md ("Bundle").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import BundleError
+from .fileio import write_atomic
+
+log = logging.getLogger("tapml")
+
+MANIFEST = "bundle.json"
+FORMAT, VERSION = "tapml-bundle", 1
+# what `tapml package --target` offers, and the compile target whose kernels each one ships
+PLATFORMS = {"webgpu": "webgpu", "android": "opencl"}
+ARTIFACT_FILES = ("tapml-config.json", "plan.json")
+ARTIFACT_DIRS = ("weights", "tokenizer")
+# npm packages the web runtime imports: bundle file name -> (package, file inside it)
+VENDOR = {
+    "web-tokenizers.js": ("@mlc-ai/web-tokenizers", "lib/index.js"),
+    "web-xgrammar.js": ("@mlc-ai/web-xgrammar", "lib/index.js"),
+}
+CHUNK = 1 << 20
+
+
+def runtime_web_dir() -> Path:
+    """runtime/web: the JavaScript runtime's sources, and node_modules/ where npm put its deps."""
+    import tapml.runtime
+
+    return Path(tapml.runtime.__file__).resolve().parent / "web"
+
+
+@dataclass
+class Packaged:
+    """What `package` wrote: the bundle directory and its manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f["nbytes"] for f in self.manifest["files"])
+
+
+def package(
+    model: str,
+    platform: str,
+    output: Path,
+    quantization: str | None = None,
+    max_context: int | None = None,
+    chunk: int | None = None,
+    progress: bool = True,
+) -> Packaged:
+    """Package MODEL (a name, a .gguf, or an artifact compiled for the platform's target) for
+    `platform` ("webgpu" or "android") into the directory `output`.
+
+    The bundle is built in `output.partial` and renamed to `output` when complete; an
+    existing `output` is replaced only when it is a bundle itself.
+    """
+    from tapml.api import artifact_for
+    from tapml.compiler import describe
+
+    if platform not in PLATFORMS:
+        raise BundleError(f"unknown platform {platform!r}; choose one of: {', '.join(PLATFORMS)}")
+    target = PLATFORMS[platform]
+    output = Path(output)
+    if output.exists() and not (output / MANIFEST).is_file() and any(output.iterdir()):
+        raise BundleError(f"{output} exists and is not a bundle; choose another -o directory")
+    vendor = _vendor_files() if platform == "webgpu" else {}  # fail before compiling
+    artifact = artifact_for(model, target, quantization, max_context, chunk, progress=progress)
+    config = describe(artifact)
+    options = config["options"]
+    if options["target"] != target:
+        raise BundleError(
+            f"{artifact} was compiled for {options['target']}; a {platform} bundle needs "
+            f"{target} kernels: pass the model's name or compile it with --target {target}"
+        )
+    if quantization and options["quantization"] != quantization:
+        raise BundleError(
+            f"{artifact} holds {options['quantization']} weights, not {quantization}: pass the "
+            "model's name to compile it anew"
+        )
+
+    work = output.with_name(output.name + ".partial")
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    from tapml.targets import get_target
+
+    sources = _artifact_files(artifact, get_target(target).kernels)
+    if platform == "webgpu":
+        sources += [(f"runtime/{p.name}", p) for p in _runtime_sources()]
+        sources += [(f"runtime/vendor/{name}", path) for name, (path, _) in vendor.items()]
+        sources.append(("index.html", runtime_web_dir() / "index.html"))
+    files = _copy_all(sources, work, progress)
+    name = config["model"].get("source", "")
+    if artifact != Path(model):  # a model name or a GGUF, not an artifact directory
+        from tapml.models import resolve_gguf
+
+        name = resolve_gguf(model)[0]
+    manifest = _manifest(config, platform, name, artifact, files, vendor)
+    write_atomic(work / MANIFEST, json.dumps(manifest, indent=1).encode())
+    if output.exists():
+        shutil.rmtree(output)
+    work.rename(output)
+    if platform == "android" and manifest["quantization"] in ("q4f16_1", "q0f16"):
+        log.warning(
+            "%s is packaged, but its float16 kernels cannot execute on PoCL (no cl_khr_fp16); "
+            "a phone GPU with fp16 runs it", output
+        )  # fmt: skip
+    return Packaged(output, manifest)
+
+
+def _artifact_files(artifact: Path, kernels: str) -> list[tuple[str, Path]]:
+    names = [*ARTIFACT_FILES, kernels]
+    for name in names:
+        if not (artifact / name).is_file():
+            raise BundleError(f"{artifact} has no {name}: compile the model again")
+    found = [(name, artifact / name) for name in names]
+    for directory in ARTIFACT_DIRS:
+        paths = sorted(p for p in (artifact / directory).rglob("*") if p.is_file())
+        found += [(p.relative_to(artifact).as_posix(), p) for p in paths]
+    return found
+
+
+def _runtime_sources() -> list[Path]:
+    sources = sorted(runtime_web_dir().glob("*.js"))
+    if not sources:
+        raise BundleError(f"{runtime_web_dir()} holds no JavaScript runtime; reinstall tapml")
+    return sources
+
+
+def _vendor_files() -> dict[str, tuple[Path, dict[str, str]]]:
+    """The npm modules the web runtime imports: name -> (file, its package's name/version)."""
+    modules = runtime_web_dir() / "node_modules"
+    found = {}
+    for name, (package_name, inner) in VENDOR.items():
+        path = modules / package_name / inner
+        if not path.is_file():
+            raise BundleError(
+                f"{path} is missing: web bundles need the npm package {package_name}; install "
+                "it with `bash scripts/setup.sh` (npm ci --prefix runtime/web)"
+            )
+        meta = json.loads((modules / package_name / "package.json").read_text())
+        found[name] = (path, {k: meta.get(k, "") for k in ("name", "version", "license")})
+    return found
+
+
+def _copy_all(sources: list[tuple[str, Path]], work: Path, progress: bool) -> list[dict]:
+    from tqdm import tqdm
+
+    total = sum(path.stat().st_size for _, path in sources)
+    files = []
+    with tqdm(total=total, desc="Packaging", unit="B", unit_scale=True, file=sys.stderr,
+              disable=not progress) as bar:  # fmt: skip
+        for name, path in sources:
+            files.append(_copy_hashed(path, work / name, name, bar.update))
+    return files
+
+
+def _copy_hashed(source: Path, destination: Path, name: str, advance) -> dict[str, Any]:
+    """Copy `source` and hash the bytes as they are written (a cache file is never linked:
+    a bundle edited in place must not corrupt the cache)."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    sha, nbytes = hashlib.sha256(), 0
+    with open(source, "rb") as src, open(destination, "wb") as dst:
+        while block := src.read(CHUNK):
+            dst.write(block)
+            sha.update(block)
+            nbytes += len(block)
+            advance(len(block))
+    return {"path": name, "nbytes": nbytes, "sha256": sha.hexdigest()}
+
+
+def _manifest(config: dict, platform: str, name: str, artifact: Path, files: list[dict],
+              vendor: dict) -> dict[str, Any]:  # fmt: skip
+    from tapml.plan import Plan
+    from tapml.targets import get_target
+    from tapml.tokenizer import Tokenizer
+
+    options = config["options"]
+    plan = Plan.load(artifact / "plan.json")
+    spec = get_target(options["target"])
+    if platform == "webgpu":
+        from tapml.targets.records import load_records
+
+        requirements = webgpu_requirements(plan, load_records(artifact / spec.kernels), spec)
+    else:
+        requirements = opencl_requirements(plan, artifact / spec.kernels)
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "tapml_version": __version__,
+        "platform": platform,
+        "target": options["target"],
+        "model": name,
+        "source": config["model"].get("source", ""),
+        "quantization": options["quantization"],
+        "max_context": options["max_context"],
+        "chunk": options["chunk"],
+        "requirements": requirements,
+        "chat": chat_format(Tokenizer.load(artifact / "tokenizer")),
+        "third_party": [meta for _, meta in vendor.values()],
+        "files": files,
+    }
+
+
+def _camel(name: str) -> str:
+    """wgpu's limit names (max-buffer-size) as the WebGPU JavaScript API spells them."""
+    head, *rest = name.split("-")
+    return head + "".join(word.capitalize() for word in rest)
+
+
+def _memory(plan) -> int:
+    """Bytes of device memory the plan allocates: params, state, io and the shared storages."""
+    roots = [n for n, b in plan.buffers.items() if b["kind"] not in ("temp", "view")]
+    return sum(map(plan.nbytes, roots)) + sum(plan.storages.values())
+
+
+def webgpu_requirements(plan, records: dict, spec) -> dict[str, Any]:
+    """The WebGPU limits (JavaScript names) and features a device needs to run the plan: the
+    same the wgpu executor requests (targets/webgpu.py `required_limits`)."""
+    from tapml.targets.webgpu import required_limits
+
+    limits = {_camel(k): v for k, v in required_limits(plan, records, spec).items()}
+    features = ["shader-f16"] if plan.model.get("dtype") == "float16" else []
+    return {"api": "webgpu", "limits": limits, "features": features,
+            "memory_bytes": _memory(plan)}  # fmt: skip
+
+
+def opencl_requirements(plan, kernels_path: Path) -> dict[str, Any]:
+    """The OpenCL device properties (clGetDeviceInfo names) a device needs to run the plan."""
+    from tapml.targets.records import load_records
+
+    dispatches = [d for r in load_records(kernels_path).values() for d in r["dispatches"]]
+    threads = [d["workgroup"][0] * d["workgroup"][1] * d["workgroup"][2] for d in dispatches]
+    roots = [n for n, b in plan.buffers.items() if b["kind"] not in ("temp", "view")]
+    largest = max([*map(plan.nbytes, roots), *plan.storages.values()])
+    return {
+        "api": "opencl",
+        "version": "OpenCL 1.2",
+        "extensions": ["cl_khr_fp16"] if plan.model.get("dtype") == "float16" else [],
+        "CL_DEVICE_MAX_WORK_GROUP_SIZE": max(threads, default=1),
+        "CL_DEVICE_LOCAL_MEM_SIZE": max((d["shared_bytes"] for d in dispatches), default=0),
+        "CL_DEVICE_MAX_MEM_ALLOC_SIZE": largest,
+        "CL_DEVICE_GLOBAL_MEM_SIZE": _memory(plan),
+    }
+
+
+# -- chat template as plain strings -----------------------------------------------------------
+_MARK = "\x00{}\x00"
+
+
+def chat_format(tokenizer) -> dict[str, Any] | None:
+    """The model's chat template reduced to strings a runtime without Jinja concatenates.
+
+    {"turns": {role: [before, after]}, "first_without_system": str, "generation": str}: a
+    conversation is `first_without_system` (when it opens with no system message) then each
+    message as before + content + after, then `generation`. None (with a warning) for a
+    template that is not this shape; `render_chat` checks the reduction on sample talks.
+    """
+    if not tokenizer.chat_template:
+        return None
+
+    def render(messages: list[tuple[str, str]], generation: bool = False) -> str:
+        roles = [{"role": r, "content": c} for r, c in messages]
+        return tokenizer.apply_chat_template(roles, add_generation_prompt=generation)
+
+    s, u, a = (("system", _MARK.format("s")), ("user", _MARK.format("u")),
+               ("assistant", _MARK.format("a")))  # fmt: skip
+    try:
+        system = render([s])
+        user = _after(render([s, u]), system)
+        assistant = _after(render([s, u, a]), system + user)
+        generation = _after(render([s, u], True), system + user)
+        first = render([u])
+        first_without_system = first[: len(first) - len(user)] if first.endswith(user) else None
+        turns = {role: _split(text, mark)
+                 for role, text, (_, mark) in [("system", system, s), ("user", user, u),
+                                               ("assistant", assistant, a)]}  # fmt: skip
+        if first_without_system is None or None in turns.values():
+            raise ValueError("turns are not independent of each other")
+        chat = {"turns": turns, "first_without_system": first_without_system,
+                "generation": generation}  # fmt: skip
+        samples = [
+            [("user", "Hi")],
+            [("system", "Be brief."), ("user", "Hi")],
+            [("user", "Hi"), ("assistant", "Hello!"), ("user", "Name a river.")],
+        ]
+        for talk in samples:
+            messages = [{"role": r, "content": c} for r, c in talk]
+            if render_chat(chat, messages) != render(talk, True):
+                raise ValueError(f"{talk} renders differently")
+    except Exception as e:  # noqa: BLE001 - any template the reduction cannot express
+        log.warning("the chat template is not kept in the bundle (%s): the chat page will "
+                    "complete plain text", e)  # fmt: skip
+        return None
+    return chat
+
+
+def _after(text: str, prefix: str) -> str:
+    if not text.startswith(prefix):
+        raise ValueError("a turn changes the text before it")
+    return text[len(prefix) :]
+
+
+def _split(text: str, mark: str) -> list[str] | None:
+    parts = text.split(mark)
+    return parts if len(parts) == 2 else None
+
+
+def render_chat(chat: dict[str, Any], messages: list[dict[str, str]]) -> str:
+    """A prompt from `chat_format`'s record, as the JavaScript runtime builds it."""
+    text = "" if messages and messages[0]["role"] == "system" else chat["first_without_system"]
+    for m in messages:
+        before, after = chat["turns"][m["role"]]
+        text += before + m["content"] + after
+    return text + chat["generation"]
+
+
+# -- verification -----------------------------------------------------------------------------
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """The bundle's manifest, checked for its format and version."""
+    path = Path(directory) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise BundleError(f"{directory} is not a tapml bundle: it has no {MANIFEST}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path} is corrupt ({e}); package the model again") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{path} is not a tapml bundle manifest (format {FORMAT!r})")
+    if manifest.get("version") != VERSION:
+        raise BundleError(f"{path} is of version {manifest.get('version')!r}; this tapml reads "
+                          f"version {VERSION}: package the model again")  # fmt: skip
+    files = manifest.get("files")
+    if not isinstance(files, list) or not all(
+        isinstance(f, dict) and {"path", "nbytes", "sha256"} <= f.keys() for f in files
+    ):
+        raise BundleError(f"{path} has no valid file list; package the model again")
+    return manifest
+
+
+def verify(directory: Path, progress: bool = False) -> list[str]:
+    """Every problem with the bundle's files: missing, truncated or failing its sha256, each
+    named by its path. Empty when the bundle is intact. A bad manifest raises BundleError."""
+    from tqdm import tqdm
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    problems = []
+    present = []
+    for f in manifest["files"]:
+        path = directory / f["path"]
+        if not path.is_file():
+            problems.append(f"{f['path']}: missing")
+        elif path.stat().st_size != f["nbytes"]:
+            size = path.stat().st_size
+            how = "truncated" if size < f["nbytes"] else "overwritten"
+            problems.append(f"{f['path']}: {size} bytes, {MANIFEST} expects {f['nbytes']} ({how})")
+        else:
+            present.append(f)
+    with tqdm(total=sum(f["nbytes"] for f in present), desc="Verifying", unit="B",
+              unit_scale=True, file=sys.stderr, disable=not progress) as bar:  # fmt: skip
+        for f in present:
+            if _sha256(directory / f["path"], bar.update) != f["sha256"]:
+                problems.append(f"{f['path']}: fails its sha256 check (corrupted)")
+    required = [*ARTIFACT_FILES, "weights/index.json", "tokenizer/tokenizer.json"]
+    listed = {f["path"] for f in manifest["files"]}
+    problems += [f"{name}: not in {MANIFEST}" for name in required if name not in listed]
+    return problems
+
+
+def _sha256(path: Path, advance=lambda n: None) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            sha.update(block)
+            advance(len(block))
+    return sha.hexdigest()
+
+
+def bits_per_parameter(directory: Path, names: Iterable[str] | None = None) -> float:
+    """Weight bits per model parameter: the bytes of the quantized linear layers and the
+    embedding (scales included) over the parameters they encode. The rotary tables and norms
+    (not quantized, under 0.1% of the parameters) are left out."""
+    index = json.loads((Path(directory) / "weights" / "index.json").read_text())
+    tensors = {t["name"]: t for t in index["tensors"]}
+    bits = params = 0
+    for name in names or tensors:
+        if not name.endswith(".q_weight"):
+            continue
+        scale = tensors[name.removesuffix(".q_weight") + ".q_scale"]
+        rows, words = tensors[name]["shape"]
+        params += rows * words * 8
+        bits += 8 * (tensors[name]["nbytes"] + scale["nbytes"])
+    if not params:
+        raise BundleError(f"{directory} has no quantized weights (no .q_weight tensors)")
+    return bits / params
