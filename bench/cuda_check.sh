@@ -5,7 +5,9 @@
 #   2. compiles SmolLM2-135M for llvm and cuda, q4f32_1 and q4f16_1 (cached in ~/.cache/tapml);
 #   3. runs both on the same tokens and compares (bench/check_parity.py): the first 16 greedy
 #      tokens identical, every step's max relative logit error within 1e-3 (q4f32_1) or
-#      2e-2 (q4f16_1).
+#      2e-2 (q4f16_1);
+#   4. carves the chat scenario on cuda (tapml carve --source cuda) and replays that suite on
+#      cuda (bit-exact) and on llvm (within tolerances).
 # Exits non-zero if any check fails. TAPML_SKIP_SETUP=1 uses .venv as it is (no network).
 #   bench/cuda_check.sh
 set -euo pipefail
@@ -43,6 +45,14 @@ for quantization in q4f32_1 q4f16_1; do
         status=1
     fi
 done
+
+step "carving on cuda, replaying on cuda (bit-exact) and llvm"
+suite=$(mktemp -d)/cuda-suite
+if ! { .venv/bin/tapml carve smollm2-135m --source cuda --scenario chat -o "$suite" &&
+       .venv/bin/tapml test "$suite" --target cuda &&
+       .venv/bin/tapml test "$suite" --target llvm; }; then
+    status=1
+fi
 
 if ((status)); then
     step "FAILED: cuda differs from llvm (see above)"

@@ -125,19 +125,19 @@ def replay(
     target: str,
     open_executor: OpenExecutor,
     device: str,
-    pattern: str | None = None,
+    kernels: Callable[[str], bool] | None = None,
     progress: bool = True,
 ) -> Report:
-    """Replay every carved call (of the kernels matching `pattern`) on `target`."""
+    """Replay every carved call (of the kernels `kernels` accepts) on `target`."""
     from tqdm import tqdm
 
     exact = target == suite.manifest["source"]
     report = Report(_suite_info(suite), target, device, exact)
-    kernels = [k for k in suite.kernels() if matches(pattern, k)]
-    calls = [c for c in suite.calls if c["kernel"] in kernels]
+    chosen = [k for k in suite.kernels() if kernels is None or kernels(k)]
+    calls = [c for c in suite.calls if c["kernel"] in chosen]
     with tqdm(total=len(calls), desc=f"testing on {target}", unit="call",
               disable=not progress) as bar:  # fmt: skip
-        for kernel in kernels:
+        for kernel in chosen:
             mine = [c for c in calls if c["kernel"] == kernel]
             bar.set_postfix_str(kernel)
             report.calls += _replay_kernel(suite, kernel, mine, open_executor, exact)

@@ -6,6 +6,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +40,9 @@ class Stats:
 class Engine:
     """Runs a compiled artifact: prefill in fixed chunks, decode one token at a time."""
 
-    def __init__(self, artifact: Path, verify_weights: bool = True):
+    def __init__(self, artifact: Path, verify_weights: bool = True, executor: Any = None):
+        """`executor`: one that already holds this artifact's kernels and weights (a remote
+        device's, say); by default the artifact's target executor here, weights loaded."""
         from tapml.targets import load_executor
         from tapml.weights import load_shards
 
@@ -50,8 +53,10 @@ class Engine:
         self.max_context, self.chunk = options["max_context"], options["chunk"]
         self.plan = Plan.load(self.artifact / "plan.json")
         self.tokenizer = Tokenizer.load(self.artifact / "tokenizer")
-        self.executor = load_executor(self.target, self.plan, self.artifact)
-        self.executor.load_params(load_shards(self.artifact / "weights", verify=verify_weights))
+        if executor is None:
+            executor = load_executor(self.target, self.plan, self.artifact)
+            executor.load_params(load_shards(self.artifact / "weights", verify=verify_weights))
+        self.executor = executor
         self.pos = 0
         self.stats = Stats()
         # why the last generation ended: "stop", "length", "grammar" or "context"

@@ -12,7 +12,11 @@ from tapml.errors import TapmlError
 
 
 class _Group(click.Group):
-    """Shows TapmlError as a one-line message and exit code 1, without a traceback."""
+    """Lists commands in workflow order; shows TapmlError as a one-line message and exit code
+    1, without a traceback."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)  # the workflow's order, not the alphabet's
 
     def invoke(self, ctx: click.Context):
         try:
@@ -53,7 +57,9 @@ def _register() -> None:
         chat,
         compile,
         device,
+        migrate,
         models,
+        offload,
         package,
         run,
         targets,
@@ -61,8 +67,9 @@ def _register() -> None:
         verify,
     )
 
-    for module in (models, targets, compile, run, chat, carve, test, device, bench, cache,
-                   package, verify):
+    # in the order of the user's workflow, as `tapml --help` lists them
+    for module in (models, targets, compile, run, chat, carve, test, offload, migrate, device,
+                   package, verify, bench, cache):
         main.add_command(module.command)
 
 

@@ -42,13 +42,14 @@ def command(obj, suite, target, pattern, bundle, device_url, report_dir) -> None
       tapml test carved/smollm2 --target webgpu --device tapml://192.168.1.7:9091
     """
     from tapml.carving import report as reports
-    from tapml.carving.replay import replay
+    from tapml.carving.replay import matches, replay
     from tapml.carving.suite import Suite
 
     loaded = Suite.load(suite)
     artifact, target = _artifact(loaded, target, bundle, obj["progress"])
     open_executor, device = _executors(target, artifact, device_url)
-    result = replay(loaded, target, open_executor, device, pattern, obj["progress"])
+    result = replay(loaded, target, open_executor, device, lambda k: matches(pattern, k),
+                    obj["progress"])
     if not result.calls:
         raise click.ClickException(f"no kernel in {suite} matches -k {pattern!r}")
     directory = report_dir or suite / "reports" / target

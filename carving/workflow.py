@@ -1,0 +1,243 @@
+"""The TapML method end to end: compile, carve, test on the target, offload, run on the target.
+
+`offload_model` and `migrate_model` are what `tapml offload` and `tapml migrate` call; each
+returns a report (a JSON-able dict) and writes it, with an HTML page, into its directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tapml.errors import TapmlError
+from tapml.plan import Plan
+
+from .carve import carve, schedule
+from .offload import (
+    TOLERANCES,
+    Offloader,
+    SplitRun,
+    file_digest,
+    kernel_order,
+    state_key,
+)
+from .scenarios import Scenario
+
+log = logging.getLogger("tapml")
+FORMAT, VERSION = "tapml-migration-report", 1
+COMPLETION_TOKENS = 24  # tokens the migrated model generates on the target alone
+
+
+@contextlib.contextmanager
+def device_for(target: str, url: str | None) -> Iterator[str]:
+    """`url`, or the URL of a device agent started on this machine for `target`."""
+    if url is not None:
+        yield url
+        return
+    from tapml.targets.remote import BACKENDS, start_local_agent
+
+    backend = BACKENDS[target]
+    log.info("starting a local device agent (%s backend)", backend)
+    with start_local_agent(backend, trust_native_code=backend == "llvm") as local:
+        yield local
+
+
+def artifacts(model: str, target: str, quantization: str | None, source: str = "llvm",
+              bundle: Path | None = None, progress: bool = True) -> tuple[Path, Path]:  # fmt: skip
+    """The source's and the target's compiled artifacts of `model` (the same quantization)."""
+    from tapml.api import artifact_for, ensure_compiled
+    from tapml.compiler import describe
+
+    if bundle is not None:
+        options = describe(bundle)["options"]
+        if options["target"] != target:
+            raise TapmlError(f"{bundle} holds {options['target']} kernels, not {target}")
+        quantization = quantization or options["quantization"]
+    quantization = quantization or "q4f32_1"
+    source_dir = artifact_for(model, source, quantization, progress=progress)
+    options = describe(source_dir)["options"]
+    target_dir = bundle or ensure_compiled(model, target, quantization, options["max_context"],
+                                           options["chunk"], progress=progress)  # fmt: skip
+    source_plan = Plan.load(source_dir / "plan.json")
+    target_plan = Plan.load(Path(target_dir) / "plan.json")
+    if source_plan.functions != target_plan.functions:
+        raise TapmlError(f"{target_dir} was compiled from another plan than {source_dir}; "
+                         "compile both from the same model, quantization and options")
+    return source_dir, Path(target_dir)
+
+
+def offload_model(
+    model: str,
+    target: str,
+    device_url: str,
+    scenario: Scenario,
+    out: Path,
+    quantization: str | None = None,
+    order: str = "plan",
+    bundle: Path | None = None,
+    suite_dir: Path | None = None,
+    progress: bool = True,
+    target_executor: Any = None,
+    artifact_dirs: tuple[Path, Path] | None = None,
+) -> dict[str, Any]:
+    """Offload `model`'s kernels to `target` on the device at `device_url`, step by step.
+
+    Writes `out/state.json` (the finished evaluations; a rerun resumes from them) and
+    `out/report.json` / `report.html`. If a kernel diverges, its carved calls (from
+    `suite_dir`, else a suite carved from `scenario` into `out/suite`) are replayed on the
+    target as a cross-check. `target_executor` reuses one already open on the device.
+    """
+    from tapml.runtime.engine import Engine
+    from tapml.targets.remote import open_executor
+    from tapml.weights import load_shards
+
+    from . import report as reports
+
+    source_dir, target_dir = artifact_dirs or artifacts(model, target, quantization,
+                                                        bundle=bundle, progress=progress)
+    source = Engine(source_dir)
+    plan = source.plan
+    with contextlib.ExitStack() as stack:
+        if target_executor is None:
+            target_executor = stack.enter_context(
+                open_executor(device_url, target, plan, target_dir))
+            target_executor.load_params(load_shards(target_dir / "weights"))
+        runs = schedule(scenario.prompt_ids(source.tokenizer), scenario, source.chunk)
+        order_list = kernel_order(plan, order)
+        tolerance = TOLERANCES[plan.model.get("dtype", "float32")]
+        spec_kernels = _kernels_file(target_dir, target)
+        key = state_key(str(source_dir), file_digest(spec_kernels), target, order_list,
+                        scenario.to_dict(), tolerance)  # fmt: skip
+        offloader = Offloader(SplitRun(plan, source.executor, target_executor), runs,
+                              order_list, tolerance, Path(out) / "state.json", key,
+                              progress=lambda m: log.info("offload: %s", m))  # fmt: skip
+        start = time.perf_counter()
+        result = offloader.offload()
+        n = len(order_list)
+        report: dict[str, Any] = {
+            "format": "tapml-offload-report", "version": 1, "model": model,
+            "quantization": plan.model.get("quantization"), "source": "llvm", "target": target,
+            "device": device_url, "scenario": scenario.name, "order": order,
+            "kernels": order_list, "tolerance": tolerance, "runs": result.runs,
+            "run_bound": math.ceil(math.log2(max(n, 1))) + 2, "resumed": result.resumed,
+            "seconds": time.perf_counter() - start,
+            "steps": [{**e.__dict__, "added": order_list[:e.offloaded]}
+                      for e in result.evaluations],
+            "migrated": result.migrated, "culprit": result.culprit,
+        }  # fmt: skip
+        if result.culprit is not None:
+            report["cross_check"] = _cross_check(result.culprit, model, source_dir, target,
+                                                 target_dir, device_url, scenario, out,
+                                                 suite_dir, progress)  # fmt: skip
+        else:
+            engine = Engine(target_dir, executor=target_executor)
+            report["completion"] = _complete(engine, scenario)
+    reports.write_offload(report, Path(out))
+    return report
+
+
+def _kernels_file(artifact: Path, target: str) -> Path:
+    from tapml.targets import get_target
+
+    return Path(artifact) / get_target(target).kernels
+
+
+def _complete(engine: Any, scenario: Scenario) -> str:
+    """The scenario prompt's greedy completion, generated on the target alone."""
+    log.info("generating on %s alone", engine.target)
+    return "".join(engine.generate(scenario.prompt, chat=scenario.chat,
+                                   max_tokens=COMPLETION_TOKENS))  # fmt: skip
+
+
+def _cross_check(kernel: str, model: str, source_dir: Path, target: str, target_dir: Path,
+                 device_url: str, scenario: Scenario, out: Path, suite_dir: Path | None,
+                 progress: bool) -> dict[str, Any]:  # fmt: skip
+    """Replay the culprit's carved calls on the target: do its unit tests fail too?"""
+    from tapml.targets.remote import open_executor
+
+    from .replay import replay
+    from .suite import Suite
+
+    if suite_dir is None:
+        suite_dir = Path(out) / "suite"
+        log.info("carving the %s scenario for the cross-check into %s", scenario.name, suite_dir)
+        suite = carve(source_dir, suite_dir, [scenario], model, progress=progress)
+    else:
+        suite = Suite.load(suite_dir)
+    if not any(c["kernel"] == kernel for c in suite.calls):
+        return {"kernel": kernel, "calls": 0, "failed": 0,
+                "verdict": f"{suite_dir} has no carved call of {kernel}"}  # fmt: skip
+    result = replay(suite, target, lambda plan: open_executor(device_url, target, plan,
+                                                              target_dir),
+                    device_url, lambda k: k == kernel, progress=False)  # fmt: skip
+    calls = [c for c in result.calls if c.kernel == kernel]
+    failed = [c for c in calls if c.status != "pass"]
+    verdict = (f"{len(failed)} of {len(calls)} carved calls of {kernel} fail on {target}: "
+               "the kernel itself is wrong" if failed else
+               f"all {len(calls)} carved calls of {kernel} pass on {target}: the divergence "
+               "comes from how it meets its neighbours (layout, aliasing, state)")  # fmt: skip
+    return {"kernel": kernel, "calls": len(calls), "failed": len(failed), "verdict": verdict,
+            "messages": sorted({c.message for c in failed if c.message})}  # fmt: skip
+
+
+def migrate_model(
+    model: str,
+    target: str,
+    device_url: str | None,
+    out: Path,
+    scenarios: list[Scenario],
+    quantization: str | None = None,
+    order: str = "plan",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The whole method: compile, carve `scenarios` on llvm, test the suite on the target,
+    offload the first scenario kernel by kernel, and generate on the target alone.
+
+    Without `device_url` a device agent is started on this machine. Writes `out/suite`,
+    `out/offload` and the combined `out/report.json` / `report.html`.
+    """
+    from tapml.targets.remote import open_executor
+    from tapml.weights import load_shards
+
+    from . import report as reports
+    from .replay import replay
+
+    out = Path(out)
+    start = time.perf_counter()
+    log.info("step 1/4: compiling %s for llvm and %s", model, target)
+    source_dir, target_dir = artifacts(model, target, quantization, progress=progress)
+    with device_for(target, device_url) as url:
+        log.info("step 2/4: carving %d scenarios on llvm", len(scenarios))
+        suite = carve(source_dir, out / "suite", scenarios, model, progress=progress)
+        log.info("step 3/4: testing %d carved calls on %s", len(suite.calls), target)
+        tested = replay(suite, target, lambda plan: open_executor(url, target, plan, target_dir),
+                        str(url), progress=progress)  # fmt: skip
+        reports.write(tested, out / "suite" / "reports" / target)
+        log.info("step 4/4: offloading kernel by kernel, then running on %s alone", target)
+        plan = Plan.load(target_dir / "plan.json")
+        with open_executor(url, target, plan, target_dir) as executor:
+            executor.load_params(load_shards(target_dir / "weights"))
+            offload = offload_model(model, target, str(url), scenarios[0], out / "offload",
+                                    order=order, suite_dir=out / "suite", progress=progress,
+                                    target_executor=executor,
+                                    artifact_dirs=(source_dir, target_dir))  # fmt: skip
+    kernels = tested.kernels()
+    report = {
+        "format": FORMAT, "version": VERSION, "model": model, "target": target,
+        "device": device_url or "a local device agent", "quantization": offload["quantization"],
+        "seconds": time.perf_counter() - start,
+        "test": {"calls": len(tested.calls), "failed_calls": len(tested.failed),
+                 "kernels": len(kernels),
+                 "failed_kernels": [k["kernel"] for k in kernels if k["status"] != "pass"],
+                 "report": str(out / "suite" / "reports" / target / "report.html")},
+        "offload": offload,
+        "migrated": offload["migrated"] and not tested.failed,
+        "completion": offload.get("completion"),
+    }  # fmt: skip
+    reports.write_migration(report, out)
+    return report

@@ -1,0 +1,90 @@
+"""`tapml offload`: move a model's kernels to a target device step by step."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from tapml.quantization import QUANTIZATION
+from tapml.targets import TARGETS
+
+
+def migration_options(f):
+    """--target, --device, --quantization, --order, --scenario and --prompt."""
+    for decorator in reversed(
+        [
+            click.option("--target", type=click.Choice([t for t in TARGETS if t != "llvm"]),
+                         required=True, help="Where the kernels move to."),
+            click.option(
+                "--device", "device_url", metavar="URL", default=None,
+                help="The target device: tapml://HOST:PORT (a `tapml device serve` agent) "
+                "[default: start an agent on this machine].",
+            ),
+            click.option("--quantization", type=click.Choice(list(QUANTIZATION)),
+                         default=None, help="Weight format [default: q4f32_1]."),
+            click.option(
+                "--order", type=click.Choice(["plan", "kind"]), default="plan",
+                show_default=True,
+                help="Offload order: the plan's first-use order, or grouped by kernel kind "
+                "(embedding, norms, rope, KV writes, attention, matmuls).",
+            ),
+            click.option("--scenario", default="chat", show_default=True,
+                         help="The built-in scenario whose prompt the evaluation runs use."),
+            click.option("--prompt", default=None, metavar="TEXT",
+                         help="Evaluate on this prompt instead of the scenario's."),
+        ]
+    ):  # fmt: skip
+        f = decorator(f)
+    return f
+
+
+def chosen_scenario(scenario: str, prompt: str | None):
+    from tapml.carving.scenarios import select
+
+    return select((), (prompt,))[0] if prompt else select((scenario,))[0]
+
+
+@click.command("offload")
+@click.argument("model")
+@migration_options
+@click.option("--bundle", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              default=None, help="Offload this artifact's or bundle's kernels instead of "
+              "compiling MODEL for --target.")
+@click.option("--suite", "suite_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Carved suite for the cross-check of a diverging kernel "
+              "[default: carve the scenario].")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where state and reports go [default: offload/MODEL-TARGET].")
+@click.pass_obj
+def command(obj, model, target, device_url, quantization, order, scenario, prompt, bundle,
+            suite_dir, output) -> None:  # fmt: skip
+    """Run MODEL with more and more of its kernels on the target device.
+
+    An evaluation run is the scenario's prefill and 8 decode steps, fed the source's tokens;
+    its logits must stay within a tolerance (float32: 2e-3 of the largest logit) of the run
+    with every kernel on the source (llvm). All kernels are offloaded first; if that diverges,
+    bisection over the order finds the first kernel that breaks the run (at most
+    ceil(log2 N) + 2 runs), and that kernel's carved calls are replayed on the target. A
+    rerun resumes from the evaluations already done. Exits 1 unless every kernel matches.
+
+    \b
+    Examples:
+      tapml offload smollm2-135m --target webgpu
+      tapml offload smollm2-135m --target opencl --device tapml://phone.local:9091
+    """
+    from tapml.carving import report as reports
+    from tapml.carving.workflow import device_for, offload_model
+
+    output = output or Path("offload") / f"{Path(model).name.removesuffix('.gguf')}-{target}"
+    chosen = chosen_scenario(scenario, prompt)
+    with device_for(target, device_url) as url:
+        report = offload_model(model, target, url, chosen, output, quantization, order, bundle,
+                               suite_dir, obj["progress"])  # fmt: skip
+    click.echo(reports.offload_summary(report))
+    if report.get("completion") is not None:
+        click.echo(f"{target} alone: {report['completion']!r}")
+    click.echo(f"report: {output / 'report.html'}", err=True)
+    if not report["migrated"]:
+        sys.exit(1)
