@@ -56,7 +56,7 @@ def ensure_compiled(
     progress: bool = True,
 ) -> Path:
     """The cached artifact for these settings, compiling it first if the cache lacks it."""
-    from tapml.cache import entry_dir
+    from tapml.cache import entry_dir, entry_lock
     from tapml.models import resolve_gguf
 
     name, gguf_path = resolve_gguf(model)
@@ -67,8 +67,10 @@ def ensure_compiled(
         **{k: v for k, v in {"max_context": max_context, "chunk": chunk}.items() if v},
     ).resolved()
     artifact = entry_dir(name, gguf_path, options)
-    if (artifact / CONFIG_FILE).is_file():
-        log.info("using the cached build %s", artifact)
-        return artifact
-    log.info("compiling %s for %s (%s); cached in %s", name, target, options.quantization, artifact)
-    return compile_model(gguf_path, artifact, options, progress=progress)
+    with entry_lock(artifact):  # another process may be compiling the same entry
+        if (artifact / CONFIG_FILE).is_file():
+            log.info("using the cached build %s", artifact)
+            return artifact
+        log.info("compiling %s for %s (%s); cached in %s", name, target, options.quantization,
+                 artifact)  # fmt: skip
+        return compile_model(gguf_path, artifact, options, progress=progress)

@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -64,6 +66,21 @@ def entry_dir(name: str, gguf_path: Path, options: CompileOptions) -> Path:
     return cache_root() / f"{name}-{options.quantization}-{options.target}-{key}"
 
 
+@contextmanager
+def entry_lock(entry: Path) -> Iterator[None]:
+    """Hold the entry's lock file: one process compiles it while the others wait, so none
+    replaces an artifact another is reading."""
+    import fcntl
+
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with open(entry.with_name(entry.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def entries() -> list[tuple[Path, int]]:
     """Complete cache entries with their sizes in bytes."""
     root = cache_root()
@@ -86,4 +103,6 @@ def clear() -> int:
         if d.is_dir():
             shutil.rmtree(d)
             removed += 1
+        elif d.suffix == ".lock":
+            d.unlink()
     return removed

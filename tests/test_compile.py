@@ -107,3 +107,23 @@ def test_engine_greedy_is_deterministic(tiny_artifact):
     again = list(engine.generate_ids([504, 3575, 282], max_tokens=6))
     assert first == again
     assert np.all(np.array(first) < engine.tokenizer.vocab_size)
+
+
+def test_a_cache_entry_compiles_in_one_process_at_a_time(tmp_path):
+    import threading
+
+    from tapml.cache import entry_lock
+
+    entry, events = tmp_path / "model-q4f32_1-llvm-0123", []
+
+    def second() -> None:
+        with entry_lock(entry):
+            events.append("second")
+
+    with entry_lock(entry):
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        waiter.join(0.3)
+        events.append("first done")
+    waiter.join(5)
+    assert events == ["first done", "second"]
