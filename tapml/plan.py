@@ -77,15 +77,20 @@ class Plan:
             raise PlanError(f"plan file not found: {path}") from e
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise PlanError(f"{path} is not valid JSON ({e}); recompile the model") from e
+        return cls.from_dict(d, str(path))
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "plan") -> Plan:
+        """A plan from its JSON document (`where` names it in errors), checked."""
         if not isinstance(d, dict) or d.get("format") != FORMAT:
-            raise PlanError(f"{path} is not a tapml plan")
+            raise PlanError(f"{where} is not a tapml plan")
         if d.get("version") != VERSION:
             raise PlanError(
-                f"{path} has plan version {d.get('version')}, this tapml reads version "
+                f"{where} has plan version {d.get('version')}, this tapml reads version "
                 f"{VERSION}; recompile the model"
             )
         plan = cls(d["buffers"], d["storages"], d["functions"], d["model"])
-        plan.validate(str(path))
+        plan.validate(where)
         return plan
 
     def validate(self, where: str = "plan") -> None:

@@ -32,13 +32,7 @@ class TvmRuntimeExecutor(Executor):
         library = Path(library)
         self._tvm = tvm
         self.name = "llvm" if device == "cpu" else device
-        self._device = tvm.device(device, 0)
-        if not self._device.exist:
-            raise ExecutorError(f"no {device} device on this machine to run {library.name}")
-        try:
-            self._lib = tvm.runtime.load_module(str(library))
-        except Exception as e:  # TVM raises its own error types for unreadable libraries
-            raise ExecutorError(f"cannot load kernel library {library}: {e}") from e
+        self._device, self._lib = self._open(library, device)
         self._kernels: dict[str, Any] = {}
         for kernel in plan.kernels:
             try:
@@ -46,6 +40,16 @@ class TvmRuntimeExecutor(Executor):
             except Exception as e:
                 raise ExecutorError(f"{library} has no kernel {kernel!r}") from e
         super().__init__(plan)
+
+    def _open(self, library: Path, device: str) -> tuple[Any, Any]:
+        """The TVM device to run on and the loaded library (a TVM RPC session's, remotely)."""
+        tvm_device = self._tvm.device(device, 0)
+        if not tvm_device.exist:
+            raise ExecutorError(f"no {device} device on this machine to run {library.name}")
+        try:
+            return tvm_device, self._tvm.runtime.load_module(str(library))
+        except Exception as e:  # TVM raises its own error types for unreadable libraries
+            raise ExecutorError(f"cannot load kernel library {library}: {e}") from e
 
     def _alloc(self, nbytes: int) -> Any:
         return self._tvm.runtime.empty((max(nbytes, 1),), "uint8", self._device)

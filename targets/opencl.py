@@ -76,12 +76,12 @@ class Dispatch:
 class OpenCLExecutor(Executor):
     name = "opencl"
 
-    def __init__(self, plan: Plan, kernels_path: Path, spec: TargetSpec):
+    def __init__(self, plan: Plan, kernels: Path | Mapping[str, dict], spec: TargetSpec):
         try:
             import pyopencl as cl
         except ImportError as e:
             raise ExecutorError("the opencl target needs pyopencl: pip install pyopencl") from e
-        from .records import load_records
+        from .records import resolve_records
 
         self._cl, self.spec = cl, spec
         self.platform, self.device = pick_device()
@@ -93,14 +93,14 @@ class OpenCLExecutor(Executor):
             )
         self.context = cl.Context([self.device])
         self.queue = cl.CommandQueue(self.context)  # in order: launches run as enqueued
-        records = load_records(kernels_path)
+        records, where = resolve_records(kernels)
         self._records: dict[str, dict[str, Any]] = {}
         self._programs: dict[str, Any] = {}
         built: dict[str, Any] = {}  # source -> program: equal kernels share one build
         for kernel in plan.kernels:
             if kernel not in records:
                 raise ExecutorError(
-                    f"{kernels_path} has no kernel {kernel!r}; compile the model again"
+                    f"{where} has no kernel {kernel!r}; compile the model again"
                 )
             record = self._records[kernel] = records[kernel]
             if record["source"] not in built:

@@ -25,6 +25,7 @@ PODS = re.compile(r"struct PODArgs\s*\{([^}]*)\}")
 GUARD = re.compile(r"(>=?)\s*podArgs\.packGridDimX")
 WGSL_TYPES = {"i32": np.int32, "u32": np.uint32, "f32": np.float32}
 ADAPTER_ORDER = {"DiscreteGPU": 0, "IntegratedGPU": 1}  # then CPU rasterizers such as lavapipe
+BACKENDS = {"vulkan": "Vulkan", "metal": "Metal", "dx12": "D3D12", "gl": "OpenGL"}  # wgpu's names
 
 
 def _words(nbytes: int) -> int:
@@ -61,19 +62,24 @@ class Step:
 
 
 class WebGPUExecutor(Executor):
-    """Runs a webgpu or vulkan artifact's kernels with wgpu; `spec.name` picks the adapter."""
+    """Runs a webgpu or vulkan artifact's kernels with wgpu.
 
-    def __init__(self, plan: Plan, kernels_path: Path, spec: TargetSpec):
+    `kernels` is the kernels file or its records; the adapter is wgpu's default for webgpu,
+    Vulkan's for vulkan, or the one of `backend` (a key of BACKENDS) when given.
+    """
+
+    def __init__(self, plan: Plan, kernels: Path | Mapping[str, dict], spec: TargetSpec,
+                 backend: str | None = None):  # fmt: skip
         import wgpu
 
-        from .records import load_records
+        from .records import resolve_records
 
-        self._wgpu, self.name, self._path = wgpu, spec.name, kernels_path
-        self._records = load_records(kernels_path)
+        self._wgpu, self.name = wgpu, spec.name
+        self._records, self._path = resolve_records(kernels)
         for kernel in plan.kernels:
             if kernel not in self._records:
-                raise ExecutorError(f"{kernels_path} has no kernel {kernel!r}; compile again")
-        self._adapter = _adapter(spec)
+                raise ExecutorError(f"{self._path} has no kernel {kernel!r}; compile again")
+        self._adapter = _adapter(spec, backend)
         self._device = self._request_device(plan, spec)
         self._queue = self._device.queue
         self._pipelines: dict[tuple[str, str], tuple[Any, Any]] = {}
@@ -299,18 +305,24 @@ def _array(buffer: Buffer, data: Any) -> np.ndarray:
     return np.frombuffer(data, buffer.dtype, count).reshape(buffer.shape).copy()
 
 
-def _adapter(spec: TargetSpec) -> Any:
-    """wgpu's default adapter for webgpu; the best Vulkan adapter for vulkan."""
+def _adapter(spec: TargetSpec, backend: str | None = None) -> Any:
+    """wgpu's default adapter for webgpu; the best Vulkan adapter for vulkan; the best adapter
+    of `backend` (vulkan, metal, dx12, gl) when given."""
     try:
         import wgpu
     except ImportError as e:
         raise ExecutorError(f"the {spec.name} target runs on wgpu: pip install wgpu") from e
-    if spec.name == "vulkan":
+    backend = backend or ("vulkan" if spec.name == "vulkan" else None)
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ExecutorError(f"unknown wgpu backend {backend!r}; choose one of: "
+                                f"{', '.join(BACKENDS)}")  # fmt: skip
         adapters = [a for a in wgpu.gpu.enumerate_adapters_sync()
-                    if a.info["backend_type"] == "Vulkan"]  # fmt: skip
+                    if a.info["backend_type"] == BACKENDS[backend]]  # fmt: skip
         if not adapters:
-            raise ExecutorError("wgpu finds no Vulkan adapter; install a Vulkan driver (Mesa's "
-                                "lavapipe: apt install mesa-vulkan-drivers)")  # fmt: skip
+            hint = " (Mesa's lavapipe: apt install mesa-vulkan-drivers)" * (backend == "vulkan")
+            raise ExecutorError(f"wgpu finds no {BACKENDS[backend]} adapter; install a "
+                                f"{BACKENDS[backend]} driver{hint}")  # fmt: skip
         return min(adapters, key=lambda a: ADAPTER_ORDER.get(a.info["adapter_type"], 2))
     try:
         adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")

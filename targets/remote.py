@@ -1,0 +1,331 @@
+"""Remote devices: the URLs every `--device` option takes, and executors that run over them.
+
+    tapml://HOST:PORT              a tapml device agent (`tapml device serve`)
+    tvm-rpc://HOST:PORT[/KEY]      a TVM RPC server (python -m tvm.exec.rpc_server)
+    tvm-tracker://HOST:PORT/KEY    a server of KEY from a TVM RPC tracker
+
+`open_executor` returns an executor whose buffers and kernels live on the remote device;
+`start_local_agent` runs an agent on this machine for commands given no `--device`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tapml import errors
+from tapml.errors import DeviceError, DeviceLost
+from tapml.plan import Plan
+
+from . import get_target, wire
+from .executor import Executor
+
+DEFAULT_TIMEOUT = 60.0  # seconds one call may take before the device counts as lost
+LOAD_TIMEOUT = 600.0  # building a plan's kernels (WGSL pipelines, OpenCL programs) takes longer
+SCHEMES = ("tapml", "tvm-rpc", "tvm-tracker")
+# the agent backend that runs each target's kernels, and the artifact file it takes
+BACKENDS = {"webgpu": "wgpu", "vulkan": "wgpu", "opencl": "opencl", "metal": "metal",
+            "cuda": "cuda", "llvm": "llvm"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DeviceAddress:
+    """A parsed device URL."""
+
+    scheme: str
+    host: str
+    port: int
+    key: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}" + (f"/{self.key}" if self.key else "")
+
+
+class DeviceURL(str):
+    """A device URL that carries the token of an agent this process started."""
+
+    token: str | None = None
+
+    def __new__(cls, url: str, token: str | None = None) -> DeviceURL:
+        self = super().__new__(cls, url)
+        self.token = token
+        return self
+
+
+def parse_url(url: str) -> DeviceAddress:
+    """The scheme, host, port and key of a device URL; a clear error for anything else."""
+    scheme, sep, rest = url.partition("://")
+    usage = ("tapml://HOST:PORT, tvm-rpc://HOST:PORT[/KEY] or tvm-tracker://HOST:PORT/KEY "
+             "(start an agent with: tapml device serve)")  # fmt: skip
+    if not sep or scheme not in SCHEMES:
+        raise DeviceError(f"{url!r} is not a device URL; use {usage}")
+    hostport, _, key = rest.partition("/")
+    host, _, port = hostport.rpartition(":")
+    host = host.strip("[]")  # [::1]:9091
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise DeviceError(f"{url!r} has no HOST:PORT; use {usage}")
+    if scheme == "tapml" and key:
+        raise DeviceError(f"{url!r}: a tapml:// URL has no key; use tapml://HOST:PORT")
+    if scheme == "tvm-tracker" and not key:
+        raise DeviceError(f"{url!r}: a tracker URL names the device key, tvm-tracker://HOST:PORT/KEY")
+    return DeviceAddress(scheme, host, int(port), key)
+
+
+def open_executor(
+    url: str, target: str, plan: Plan, artifact_dir: Path, *,
+    timeout: float = DEFAULT_TIMEOUT, token: str | None = None,
+) -> Executor:  # fmt: skip
+    """An executor of `plan` whose kernels (from `artifact_dir`, compiled for `target`) run on
+    the device at `url`; close it (or use it as a context manager) to free the device.
+
+    The agent's token is `token`, else the one a `start_local_agent` URL carries, else
+    $TAPML_DEVICE_TOKEN. Each call that gets no answer within `timeout` seconds (building the
+    kernels: LOAD_TIMEOUT) raises DeviceLost, as does a connection that closes.
+    """
+    address = parse_url(url)
+    spec = get_target(target)
+    artifact_dir = Path(artifact_dir)
+    if address.scheme == "tapml":
+        token = token or getattr(url, "token", None) or os.environ.get(wire.TOKEN_ENV) or None
+        kernels = artifact_dir / spec.kernels
+        if BACKENDS[target] in ("cuda", "metal"):
+            kernels = kernels.with_suffix(".so")  # the TVM library beside the records
+        return AgentExecutor(address, target, plan, kernels, token=token, timeout=timeout)
+    if target != "llvm":
+        raise DeviceError(f"{address.url}: a TVM RPC device runs the llvm target's kernel "
+                          f"library, not {target}; for {target} start a tapml device agent "
+                          "there and use tapml://HOST:PORT")  # fmt: skip
+    from .tvm_rpc import TvmRpcExecutor
+
+    return TvmRpcExecutor(address, plan, artifact_dir / spec.kernels, timeout=timeout)
+
+
+def connect(address: DeviceAddress, token: str | None, timeout: float):
+    """An rpyc connection to the agent at `address`, past its handshake; the agent's backend."""
+    import rpyc
+
+    try:
+        sock = socket.create_connection((address.host, address.port), timeout=timeout)
+    except OSError as e:
+        raise DeviceError(f"cannot connect to the device agent at {address.url}: {e.strerror or e}"
+                          "; is `tapml device serve` running there?") from e  # fmt: skip
+    try:
+        sock.sendall(wire.client_hello(token))
+        answer = wire.read_line(sock)
+    except (OSError, ValueError) as e:
+        sock.close()
+        raise DeviceLost(f"{address.url} did not complete the handshake: {e}") from e
+    if not answer.startswith("ok "):
+        sock.close()
+        reason = answer.removeprefix("refused ")
+        hint = "" if token else f" (no token given: set {wire.TOKEN_ENV} or --token-file)"
+        raise DeviceError(f"the device agent at {address.url} refused the connection: "
+                          f"{reason}{hint}")  # fmt: skip
+    sock.settimeout(None)  # rpyc's own per-request timeout applies from here
+    config = dict(wire.CONFIG, sync_request_timeout=timeout)
+    return rpyc.connect_channel(wire.bounded_channel(sock), config=config), answer.split()[2]
+
+
+class AgentExecutor(Executor):
+    """An executor whose buffers and kernels live in a tapml device agent's session.
+
+    `buffers` maps each plan buffer to its own name: the memory is on the agent. `run` is one
+    round trip (inputs in, logits out); uploads and downloads go in chunks of wire.CHUNK.
+    """
+
+    def __init__(self, address: DeviceAddress, target: str, plan: Plan, kernels: Path, *,
+                 token: str | None = None, timeout: float = DEFAULT_TIMEOUT):  # fmt: skip
+        # Executor.__init__ allocates through hooks; here the agent allocates on load.
+        self.plan, self.name, self.url, self.timeout = plan, target, address.url, timeout
+        self.buffers = {name: name for name in plan.buffers}
+        if not kernels.is_file():
+            raise DeviceError(f"{kernels} not found: compile the model for {target} first")
+        self._conn, backend = connect(address, token, timeout)
+        try:
+            if backend != BACKENDS[target]:
+                raise DeviceError(f"the device agent at {self.url} runs the {backend} "
+                                  f"backend; {target} kernels need --backend "
+                                  f"{BACKENDS[target]}")  # fmt: skip
+            root = self._conn.root
+            import rpyc
+
+            self._methods = {name: rpyc.async_(getattr(root, name)) for name in (
+                "info", "put", "load", "upload", "download", "run", "launch", "time_call",
+                "reset_state")}  # fmt: skip
+            self._put("plan", json.dumps(plan.to_dict()).encode())
+            self._put("kernels", kernels.read_bytes())
+            self.info = json.loads(self._call("load", target, timeout=max(timeout, LOAD_TIMEOUT)))
+        except BaseException:
+            self.close()
+            raise
+        self.device = self.info["device"]
+
+    # -- one request -------------------------------------------------------------------
+    def _call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
+        from rpyc import AsyncResultTimeout
+
+        if self._conn is None:
+            raise DeviceLost(f"the device agent at {self.url} was lost earlier; open it again")
+        wait = timeout or self.timeout
+        try:
+            result = self._methods[method](*args)
+            result.set_expiry(wait)
+            return result.value
+        except AsyncResultTimeout as e:
+            self.close()
+            raise DeviceLost(f"the device agent at {self.url} did not answer {method} within "
+                             f"{wait:.0f} s; it is counted as lost") from e  # fmt: skip
+        except (EOFError, OSError) as e:
+            self.close()
+            why = str(e) or "the connection closed"
+            raise DeviceLost(f"lost the device agent at {self.url} during {method}: {why}"
+                             ) from e  # fmt: skip
+        except ValueError as e:  # the agent's errors: (error class name, message)
+            kind, message = (e.args + ("", ""))[:2] if len(e.args) == 2 else ("", str(e))
+            cls = getattr(errors, str(kind), None)
+            if not (isinstance(cls, type) and issubclass(cls, errors.TapmlError)):
+                cls = DeviceError
+            raise cls(f"{self.url}: {message}") from None
+
+    def _put(self, what: str, data: bytes) -> None:
+        view = memoryview(data)
+        for offset in range(0, max(len(data), 1), wire.CHUNK):
+            self._call("put", what, offset, bytes(view[offset : offset + wire.CHUNK]), len(data))
+
+    # -- executor hooks and API ----------------------------------------------------------
+    def _upload(self, name: str, array: np.ndarray) -> None:
+        data = memoryview(np.ascontiguousarray(array)).cast("B")
+        for offset in range(0, max(len(data), 1), wire.CHUNK):
+            self._call("upload", name, offset, bytes(data[offset : offset + wire.CHUNK]))
+
+    def _download(self, name: str) -> np.ndarray:
+        nbytes, b = self.plan.nbytes(name), self.plan.buffers[name]
+        parts = [self._call("download", name, offset, min(wire.CHUNK, nbytes - offset))
+                 for offset in range(0, max(nbytes, 1), wire.CHUNK)]  # fmt: skip
+        return _array(b"".join(parts), b)
+
+    def reset_state(self) -> None:
+        self._call("reset_state")
+
+    def run(self, function: str, scalars: Mapping[str, int], inputs: Mapping[str, np.ndarray]
+            ) -> np.ndarray:  # fmt: skip
+        """Run one entry point on the device in one round trip; returns its first output."""
+        small = []
+        for name, array in inputs.items():
+            if array.nbytes > wire.CHUNK // 2:
+                self.upload(name, array)
+            else:
+                small.append((name, np.ascontiguousarray(array).tobytes()))
+        data = self._call("run", function, _json(scalars), tuple(small))
+        output = self.plan.functions[function]["outputs"][0]
+        return self.download(output) if data is None else _array(data, self.plan.buffers[output])
+
+    def launch(self, function: str, index: int, scalars: Mapping[str, int]) -> None:
+        self._call("launch", function, index, _json(scalars))
+
+    def time_call(self, function: str, index: int, scalars: Mapping[str, int]) -> float:
+        """Seconds the call takes on the device, network time excluded."""
+        return self._call("time_call", function, index, _json(scalars))
+
+    def close(self) -> None:
+        """End the session: the agent frees the plan's buffers."""
+        conn, self._conn = getattr(self, "_conn", None), None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def __enter__(self) -> AgentExecutor:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _json(scalars: Mapping[str, int]) -> str:
+    return json.dumps({k: int(v) for k, v in scalars.items()})
+
+
+def _array(data: bytes, buffer: dict[str, Any]) -> np.ndarray:
+    return np.frombuffer(data, buffer["dtype"]).reshape(buffer["shape"]).copy()
+
+
+def device_info(url: str, *, token: str | None = None, timeout: float = DEFAULT_TIMEOUT
+                ) -> dict[str, Any]:  # fmt: skip
+    """What the agent at `url` reports: protocol, backend, device, limits."""
+    address = parse_url(url)
+    if address.scheme != "tapml":
+        raise DeviceError(f"{url}: `device info` asks tapml device agents (tapml://HOST:PORT)")
+    token = token or getattr(url, "token", None) or os.environ.get(wire.TOKEN_ENV) or None
+    conn, _ = connect(address, token, timeout)
+    try:
+        return json.loads(conn.root.info())
+    except (EOFError, OSError) as e:
+        raise DeviceLost(f"lost the device agent at {address.url}: {e}") from e
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def start_local_agent(backend: str, *, wgpu_backend: str | None = None,
+                      trust_native_code: bool = False, startup_timeout: float = 60.0
+                      ) -> Iterator[DeviceURL]:  # fmt: skip
+    """Run `tapml device serve` on a free loopback port with a fresh token; yields its URL
+    (a DeviceURL carrying the token, which open_executor uses) and stops the agent after."""
+    token = secrets.token_hex(16)
+    with tempfile.TemporaryDirectory(prefix="tapml-agent-") as tmp:
+        token_file, log_file = Path(tmp) / "token", Path(tmp) / "agent.log"
+        token_file.write_text(token)
+        token_file.chmod(0o600)
+        command = [sys.executable, "-m", "tapml", "device", "serve", "--backend", backend,
+                   "--host", "127.0.0.1", "--port", "0", "--token-file", str(token_file)]
+        command += ["--wgpu-backend", wgpu_backend] * bool(wgpu_backend)
+        command += ["--trust-native-code"] * trust_native_code
+        with open(log_file, "wb") as log:
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log,
+                                       stdin=subprocess.DEVNULL)  # fmt: skip
+        try:
+            url = _wait_for_url(process, log_file, startup_timeout)
+            yield DeviceURL(url, token)
+        finally:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            process.stdout.close()
+
+
+def _wait_for_url(process: subprocess.Popen, log_file: Path, timeout: float) -> str:
+    """The URL the agent prints once it listens (its first line on stdout)."""
+    import selectors
+
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if selector.select(timeout=min(0.5, max(deadline - time.monotonic(), 0))):
+                line = process.stdout.readline().decode().strip()
+                if line.startswith("tapml://"):
+                    return line
+                if not line and process.poll() is not None:
+                    break
+            elif process.poll() is not None:
+                break
+    tail = log_file.read_text(errors="replace").strip().splitlines()[-5:]
+    state = "exited" if process.poll() is not None else f"did not start within {timeout:.0f} s"
+    raise DeviceError("the local device agent " + state + (": " + " | ".join(tail) if tail else ""))

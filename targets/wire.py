@@ -1,0 +1,83 @@
+"""The device agent's wire protocol, both ends: the handshake, bounded frames, rpyc settings.
+
+A connection opens with one line each way before rpyc starts: the client sends
+`tapml-device VERSION TOKEN_HEX\\n` (TOKEN_HEX empty when it has no token), the agent answers
+`ok VERSION BACKEND\\n` or `refused REASON\\n` and closes. Then rpyc runs over the same socket
+with frames of at most MAX_FRAME bytes, uncompressed, and only brine's plain values
+(bytes, str, int, float, bool, None, tuples of them): no pickling, no netrefs to use.
+docs/formats.md ("Device agent protocol") documents it.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from tapml.errors import DeviceError
+
+VERSION = 1
+MAGIC = "tapml-device"
+CHUNK = 4 << 20  # bytes of one upload/download message; bigger buffers go in several
+MAX_FRAME = CHUNK + (64 << 10)  # a chunk and its call's other arguments
+MAX_LINE = 1024  # the handshake's lines
+TOKEN_ENV = "TAPML_DEVICE_TOKEN"
+
+# Both ends: no attribute but the agent's exposed_ methods, no pickling, no tracebacks sent.
+CONFIG = {
+    "allow_safe_attrs": False,
+    "allow_public_attrs": False,
+    "allow_all_attrs": False,
+    "allow_setattr": False,
+    "allow_delattr": False,
+    "allow_pickle": False,
+    "import_custom_exceptions": False,
+    "instantiate_custom_exceptions": False,
+    "include_local_traceback": False,
+    "include_local_version": False,
+}
+
+
+def bounded_channel(sock: socket.socket):
+    """An rpyc channel over `sock` that refuses frames over MAX_FRAME and compressed ones
+    (a small compressed frame can inflate to any size)."""
+    from rpyc.core import Channel, SocketStream
+
+    class BoundedChannel(Channel):
+        def recv(self) -> bytes:
+            length, compressed = self.FRAME_HEADER.unpack(self.stream.read(self.FRAME_HEADER.size))
+            if length > MAX_FRAME or compressed:
+                self.close()
+                # EOFError: rpyc ends this connection quietly, the agent serves on
+                raise EOFError(f"refused a frame of {length} bytes (compressed: {compressed}); "
+                               f"the limit is {MAX_FRAME} uncompressed")  # fmt: skip
+            return self.stream.read(length + len(self.FLUSHER))[: -len(self.FLUSHER)]
+
+    return BoundedChannel(SocketStream(sock), compress=False)
+
+
+def read_line(sock: socket.socket) -> str:
+    """One handshake line (without its newline); refuses a longer one."""
+    data = b""
+    while not data.endswith(b"\n"):
+        piece = sock.recv(1)
+        if not piece:
+            raise ConnectionError("the connection closed during the handshake")
+        data += piece
+        if len(data) > MAX_LINE:
+            raise ValueError(f"a handshake line over {MAX_LINE} bytes")
+    return data[:-1].decode("utf-8", "replace")
+
+
+def client_hello(token: str | None) -> bytes:
+    return f"{MAGIC} {VERSION} {(token or '').encode().hex()}\n".encode()
+
+
+def read_token_file(path: str) -> str:
+    """The token in `path` (surrounding whitespace dropped); an empty or missing file is an
+    error."""
+    try:
+        token = open(path, encoding="utf-8").read().strip()
+    except OSError as e:
+        raise DeviceError(f"cannot read the token file {path}: {e.strerror}") from e
+    if not token:
+        raise DeviceError(f"the token file {path} is empty")
+    return token
