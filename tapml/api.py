@@ -68,9 +68,19 @@ def ensure_compiled(
     ).resolved()
     artifact = entry_dir(name, gguf_path, options)
     with entry_lock(artifact):  # another process may be compiling the same entry
-        if (artifact / CONFIG_FILE).is_file():
+        if _complete(artifact, target):
             log.info("using the cached build %s", artifact)
             return artifact
+        if artifact.exists():
+            log.warning("the cached build %s is incomplete: compiling it again", artifact)
         log.info("compiling %s for %s (%s); cached in %s", name, target, options.quantization,
                  artifact)  # fmt: skip
         return compile_model(gguf_path, artifact, options, progress=progress)
+
+
+def _complete(artifact: Path, target: str) -> bool:
+    from tapml.targets import get_target
+
+    needed = [CONFIG_FILE, "plan.json", "weights/index.json", "tokenizer/tokenizer.json",
+              get_target(target).kernels]  # fmt: skip
+    return all((artifact / name).is_file() for name in needed)
