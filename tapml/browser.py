@@ -118,7 +118,16 @@ class Browser:
             self.events.append(message)
 
     def open(self, path: str = "index.html") -> None:
-        self.call("Page.navigate", url=self.url + path)
+        """Navigate to `path` under the served root; returns once the page has loaded (its
+        module scripts have run)."""
+        url = self.url + path
+        self.call("Page.navigate", url=url)
+        deadline = time.monotonic() + self.timeout
+        loaded = f"location.href === {json.dumps(url)} && document.readyState === 'complete'"
+        while not self.evaluate(loaded):
+            if time.monotonic() > deadline:
+                raise TapmlError(f"{url} did not load in {self.timeout:.0f} s")
+            time.sleep(0.1)
 
     def evaluate(self, expression: str, timeout: float | None = None) -> Any:
         """The value of a JavaScript expression (awaited when it is a promise); a thrown error

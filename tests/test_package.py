@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import PROMPT, greedy_trace
+from conftest import PROMPT, PROMPT_IDS, greedy_trace
 
 from tapml.cli import main
 from tapml.errors import BundleError, ExecutorError
@@ -244,3 +244,17 @@ def test_chat_format_is_none_for_a_template_it_cannot_express(tiny_artifact):
     )
     assert chat_format(tokenizer) is None
 
+
+
+@pytest.mark.real_model
+def test_smollm2_android_bundle_runs_on_opencl_like_the_cpu(real_artifact, tmp_path):
+    from tapml.targets import executes_here
+
+    ok, why = executes_here(TARGETS["opencl"])
+    if not ok:
+        pytest.skip(f"opencl does not execute here: {why}")
+    bundle = package("smollm2-135m", "android", tmp_path / "android", "q4f32_1", progress=False)
+    assert verify(bundle.path) == []
+    got = list(Engine(bundle.path).generate_ids(PROMPT_IDS, max_tokens=4))
+    want = list(Engine(real_artifact("q4f32_1")).generate_ids(PROMPT_IDS, max_tokens=4))
+    assert got == want

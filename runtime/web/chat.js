@@ -63,7 +63,7 @@ const ready = Engine.load(new URL("./", document.baseURI), (stage, done, total) 
 ready.then((engine) => {
   const m = engine.bundle.manifest, s = engine.stats;
   $("title").textContent = `${m.model} (${m.quantization})`;
-  status.textContent = `ready in ${(s.load_ms / 1000).toFixed(1)} s on ${s.adapter.description || s.adapter.vendor || "WebGPU"}`;
+  status.textContent = `ready in ${(s.load_ms / 1000).toFixed(1)} s on ${[s.adapter.vendor, s.adapter.architecture].filter(Boolean).join(" ") || "WebGPU"}`;
   $("prompt").disabled = $("send").disabled = false;
 }, showError);
 

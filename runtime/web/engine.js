@@ -6,6 +6,13 @@ import { JsonSchemaConstraint } from "./grammar.js";
 import { Sampler } from "./sampler.js";
 import { StreamDecoder, TextTokenizer } from "./tokenizer.js";
 
+// The adapter's description as a plain object (GPUAdapterInfo does not serialize).
+function adapterInfo(adapter) {
+  const info = adapter.info ?? {};
+  const { vendor = "", architecture = "", device = "", description = "" } = info;
+  return { vendor, architecture, device, description, fallback: Boolean(info.isFallbackAdapter) };
+}
+
 export class Engine {
   constructor(bundle, device, adapter, executor, tokenizer, stats) {
     Object.assign(this, { bundle, device, adapter, executor, tokenizer, stats });
@@ -37,7 +44,7 @@ export class Engine {
     onProgress("kernels", 1, 1);
     const end = performance.now();
     const stats = { load_ms: end - start, weights_ms: kernelsStart - weightsStart, kernels_ms: end - kernelsStart,
-                    weight_bytes: weights.bytes, adapter: adapter.info ?? {} };
+                    weight_bytes: weights.bytes, adapter: adapterInfo(adapter) };
     return new Engine(bundle, device, adapter, executor, tokenizer, stats);
   }
 

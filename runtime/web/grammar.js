@@ -27,7 +27,8 @@ export class JsonSchemaConstraint {
     const compiler = await compilerFor(tokenizer);
     let compiled;
     try {
-      compiled = await compiler.compileJSONSchema(text, false, undefined, JSON_SEPARATORS, false);
+      // indent -1: JSON on one line, as runtime/grammar.py writes it (web-xgrammar's default is 2)
+      compiled = await compiler.compileJSONSchema(text, false, -1, JSON_SEPARATORS, false);
     } catch (e) {
       throw new Error(`invalid JSON schema for xgrammar: ${e.message ?? e}`);
     }
