@@ -243,3 +243,15 @@ def test_real_suite_names_a_broken_rope_kernel_on_webgpu(real_suite, tmp_path):
     code, output, report = tapml_test([str(real_suite), "--bundle", str(broken)])
     assert code == 1
     assert [k["kernel"] for k in report["kernels"] if k["status"] != "pass"] == ["rope"]
+
+
+def test_a_suite_replays_on_a_remote_device_agent(tiny_suite, tiny_artifact, monkeypatch):
+    from tapml.targets.remote import start_local_agent
+
+    with start_local_agent("opencl") as url:
+        monkeypatch.setenv("TAPML_DEVICE_TOKEN", url.token)
+        code, output, report = tapml_test([str(tiny_suite), "--device", str(url), "--bundle",
+                                           str(tiny_artifact("q4f32_1", "opencl"))])  # fmt: skip
+    assert code == 0, output
+    assert report["passed"] and report["device"].endswith(f"at {url}")
+    assert len(report["calls"]) == len(Suite.load(tiny_suite).calls)

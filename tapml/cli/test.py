@@ -87,9 +87,12 @@ def _executors(target: str, artifact: Path, device_url: str | None):
     from tapml.targets import executes_here, get_target, load_executor
 
     if device_url is not None:
-        from tapml.targets.remote import open_executor
+        from tapml.targets.remote import device_info, open_executor, parse_url
 
-        return (lambda plan: open_executor(device_url, target, plan, artifact)), device_url
+        device = device_url
+        if parse_url(device_url).scheme == "tapml":
+            device = f"{device_info(device_url)['device']} at {device_url}"
+        return (lambda plan: open_executor(device_url, target, plan, artifact)), device
     runs, device = executes_here(get_target(target))
     if not runs:
         raise click.ClickException(f"{target} kernels cannot execute here: {device}")
