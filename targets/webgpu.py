@@ -305,9 +305,20 @@ def _array(buffer: Buffer, data: Any) -> np.ndarray:
     return np.frombuffer(data, buffer.dtype, count).reshape(buffer.shape).copy()
 
 
+_ADAPTERS: dict[tuple[str, str | None], Any] = {}
+
+
 def _adapter(spec: TargetSpec, backend: str | None = None) -> Any:
     """wgpu's default adapter for webgpu; the best Vulkan adapter for vulkan; the best adapter
-    of `backend` (vulkan, metal, dx12, gl) when given."""
+    of `backend` (vulkan, metal, dx12, gl) when given. Found once per process: each search
+    probes every backend (and Mesa's EGL complains about a missing display on stderr)."""
+    key = (spec.name, backend)
+    if key not in _ADAPTERS:
+        _ADAPTERS[key] = _find_adapter(spec, backend)
+    return _ADAPTERS[key]
+
+
+def _find_adapter(spec: TargetSpec, backend: str | None) -> Any:
     try:
         import wgpu
     except ImportError as e:
