@@ -255,3 +255,13 @@ def test_a_suite_replays_on_a_remote_device_agent(tiny_suite, tiny_artifact, mon
     assert code == 0, output
     assert report["passed"] and report["device"].endswith(f"at {url}")
     assert len(report["calls"]) == len(Suite.load(tiny_suite).calls)
+
+
+def test_a_suite_replays_on_an_android_bundles_kernels(tiny_suite, tiny_artifact, tmp_path):
+    from tapml.package import package
+
+    bundle = package(str(tiny_artifact("q4f32_1", "opencl")), "android", tmp_path / "android",
+                     progress=False).path  # fmt: skip
+    code, output, report = tapml_test([str(tiny_suite), "--bundle", str(bundle)])
+    assert code == 0, output
+    assert report["target"] == "opencl" and report["passed"]
