@@ -275,7 +275,7 @@ class DeviceService(rpyc.Service):
     def exposed_run(self, function: str, scalars: str, inputs: tuple) -> bytes | None:
         """Upload the (name, bytes) inputs and run the entry point; returns its first output's
         bytes, or None when they exceed a chunk (the client downloads them)."""
-        arrays = {}
+        executor, arrays = self._loaded(), {}
         for item in inputs:
             if type(item) is not tuple or len(item) != 2 or type(item[0]) is not str \
                     or type(item[1]) is not bytes:  # fmt: skip
@@ -286,7 +286,7 @@ class DeviceService(rpyc.Service):
                                   f"{self._buffer_bytes(name)}")  # fmt: skip
             b = self._plan.buffers[name]
             arrays[name] = np.frombuffer(data, b["dtype"]).reshape(b["shape"])
-        output = self._executor.run(function, self._scalars(scalars), arrays)
+        output = executor.run(function, self._scalars(scalars), arrays)
         return output.tobytes() if output.nbytes <= wire.CHUNK else None
 
     @_exposed(str, int, str)
