@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from tapml.errors import SuiteError
-from tapml.fileio import write_atomic
+from tapml.fileio import read_document, write_atomic
 
 FORMAT, VERSION = "tapml-suite", 1
 MANIFEST = "manifest.json"
@@ -98,19 +98,11 @@ class Suite:
     @classmethod
     def load(cls, root: Path) -> Suite:
         path = Path(root) / MANIFEST
-        try:
-            manifest = json.loads(path.read_text())
-        except FileNotFoundError as e:
-            hint = " (carving was interrupted: run tapml carve again)" if (
-                Path(root) / "scenarios").is_dir() else ""  # fmt: skip
-            raise SuiteError(f"{path} not found: {root} is not a carved suite{hint}") from e
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SuiteError(f"{path} is corrupt ({e}); carve the suite again") from e
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise SuiteError(f"{path} is not a tapml suite manifest")
-        if manifest.get("version") != VERSION:
-            raise SuiteError(f"{path} has suite version {manifest.get('version')}; this tapml "
-                             f"reads version {VERSION}: carve the suite again")  # fmt: skip
+        interrupted = " (carving was interrupted: run tapml carve again)" if (
+            Path(root) / "scenarios").is_dir() else ""  # fmt: skip
+        manifest = read_document(path, FORMAT, VERSION, SuiteError, "carve the suite again",
+                                 missing=f"{path} not found: {root} is not a carved suite"
+                                 f"{interrupted}")  # fmt: skip
         for key in ("model", "source", "quantization", "options", "plan_model", "kernels", "calls"):
             if key not in manifest:
                 raise SuiteError(f"{path} has no {key!r}; carve the suite again")

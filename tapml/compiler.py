@@ -25,7 +25,7 @@ import numpy as np
 
 from . import __version__
 from .errors import CompileError, TapmlError
-from .fileio import write_atomic
+from .fileio import read_document, write_atomic
 from .gguf import GGUFFile
 from .models.llama.config import LlamaConfig
 from .models.llama.weights import gguf_weights
@@ -202,13 +202,8 @@ def calibrate(weights: dict[str, np.ndarray], config: LlamaConfig, tokenizer: To
 
 def describe(artifact: Path) -> dict[str, Any]:
     """The artifact's tapml-config.json, checked."""
-    path = Path(artifact) / CONFIG_FILE
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise TapmlError(f"{artifact} is not a compiled tapml model (no {CONFIG_FILE})") from e
-    except json.JSONDecodeError as e:
-        raise TapmlError(f"{path} is corrupt ({e}); compile the model again") from e
-    if config.get("format") != CONFIG_FORMAT or config.get("version") != CONFIG_VERSION:
-        raise TapmlError(f"{path} is not a tapml artifact of version {CONFIG_VERSION}")
-    return config
+    return read_document(
+        Path(artifact) / CONFIG_FILE, CONFIG_FORMAT, CONFIG_VERSION, TapmlError,
+        "compile the model again",
+        missing=f"{artifact} is not a compiled tapml model (no {CONFIG_FILE})",
+    )

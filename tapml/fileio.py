@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -42,3 +43,39 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def read_document(path: Path, fmt: str, version: int, error: type[Exception], remedy: str,
+                  missing: str | None = None) -> dict:  # fmt: skip
+    """The JSON document in `path`, which must be of format `fmt` and `version`; anything else
+    raises `error` naming the file and ending with `remedy` (what the user should do).
+    `missing` replaces the message for a file that does not exist."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError as e:
+        raise error(missing or f"{path} not found; {remedy}") from e
+    except UnicodeDecodeError as e:
+        raise error(f"{path} is corrupt ({e}); {remedy}") from e
+    return parse_document(text, str(path), fmt, version, error, remedy)
+
+
+def parse_document(text: str | bytes, where: str, fmt: str, version: int,
+                   error: type[Exception], remedy: str) -> dict:  # fmt: skip
+    """`read_document` for text already read (`where` names it in errors)."""
+    try:
+        document = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{where} is corrupt ({e}); {remedy}") from e
+    check_document(document, where, fmt, version, error, remedy)
+    return document
+
+
+def check_document(document: object, where: str, fmt: str, version: int,
+                   error: type[Exception], remedy: str) -> None:  # fmt: skip
+    """Raise `error` unless `document` is a dict of format `fmt` and `version`."""
+    if not isinstance(document, dict) or document.get("format") != fmt:
+        raise error(f"{where} is not a {fmt} file; {remedy}")
+    if document.get("version") != version:
+        raise error(f"{where} has {fmt} version {document.get('version')!r}; this tapml reads "
+                    f"version {version}: {remedy}")  # fmt: skip

@@ -22,7 +22,7 @@ from typing import Any
 
 from . import __version__
 from .errors import BundleError
-from .fileio import write_atomic
+from .fileio import read_document, write_atomic
 
 log = logging.getLogger("tapml")
 
@@ -339,17 +339,8 @@ def render_chat(chat: dict[str, Any], messages: list[dict[str, str]]) -> str:
 def read_manifest(directory: Path) -> dict[str, Any]:
     """The bundle's manifest, checked for its format and version."""
     path = Path(directory) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise BundleError(f"{directory} is not a tapml bundle: it has no {MANIFEST}") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path} is corrupt ({e}); package the model again") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise BundleError(f"{path} is not a tapml bundle manifest (format {FORMAT!r})")
-    if manifest.get("version") != VERSION:
-        raise BundleError(f"{path} is of version {manifest.get('version')!r}; this tapml reads "
-                          f"version {VERSION}: package the model again")  # fmt: skip
+    manifest = read_document(path, FORMAT, VERSION, BundleError, "package the model again",
+                             missing=f"{directory} is not a tapml bundle: it has no {MANIFEST}")
     files = manifest.get("files")
     if not isinstance(files, list) or not all(
         isinstance(f, dict) and {"path", "nbytes", "sha256"} <= f.keys() for f in files

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .errors import PlanError
-from .fileio import write_atomic
+from .fileio import check_document, read_document, write_atomic
 
 FORMAT = "tapml-plan"
 VERSION = 1
@@ -71,24 +71,14 @@ class Plan:
 
     @classmethod
     def load(cls, path: Path) -> Plan:
-        try:
-            d = json.loads(Path(path).read_text())
-        except FileNotFoundError as e:
-            raise PlanError(f"plan file not found: {path}") from e
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PlanError(f"{path} is not valid JSON ({e}); recompile the model") from e
+        d = read_document(path, FORMAT, VERSION, PlanError, "compile the model again",
+                          missing=f"plan file not found: {path}")  # fmt: skip
         return cls.from_dict(d, str(path))
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "plan") -> Plan:
         """A plan from its JSON document (`where` names it in errors), checked."""
-        if not isinstance(d, dict) or d.get("format") != FORMAT:
-            raise PlanError(f"{where} is not a tapml plan")
-        if d.get("version") != VERSION:
-            raise PlanError(
-                f"{where} has plan version {d.get('version')}, this tapml reads version "
-                f"{VERSION}; recompile the model"
-            )
+        check_document(d, where, FORMAT, VERSION, PlanError, "compile the model again")
         plan = cls(d["buffers"], d["storages"], d["functions"], d["model"])
         plan.validate(where)
         return plan

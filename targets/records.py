@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from tapml.errors import ExecutorError
-from tapml.fileio import write_atomic
+from tapml.fileio import parse_document, read_document, write_atomic
 
 FORMAT, VERSION = "tapml-kernels", 1
 
@@ -25,28 +25,21 @@ def write_records(records: dict[str, dict], target: str, tvm_target: str, path: 
 
 def load_records(path: Path) -> dict[str, dict]:
     """The kernel records of a GPU target's kernels file, checked."""
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError as e:
-        raise ExecutorError(f"kernels file not found: {path}") from e
-    except UnicodeDecodeError as e:
-        raise ExecutorError(f"{path} is corrupt ({e}); compile the model again") from e
-    return parse_records(text, str(path))
+    document = read_document(path, FORMAT, VERSION, ExecutorError, "compile the model again",
+                             missing=f"kernels file not found: {path}")  # fmt: skip
+    return _kernels(document, str(path))
 
 
 def parse_records(text: str, where: str) -> dict[str, dict]:
     """The kernel records in a kernels file's text (`where` names it in errors), checked."""
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ExecutorError(f"{where} is corrupt ({e}); compile the model again") from e
-    if (
-        not isinstance(document, dict)
-        or document.get("format") != FORMAT
-        or document.get("version") != VERSION
-        or not isinstance(document.get("kernels"), dict)
-    ):
-        raise ExecutorError(f"{where} is not a tapml kernels file of version {VERSION}")
+    document = parse_document(text, where, FORMAT, VERSION, ExecutorError,
+                              "compile the model again")  # fmt: skip
+    return _kernels(document, where)
+
+
+def _kernels(document: dict, where: str) -> dict[str, dict]:
+    if not isinstance(document.get("kernels"), dict):
+        raise ExecutorError(f"{where} has no kernel records; compile the model again")
     return document["kernels"]
 
 

@@ -97,7 +97,7 @@ def test_artifact_config_errors(tmp_path):
     with pytest.raises(TapmlError, match="not a compiled tapml model"):
         describe(tmp_path)
     (tmp_path / CONFIG_FILE).write_text(json.dumps({"format": "other"}))
-    with pytest.raises(TapmlError, match="not a tapml artifact"):
+    with pytest.raises(TapmlError, match="not a tapml-artifact file"):
         describe(tmp_path)
 
 
