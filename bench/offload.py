@@ -6,7 +6,8 @@ For each N, the candidate set is the first N kernels of the plan order (the othe
 llvm) and the last of them is broken (an off-by-one position in its WGSL, or a flipped sign
 in an output when it has no position); offloading runs on a wgpu device agent on loopback.
 Reported per N: evaluation runs (bound ceil(log2 N) + 2), wall time, seconds per run, and
-buffer moves. Then the agent's per-call overhead: a launch round trip, and the largest weight's upload.
+buffer moves. Then the agent's per-call overhead: a launch round trip, and the upload of
+the largest weight.
 """
 
 from __future__ import annotations
