@@ -241,6 +241,10 @@ class AgentExecutor(Executor):
         """Seconds the call takes on the device, network time excluded."""
         return self._call("time_call", function, index, _json(scalars))
 
+    def device_info(self) -> dict[str, Any]:
+        """The agent's report (protocol, backend, device, limits), asked anew: one round trip."""
+        return json.loads(self._call("info"))
+
     def close(self) -> None:
         """End the session: the agent frees the plan's buffers."""
         conn, self._conn = getattr(self, "_conn", None), None

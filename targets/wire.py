@@ -41,6 +41,9 @@ def bounded_channel(sock: socket.socket):
     (a small compressed frame can inflate to any size)."""
     from rpyc.core import Channel, SocketStream
 
+    # rpyc writes a frame in pieces; Nagle would hold the last one for the peer's delayed ACK
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     class BoundedChannel(Channel):
         def recv(self) -> bytes:
             length, compressed = self.FRAME_HEADER.unpack(self.stream.read(self.FRAME_HEADER.size))
