@@ -62,6 +62,10 @@ class Agent:
         if self.backend not in BACKENDS:
             raise DeviceError(f"unknown backend {self.backend!r}; choose one of: "
                               f"{', '.join(BACKENDS)}")  # fmt: skip
+        if self.backend == "llvm":
+            from .llvm import use_threads
+
+            use_threads(None)  # one per physical core, as local commands run (TVM: half the CPUs)
         self.info = {"protocol": wire.VERSION, "backend": self.backend,
                      "targets": list(BACKENDS[self.backend]),
                      "trust_native_code": self.trust_native_code, "chunk": wire.CHUNK,
