@@ -32,13 +32,19 @@ def _guarded(method: Callable) -> Callable:
     def call(self: TvmRpcExecutor, *args: Any, **kwargs: Any) -> Any:
         if self._session is None:
             raise DeviceLost(f"the TVM RPC session with {self.url} is closed; open it again")
+        if self._within:  # run calls upload: the error names the method the caller called
+            return method(self, *args, **kwargs)
+        self._within = True
         try:
             return method(self, *args, **kwargs)
         except TapmlError:
             raise
         except Exception as e:  # TVM raises its own error types (RPCError, TVMError)
+            self.close()
             raise DeviceLost(f"lost the TVM RPC server at {self.url} during "
                              f"{method.__name__}: {_last_line(e)}") from e  # fmt: skip
+        finally:
+            self._within = False
 
     return call
 
@@ -47,7 +53,7 @@ class TvmRpcExecutor(TvmRuntimeExecutor):
     """Runs the plan with the llvm kernel library loaded by a remote TVM RPC server."""
 
     def __init__(self, address: DeviceAddress, plan: Plan, library: Path, *, timeout: float):
-        self.url, self.timeout = address.url, timeout
+        self.url, self.timeout, self._within = address.url, timeout, False
         self._session = _with_timeout(lambda: _session(address), timeout, address.url)
         try:
             super().__init__(plan, library, "cpu")

@@ -120,8 +120,10 @@ def test_killed_rpc_server_is_device_lost(rpc_server, tiny_artifact):
     executor = open_executor(url, "llvm", plan, artifact)
     executor.load_params(params)
     stop(process)
-    with pytest.raises(DeviceLost, match=f"lost the TVM RPC server at {url}"):
+    with pytest.raises(DeviceLost, match=f"lost the TVM RPC server at {url} during run"):
         executor.run("decode", {"pos": 0}, {"decode.token": np.array([1], "int32")})
+    with pytest.raises(DeviceLost, match="session .* is closed"):
+        executor.download("k_cache_0")
 
 
 def test_rpc_devices_run_llvm_kernels_only(tiny_artifact):
