@@ -265,3 +265,20 @@ def test_a_suite_replays_on_an_android_bundles_kernels(tiny_suite, tiny_artifact
     code, output, report = tapml_test([str(tiny_suite), "--bundle", str(bundle)])
     assert code == 0, output
     assert report["target"] == "opencl" and report["passed"]
+
+
+def test_a_suite_replays_bit_exactly_on_a_tvm_rpc_server(tiny_suite, tiny_artifact):
+    from test_tvm_rpc import free_port, start, stop, wait_listening
+
+    port = free_port()
+    server = start("rpc_server", "--port", str(port), "--port-end", str(port + 1))
+    try:
+        wait_listening(port)
+        code, output, report = tapml_test([str(tiny_suite), "--device",
+                                           f"tvm-rpc://127.0.0.1:{port}", "--bundle",
+                                           str(tiny_artifact("q4f32_1"))])  # fmt: skip
+    finally:
+        stop(server)
+    assert code == 0, output
+    assert report["exact"] and report["passed"]  # llvm kernels, as carved: bit for bit
+    assert all(c["max_abs"] == 0 for c in report["calls"])
