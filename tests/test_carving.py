@@ -81,6 +81,17 @@ def test_scenarios_cover_chat_long_json_and_multilingual():
         select(("nope",))
 
 
+def test_carving_on_a_source_that_cannot_execute_here_fails_before_compiling(tmp_path):
+    from tapml.targets import TARGETS, executes_here
+
+    if executes_here(TARGETS["cuda"])[0]:
+        pytest.skip("this machine runs cuda")
+    result = CliRunner().invoke(main, ["carve", "smollm2-135m", "--source", "cuda", "-o",
+                                       str(tmp_path / "suite")])  # fmt: skip
+    assert result.exit_code == 1 and "cannot carve on cuda here" in result.output
+    assert not (tmp_path / "suite").exists()
+
+
 def test_matches_is_substring_or_glob():
     assert matches("attn", "attention") is False and matches("atten", "attention")
     assert matches("rope?", "rope1") and not matches("rope?", "rope")

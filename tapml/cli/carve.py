@@ -58,8 +58,12 @@ def command(obj, model, source, quantization, scenarios, prompts, prompt_files,
     from tapml.carving.carve import carve
     from tapml.carving.scenarios import select
     from tapml.compiler import describe
+    from tapml.targets import executes_here, get_target
     from tapml.targets.llvm import use_threads
 
+    runs, why = executes_here(get_target(source))
+    if not runs:
+        raise click.ClickException(f"cannot carve on {source} here: {why}")
     use_threads(threads)
     texts = list(prompts) + [p.read_text() for p in prompt_files]
     chosen = select(tuple(scenarios), tuple(texts))
