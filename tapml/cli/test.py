@@ -46,8 +46,10 @@ def command(obj, suite, target, pattern, bundle, device_url, report_dir) -> None
     from tapml.carving.suite import Suite
 
     loaded = Suite.load(suite)
-    artifact, target = _artifact(loaded, target, bundle, obj["progress"])
-    open_executor, device = _executors(target, artifact, device_url)
+    target = _target(target, bundle)
+    device = _device(target, device_url)  # before compiling: fail fast where it cannot run
+    artifact = bundle or _compiled(loaded, target, obj["progress"])
+    open_executor = _executors(target, artifact, device_url)
     result = replay(loaded, target, open_executor, device, lambda k: matches(pattern, k),
                     obj["progress"])
     if not result.calls:
@@ -61,39 +63,54 @@ def command(obj, suite, target, pattern, bundle, device_url, report_dir) -> None
         sys.exit(1)
 
 
-def _artifact(suite, target: str | None, bundle: Path | None, progress: bool):
-    """The compiled artifact whose kernels are tested, and its target."""
-    from tapml.api import ensure_compiled
+def _target(target: str | None, bundle: Path | None) -> str:
+    """The target to test: --target, or the one the bundle's kernels were compiled for."""
     from tapml.compiler import describe
 
-    if bundle is not None:
-        built_for = describe(bundle)["options"]["target"]
-        if target not in (None, built_for):
-            raise click.ClickException(f"{bundle} holds {built_for} kernels, not {target}")
-        return bundle, built_for
-    if target is None:
-        raise click.ClickException("say which target to test: --target (or --bundle DIR)")
+    if bundle is None:
+        if target is None:
+            raise click.ClickException("say which target to test: --target (or --bundle DIR)")
+        return target
+    built_for = describe(bundle)["options"]["target"]
+    if target not in (None, built_for):
+        raise click.ClickException(f"{bundle} holds {built_for} kernels, not {target}")
+    return built_for
+
+
+def _device(target: str, device_url: str | None) -> str:
+    """What the kernels run on, for the report; an error if they cannot run here."""
+    from tapml.targets import executes_here, get_target
+
+    if device_url is None:
+        runs, device = executes_here(get_target(target))
+        if not runs:
+            raise click.ClickException(f"{target} kernels cannot execute here: {device}")
+        return device
+    from tapml.targets.remote import device_info, parse_url
+
+    if parse_url(device_url).scheme == "tapml":
+        return f"{device_info(device_url)['device']} at {device_url}"
+    return device_url
+
+
+def _compiled(suite, target: str, progress: bool) -> Path:
+    """The suite's model compiled for `target` with the suite's settings (cached)."""
+    from tapml.api import ensure_compiled
+
     m = suite.manifest
     options = m["options"]
     # the source's own CPU options must match for a bit-exact replay; other targets' defaults
     same = options["target_options"] if target == m["source"] else None
-    artifact = ensure_compiled(m["model"], target, m["quantization"], options["max_context"],
-                               options["chunk"], same, progress)  # fmt: skip
-    return artifact, target
+    return ensure_compiled(m["model"], target, m["quantization"], options["max_context"],
+                           options["chunk"], same, progress)  # fmt: skip
 
 
 def _executors(target: str, artifact: Path, device_url: str | None):
-    """A factory of executors for one-kernel plans, and the device they run on."""
-    from tapml.targets import executes_here, get_target, load_executor
-
+    """A factory of executors for one-kernel plans, on the device or here."""
     if device_url is not None:
-        from tapml.targets.remote import device_info, open_executor, parse_url
+        from tapml.targets.remote import open_executor
 
-        device = device_url
-        if parse_url(device_url).scheme == "tapml":
-            device = f"{device_info(device_url)['device']} at {device_url}"
-        return (lambda plan: open_executor(device_url, target, plan, artifact)), device
-    runs, device = executes_here(get_target(target))
-    if not runs:
-        raise click.ClickException(f"{target} kernels cannot execute here: {device}")
-    return (lambda plan: load_executor(target, plan, artifact)), device
+        return lambda plan: open_executor(device_url, target, plan, artifact)
+    from tapml.targets import load_executor
+
+    return lambda plan: load_executor(target, plan, artifact)
