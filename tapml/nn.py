@@ -212,18 +212,28 @@ def kv_write(cache: nn.Tensor, new: nn.Tensor, pos: tirx.Var, n_valid) -> nn.Ten
     return op.tensor_ir_inplace_op(write, "kv_write", [cache, new, pos, n_valid], [0], out)
 
 
+# Attention visits cache positions in tiles of TILE (one softmax rescale per tile) and sums a
+# dot product in PART partial sums: fixed-width loops with no loop-carried dependency, which a
+# CPU schedule turns into vector instructions and a GPU thread runs as plain loops.
+ATTENTION_TILE = 16
+ATTENTION_PART = 16
+
+
 def attention(q: nn.Tensor, k_cache: nn.Tensor, v_cache: nn.Tensor, pos: tirx.Var) -> nn.Tensor:
     """Causal attention of q [s, H, D] (positions pos..) over the cache -> [s, H*D].
 
     Query row i sees cache rows 0..pos+i; the loops stop there, so the cost grows with the
-    context used, not with the cache's size. Softmax is computed online in float32. Each
-    (row, head) is independent: targets' schedules spread them over threads.
+    context used, not with the cache's size. Softmax is computed online in float32, one tile
+    of positions at a time. Each (row, head) is independent: targets' schedules spread them
+    over threads.
     """
     rows, heads, dim = (int(x) for x in q.shape)
     max_ctx, kv_heads = int(k_cache.shape[0]), int(k_cache.shape[1])
     group = heads // kv_heads
     scale = 1.0 / math.sqrt(dim)
     dtype = q.dtype
+    tile, part = ATTENTION_TILE, ATTENTION_PART
+    chunks, rest = dim // part, dim % part  # the dot product: whole PART chunks, then the rest
     i64 = T.int64
 
     @T.prim_func(private=True, s_tir=True)
@@ -240,33 +250,63 @@ def attention(q: nn.Tensor, k_cache: nn.Tensor, v_cache: nn.Tensor, pos: tirx.Va
                 T.reads(q_in[i, h, 0:dim], kc[0:max_ctx, 0:kv_heads, 0:dim],
                         vc[0:max_ctx, 0:kv_heads, 0:dim])  # fmt: skip
                 T.writes(out[i, h * dim : h * dim + dim])
-                run_max = T.alloc_buffer((1,), "float32", scope="local")
-                run_sum = T.alloc_buffer((1,), "float32", scope="local")
+                qf = T.alloc_buffer((dim,), "float32", scope="local")
                 acc = T.alloc_buffer((dim,), "float32", scope="local")
-                score = T.alloc_buffer((1,), "float32", scope="local")
-                scaled = T.alloc_buffer((1,), "float32", scope="local")
-                run_max[0] = T.float32(-3.0e38)
-                run_sum[0] = T.float32(0)
+                partial = T.alloc_buffer((part,), "float32", scope="local")
+                half8 = T.alloc_buffer((8,), "float32", scope="local")
+                half4 = T.alloc_buffer((4,), "float32", scope="local")
+                half2 = T.alloc_buffer((2,), "float32", scope="local")
+                score = T.alloc_buffer((tile,), "float32", scope="local")
+                weight = T.alloc_buffer((tile,), "float32", scope="local")
+                # [0] running max, [1] running sum, [2] this tile's max, [3] old terms' factor
+                run = T.alloc_buffer((4,), "float32", scope="local")
+                for d in range(dim):
+                    qf[d] = T.Cast("float32", q_in[i, h, d]) * T.float32(scale)
                 for d in range(dim):
                     acc[d] = T.float32(0)
-                for j in range(p + i + 1):
-                    score[0] = T.float32(0)
+                run[0] = T.float32(-3.0e38)
+                run[1] = T.float32(0)
+                for t0 in range((p + i + tile) // tile):
+                    for t in range(tile):
+                        score[t] = T.float32(-3.0e38)  # positions past the end weigh nothing
+                    for t in range(T.min(i64(tile), p + i + 1 - t0 * tile)):
+                        for c in range(part):
+                            partial[c] = T.float32(0)
+                        for c0 in range(chunks):
+                            for c in range(part):
+                                partial[c] = partial[c] + qf[c0 * part + c] * T.Cast(
+                                    "float32", kc[t0 * tile + t, h // group, c0 * part + c]
+                                )
+                        for c in range(rest):
+                            partial[c] = partial[c] + qf[chunks * part + c] * T.Cast(
+                                "float32", kc[t0 * tile + t, h // group, chunks * part + c]
+                            )
+                        for c in range(8):
+                            half8[c] = partial[c] + partial[c + 8]
+                        for c in range(4):
+                            half4[c] = half8[c] + half8[c + 4]
+                        for c in range(2):
+                            half2[c] = half4[c] + half4[c + 2]
+                        score[t] = half2[0] + half2[1]
+                    run[2] = run[0]
+                    for t in range(tile):
+                        run[2] = T.max(run[2], score[t])
+                    for t in range(tile):
+                        weight[t] = T.exp(score[t] - run[2])
+                    run[3] = T.exp(run[0] - run[2])
+                    run[1] = run[1] * run[3]
+                    for t in range(tile):
+                        run[1] = run[1] + weight[t]
                     for d in range(dim):
-                        score[0] = score[0] + T.Cast("float32", q_in[i, h, d]) * T.Cast(
-                            "float32", kc[j, h // group, d]
-                        )
-                    # scaled[0]: the new running max; score[0] becomes the key's weight
-                    scaled[0] = T.max(run_max[0], score[0] * T.float32(scale))
-                    score[0] = T.exp(score[0] * T.float32(scale) - scaled[0])
-                    run_max[0] = T.exp(run_max[0] - scaled[0])  # the old terms' correction
-                    run_sum[0] = run_sum[0] * run_max[0] + score[0]
-                    for d in range(dim):
-                        acc[d] = acc[d] * run_max[0] + score[0] * T.Cast(
-                            "float32", vc[j, h // group, d]
-                        )
-                    run_max[0] = scaled[0]
+                        acc[d] = acc[d] * run[3]
+                    for t in range(T.min(i64(tile), p + i + 1 - t0 * tile)):
+                        for d in range(dim):
+                            acc[d] = acc[d] + weight[t] * T.Cast(
+                                "float32", vc[t0 * tile + t, h // group, d]
+                            )
+                    run[0] = run[2]
                 for d in range(dim):
-                    out[i, h * dim + d] = T.Cast(dtype, acc[d] / run_sum[0])
+                    out[i, h * dim + d] = T.Cast(dtype, acc[d] / run[1])
 
     out = nn.Tensor.placeholder([rows, heads * dim], dtype)
     return op.tensor_ir_op(attend, "attention", [q, k_cache, v_cache, pos], out)

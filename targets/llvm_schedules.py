@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import tvm
 import tvm_ffi
-from tvm import s_tir, tirx
+from tvm import s_tir, te, tirx
 from tvm.s_tir.schedule import LoopRV, SBlockRV
 
 ATTR = "tapml.schedule"
@@ -58,10 +58,12 @@ class Kernel:
 
 @dataclass
 class Rule:
-    """A named schedule rule: `apply` schedules the kernel and returns True if it matches."""
+    """A named schedule rule: `apply` schedules the kernel and returns True if it matches;
+    `finish`, if any, rewrites the scheduled PrimFunc (what schedule primitives cannot do)."""
 
     name: str
     apply: Callable[[Kernel], bool]
+    finish: Callable[[tirx.PrimFunc, Kernel], tirx.PrimFunc] | None = None
 
 
 # -- small helpers ------------------------------------------------------------------------
@@ -222,6 +224,267 @@ def _gemv(kernel: Kernel) -> bool:
     return True
 
 
+# -- packed GEMV: one output row of a matmul whose weight is unpacked from words ------------
+@dataclass
+class PackedWeight:
+    """w[n, k] = (field k % per_word of words[n, k // per_word] - offset) * scale[n, k // group]."""
+
+    words: tirx.Var
+    scale: tirx.Var
+    per_word: int
+    bits: int
+    group: int
+    offset: float
+
+
+def _packed_weight(kernel: Kernel, block: SBlockRV) -> PackedWeight | None:
+    """The packed weight a dequantization block unpacks, if its formula is exactly the one
+    PackedWeight describes (rebuilt from the constants it uses and compared structurally)."""
+    stmt = kernel.get(block)
+    if not kernel.is_simple(block) or len(stmt.iter_vars) != 2 or len(stmt.reads) != 2:
+        return None
+    n, k = (v.var for v in stmt.iter_vars)
+    value = stmt.body.value
+    sources = [r.source for r in stmt.reads]
+    words = [b for b in sources if b.dtype == "uint32"]
+    divisors = _divisors(kernel, block, k)
+    if len(words) != 1 or not divisors:
+        return None
+    (words,) = words
+    (scale,) = [b for b in sources if not b.same_as(words)]
+    per_word, group = min(divisors), max(divisors)
+    if 32 % per_word or not isinstance(value, tirx.Mul) or not isinstance(value.a, tirx.Sub):
+        return None
+    if not isinstance(value.a.b, tirx.FloatImm):
+        return None
+    w = PackedWeight(words, scale, per_word, 32 // per_word, group, float(value.a.b.value))
+    expected = _unpack(w, lambda j: words[n, j], lambda g: scale[n, g], k)
+    return w if tvm_ffi.structural_equal(expected, value) else None
+
+
+def _divisors(kernel: Kernel, block: SBlockRV, var: tirx.Var) -> list[int]:
+    """Every c in `var // c` read by the block."""
+    found = []
+
+    def visit(e):
+        if isinstance(e.b, tirx.IntImm) and e.a.same_as(var):
+            found.append(int(e.b.value))
+
+    tvm_ffi.structural_walk(kernel.get(block).body, (tirx.FloorDiv, visit))
+    return found
+
+
+def _unpack(w: PackedWeight, word, scale, k):
+    """The float32 weight at k as PackedWeight defines it (the formula tapml.nn writes);
+    `word(j)` and `scale(g)` read the buffers."""
+    f32 = "float32"
+    shift = tirx.Cast("uint32", k % w.per_word) * tirx.const(w.bits, "uint32")
+    q = (word(k // w.per_word) >> shift) & tirx.const((1 << w.bits) - 1, "uint32")
+    s = scale(k // w.group)
+    s = s if w.scale.dtype == f32 else s.astype(f32)
+    return (q.astype(f32) - tirx.const(w.offset, f32)) * s
+
+
+def _packed_gemv_te(x: te.Tensor, w: PackedWeight, words: te.Tensor, scale: te.Tensor,
+                    lanes: int) -> te.Tensor:  # fmt: skip
+    """x [1, K] @ unpacked(words, scale)^T -> [1, N] float32, arranged for vector registers.
+
+    A vector holds `lanes` consecutive words; each of a word's per_word fields is one step
+    (a uniform shift), against x permuted once per call (x_words) so that its loads are
+    contiguous. The offset and the group scale leave the inner loop:
+    sum_f x*(q - offset)*s = s*(sum_f x*q - offset*sum_f x), with sum_f x*offset once per call.
+    Whole vectors of words, then a tail of fewer words; the lanes are summed as a tree.
+    """
+    f32, pw = "float32", w.per_word
+    n_rows, n_words = (int(d) for d in words.shape)
+    whole, tail = divmod(n_words, lanes)
+    per_group = w.group // pw  # words per scale
+
+    def xf(k):
+        return x[0, k].astype(f32)
+
+    def field(n, j, f):
+        shift = f.astype("uint32") * tirx.const(w.bits, "uint32")
+        return ((words[n, j] >> shift) & tirx.const((1 << w.bits) - 1, "uint32")).astype(f32)
+
+    def sf(n, j):
+        s = scale[n, j // per_group]
+        return s if scale.dtype == f32 else s.astype(f32)
+
+    offset = tirx.const(w.offset, f32)
+    acc = None
+    if whole:
+        xw = te.compute((whole, pw, lanes), lambda o, f, i: xf((o * lanes + i) * pw + f),
+                        name="x_words")  # fmt: skip
+        f0 = te.reduce_axis((0, pw), name="f0")
+        xo = te.compute((whole, lanes), lambda o, i: te.sum(xw[o, f0, i] * offset, axis=f0),
+                        name="x_offset")  # fmt: skip
+        f1 = te.reduce_axis((0, pw), name="f1")
+        dot = te.compute(
+            (n_rows, whole, lanes),
+            lambda n, o, i: te.sum(xw[o, f1, i] * field(n, o * lanes + i, f1), axis=f1),
+            name="word_dot",
+        )
+        per_vector = lanes // per_group
+        scl = te.compute(
+            (n_rows, whole, per_vector),
+            lambda n, o, g: sf(n, o * lanes + g * per_group),
+            name="word_scale",
+        )
+
+        def vector_sum(n, i, o):
+            return scl[n, o, i // per_group] * (dot[n, o, i] - xo[o, i])
+
+        if whole == 1:  # no reduction: a block with none is simpler to schedule
+            acc = te.compute((n_rows, lanes), lambda n, i: vector_sum(n, i, 0), name="lane_sum")
+        else:
+            o = te.reduce_axis((0, whole), name="o")
+            acc = te.compute((n_rows, lanes), lambda n, i: te.sum(vector_sum(n, i, o), axis=o),
+                             name="lane_sum")  # fmt: skip
+    # the tail's words in power-of-two pieces, each added at the tree level of its width
+    pieces, j0 = {}, whole * lanes
+    for width in (1 << b for b in reversed(range(lanes.bit_length()))):
+        if tail & width:
+            pieces[width] = _tail_piece(xf, field, sf, offset, j0, width, pw, n_rows)
+            j0 += width
+    level = acc if whole else None
+    width = lanes
+    while width > 1:
+        width //= 2
+        level = _halve(level, pieces.get(width), width, n_rows)
+    return te.compute((1, n_rows), lambda _, n: level[n, 0], name="gemv")
+
+
+def _tail_piece(xf, field, sf, offset, j0: int, width: int, pw: int, n_rows: int):
+    """(n, i) -> the scaled dot product of words j0 + i (i < width) of row n, as in the main
+    part of `_packed_gemv_te`."""
+    xt = te.compute((pw, width), lambda f, i: xf((j0 + i) * pw + f), name=f"x_tail{width}")
+    f0 = te.reduce_axis((0, pw), name="f0")
+    xo = te.compute((width,), lambda i: te.sum(xt[f0, i] * offset, axis=f0),
+                    name=f"x_tail{width}_offset")  # fmt: skip
+    f1 = te.reduce_axis((0, pw), name="f1")
+    dot = te.compute((n_rows, width),
+                     lambda n, i: te.sum(xt[f1, i] * field(n, j0 + i, f1), axis=f1),
+                     name=f"tail_dot{width}")  # fmt: skip
+    return lambda n, i: sf(n, j0 + i) * (dot[n, i] - xo[i])
+
+
+def _halve(lanes: te.Tensor | None, piece, width: int, n_rows: int) -> te.Tensor | None:
+    """[N, 2 width] -> [N, width]: one step of a tree sum over the lanes, plus the tail piece
+    of this width (`piece(n, i)`), if any."""
+    if lanes is None and piece is None:
+        return None
+
+    def value(n, i):
+        if lanes is None:
+            return piece(n, i)
+        pair = lanes[n, i] + lanes[n, i + width]
+        return pair + piece(n, i) if piece is not None else pair
+
+    return te.compute((n_rows, width), value, name=f"lanes{width}")
+
+
+def _packed_gemv(kernel: Kernel) -> bool:
+    """One output row of a matmul with a packed weight: the matmul is rebuilt as
+    `_packed_gemv_te` (same result, float32 rounding aside) and its epilogue kept.
+
+    Each task computes whole rows: a row's word vectors accumulate in registers, its words'
+    fields are an unrolled sequence of shifts, and its lanes are summed at the end.
+    """
+    match = _match_matmul(kernel)
+    if match is None or match.rows != 1 or len(match.producers) != 1:
+        return False
+    packed = _packed_weight(kernel, match.producers[0])
+    lanes = kernel.lanes()
+    if packed is None or lanes < 2 or lanes & (lanes - 1):
+        return False
+    per_group = packed.group // packed.per_word
+    if packed.group % packed.per_word or lanes % per_group:
+        return False
+    work = _elements(kernel, kernel.sch.get_loops(match.reduction))
+    epilogue_names = [kernel.get(b).name_hint for b in match.epilogue]
+    func = _with_packed_gemv(kernel, match, packed, lanes)
+    kernel.sch = sch = s_tir.Schedule(func)
+    out = sch.get_sblock("gemv")
+    _, n = sch.get_loops(out)
+    names = {b: sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    row_stages = [b for b, name in names.items()
+                  if name.startswith(("lanes", "tail_dot")) or name == "lane_sum"]  # fmt: skip
+    for block in reversed(row_stages):  # consumers first
+        sch.compute_at(block, n)
+        sch.set_scope(block, 0, "global")  # "local" would allocate a workspace per row
+    if work >= PARALLEL_MIN_ELEMENTS:
+        sch.parallel(n)  # before reductions are split into init and update
+    for block in row_stages:
+        name = sch.get(block).name_hint
+        # loops of extent 1 are gone after compute_at: a row stage has 0, 1 or 2 of its own
+        own = sch.get_loops(block)[2:]
+        if name == "lane_sum":
+            i, o = own if len(own) == 2 else (own[0], None)
+            if o is not None:
+                sch.reorder(o, i)
+            for stage in ("word_dot", "word_scale"):
+                staged = sch.get_sblock(stage)
+                sch.compute_at(staged, o if o is not None else n)
+                sch.set_scope(staged, 0, "global")
+            _field_steps(sch, sch.get_sblock("word_dot"))
+            if lanes > per_group:  # else one scale per vector, and no loop to vectorize
+                sch.vectorize(sch.get_loops(sch.get_sblock("word_scale"))[-1])
+            sch.vectorize(i)
+            if o is not None:
+                sch.decompose_reduction(block, o)
+        elif name.startswith("tail_dot"):
+            _field_steps(sch, block)
+        elif own:
+            sch.vectorize(own[-1])
+    epilogue = [b for b, name in names.items() if name in epilogue_names]
+    if epilogue:
+        _vectorize_inner(kernel, _inline_chain(kernel, epilogue))
+    return True
+
+
+def _field_steps(sch: s_tir.Schedule, block: SBlockRV) -> None:
+    """A [lanes] x [fields] dot block: fields unrolled outside, lanes vectorized inside."""
+    loops = sch.get_loops(block)
+    fields = loops[-1]
+    if len(loops) > 3 and _extent(sch, loops[-2]) not in (None, 1):
+        lane = loops[-2]
+        sch.reorder(fields, lane)
+        sch.vectorize(lane)
+    sch.unroll(fields)
+    sch.decompose_reduction(block, fields)
+
+
+def _with_packed_gemv(kernel: Kernel, match: Matmul, w: PackedWeight, lanes: int
+                      ) -> tirx.PrimFunc:  # fmt: skip
+    """The kernel with its dequantization and matmul blocks replaced by `_packed_gemv_te`'s
+    blocks, which write the matmul's result buffer; the epilogue blocks stay as they are."""
+    func = kernel.sch.mod["main"]
+    reduction = kernel.get(match.reduction)
+    x = reduction.reads[_x_read(kernel, match.reduction)].source
+    result = reduction.writes[0].source
+    placeholders = [te.placeholder([int(d) for d in b.shape], b.dtype, name=b.name)
+                    for b in (x, w.words, w.scale)]  # fmt: skip
+    core = te.create_prim_func([*placeholders,
+                                _packed_gemv_te(*placeholders[:1], w, *placeholders[1:], lanes)])
+    renames = dict(zip(core.params, [x, w.words, w.scale, result], strict=True))
+    core_root = _substitute_vars(core.body.block, renames)
+    root = func.body.block
+    dequantized = kernel.get(match.producers[0]).writes[0].source
+    nests = list(root.body.seq)
+    # the root's loop nests follow its blocks' order: [producer, matmul, epilogue...]
+    epilogue = nests[len(match.producers) + 1 :]
+    allocs = [b for b in root.alloc_buffers if not b.same_as(dequantized)]
+    body = tirx.SeqStmt([*core_root.body.seq, *epilogue])
+    block = s_tir.stmt.SBlock([], [], [], "root", body,
+                              alloc_buffers=[*allocs, *core_root.alloc_buffers])  # fmt: skip
+    return func.with_body(s_tir.stmt.SBlockRealize([], True, block))
+
+
+def _substitute_vars(node, renames: dict):
+    return tvm_ffi.structural_map(node, (tirx.Var, lambda v: renames.get(v, v)))
+
+
 def _gemm(kernel: Kernel) -> bool:
     """Many output rows: vectorized along the rows, each weight element read once.
 
@@ -319,7 +582,10 @@ def _elementwise(kernel: Kernel) -> bool:
 
 # -- independent rows with opaque bodies (attention: one query row and head each) --------------
 def _independent_rows(kernel: Kernel) -> bool:
-    """A single block over spatial loops only, whose body is its own code: rows in parallel."""
+    """A single block over spatial loops only, whose body is its own code: rows in parallel.
+
+    The body's lane loops are vectorized afterwards (`_vectorize_lane_loops`).
+    """
     if len(kernel.blocks) != 1 or set(kernel.kinds(kernel.blocks[0])) != {"S"}:
         return False
     if kernel.is_simple(kernel.blocks[0]):
@@ -329,12 +595,138 @@ def _independent_rows(kernel: Kernel) -> bool:
     return True
 
 
+def _vectorize_lane_loops(func: tirx.PrimFunc, kernel: Kernel) -> tirx.PrimFunc:
+    """Vectorize the innermost loops of an opaque body that are elementwise in their variable.
+
+    A loop qualifies if its extent is static and its body is stores only, each at an index
+    that moves one to one with the loop variable, and it reads a buffer it writes only at the
+    written index: then no iteration depends on another. Such a loop runs in vectors of the
+    widest register (and a scalar remainder).
+    """
+    lanes = kernel.lanes()
+
+    def visit(loop: tirx.For) -> tirx.For:
+        if loop.kind != tirx.ForKind.SERIAL or not isinstance(loop.extent, tirx.IntImm):
+            return loop
+        if not _is_lane_loop(loop):
+            return loop
+        extent = int(loop.extent)
+        width = min(lanes, extent)
+        if width < 2:
+            return loop
+        var, dtype = loop.loop_var, str(loop.extent.ty.dtype)
+        whole, rest = divmod(extent, width)
+        outer, inner = tirx.Var(f"{var.name}_o", dtype), tirx.Var(f"{var.name}_v", dtype)
+        at = outer * tirx.const(width, dtype) + inner
+        vector = tirx.For(inner, tirx.const(0, dtype), tirx.const(width, dtype),
+                          tirx.ForKind.VECTORIZED, _substitute(loop.body, var, at))  # fmt: skip
+        loops = [tirx.For(outer, tirx.const(0, dtype), tirx.const(whole, dtype),
+                          tirx.ForKind.SERIAL, vector)]  # fmt: skip
+        if rest:
+            tail = tirx.Var(f"{var.name}_t", dtype)
+            at = tirx.const(whole * width, dtype) + tail
+            body = _substitute(loop.body, var, at)
+            loops.append(tirx.For(tail, tirx.const(0, dtype), tirx.const(rest, dtype),
+                                  tirx.ForKind.SERIAL, body))  # fmt: skip
+        return loops[0] if len(loops) == 1 else tirx.SeqStmt(loops)
+
+    return tvm_ffi.structural_map(func, (tirx.For, visit))
+
+
+def _is_lane_loop(loop: tirx.For) -> bool:
+    body = loop.body
+    stores = list(body.seq) if isinstance(body, tirx.SeqStmt) else [body]
+    if not all(isinstance(st, tirx.BufferStore) for st in stores):
+        return False
+    var = loop.loop_var
+    written = []  # (buffer, indices) of each store
+    for st in stores:
+        if not st.indices or not _plus_var(st.indices[-1], var):
+            return False
+        if any(_uses(i, var) for i in st.indices[:-1]):
+            return False
+        written.append((st.buffer, st.indices))
+    reads_ok = [True]
+
+    def check(load):
+        for buffer, indices in written:
+            if not load.source.same_as(buffer):
+                continue
+            same = len(indices) == len(load.indices) and all(
+                tvm_ffi.structural_equal(a, b) for a, b in zip(indices, load.indices, strict=True)
+            )
+            if not same:
+                reads_ok[0] = False
+
+    tvm_ffi.structural_walk(body, (tvm.ir.expr.TensorLoad, check))
+    return reads_ok[0]
+
+
+def _plus_var(expr, var: tirx.Var) -> bool:
+    """Whether `expr` is `var` plus terms free of it (so it moves one to one with `var`)."""
+    if expr.same_as(var):
+        return True
+    if isinstance(expr, tirx.Add):
+        if not _uses(expr.a, var):
+            return _plus_var(expr.b, var)
+        if not _uses(expr.b, var):
+            return _plus_var(expr.a, var)
+    return False
+
+
+def _uses(expr, var: tirx.Var) -> bool:
+    found = []
+    tvm_ffi.structural_walk(expr, (tirx.Var, lambda v: found.append(v.same_as(var))))
+    return any(found)
+
+
+def _substitute(stmt, var: tirx.Var, value):
+    return tvm_ffi.structural_map(stmt, (tirx.Var, lambda v: value if v.same_as(var) else v))
+
+
+# -- fast exp: a polynomial that vectorizes (LLVM calls expf once per lane) -------------------
+_EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+             1.6666665459e-1, 5.0000001201e-1)  # fmt: skip
+
+
+def fast_exp(x):
+    """exp(x) in float32 within 2 ulp (Cephes expf): 2^n * p(r) with x = n ln2 + r."""
+    f32 = "float32"
+    x = tirx.max(tirx.min(x, tirx.const(88.37626, f32)), tirx.const(-87.33654, f32))
+    n = tirx.floor(x * tirx.const(1.4426950408889634, f32) + tirx.const(0.5, f32))
+    # ln 2 in two parts, so that n * ln2 is exact in the first
+    r = x - n * tirx.const(0.693359375, f32) - n * tirx.const(-2.12194440e-4, f32)
+    poly = tirx.const(_EXP_POLY[0], f32)
+    for c in _EXP_POLY[1:]:
+        poly = poly * r + tirx.const(c, f32)
+    y = poly * r * r + r + tirx.const(1.0, f32)
+    bits = (n.astype("int32") + tirx.const(127, "int32")) << tirx.const(23, "int32")
+    return y * tirx.reinterpret(f32, bits)
+
+
+def _fast_math(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """float32 exp and sigmoid as `fast_exp` polynomials."""
+
+    def visit(call):
+        op = getattr(call.op, "name", None)
+        dtype = str(getattr(call.ty, "dtype", ""))
+        if op not in ("tirx.exp", "tirx.sigmoid") or dtype != "float32":
+            return call
+        (x,) = call.args
+        if op == "tirx.exp":
+            return fast_exp(x)
+        return tirx.const(1.0, "float32") / (tirx.const(1.0, "float32") + fast_exp(-x))
+
+    return tvm_ffi.structural_map(func, (tvm.ir.expr.Call, visit))
+
+
 RULES: list[Rule] = [
+    Rule("packed_gemv", _packed_gemv),
     Rule("gemv", _gemv),
     Rule("gemm", _gemm),
     Rule("row_reduction", _row_reduction),
     Rule("elementwise", _elementwise),
-    Rule("independent_rows", _independent_rows),
+    Rule("independent_rows", _independent_rows, _vectorize_lane_loops),
 ]
 
 
@@ -355,8 +747,11 @@ def schedule_func(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFu
         root = sch.get_sblock("root")
         kernel = Kernel(sch, list(sch.get_child_blocks(root)), target)
         if rule.apply(kernel):
-            return sch.mod["main"].with_attr(ATTR, rule.name)
-    return func
+            scheduled = kernel.sch.mod["main"]  # a rule may have rebuilt the kernel
+            if rule.finish is not None:
+                scheduled = rule.finish(scheduled, kernel)
+            return _fast_math(scheduled).with_attr(ATTR, rule.name)
+    return _fast_math(func)
 
 
 def schedule(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:

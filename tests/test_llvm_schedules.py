@@ -12,6 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import tvm
+import tvm_ffi
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
@@ -107,6 +108,7 @@ MATMULS = [
     ("q0f32", 1536, 576, "silu_mul"),
     ("q4f32_1", 200, 96, "add"),
     ("q4f32_1", 37, 160, None),
+    ("q4f32_1", 33, 1120, "add"),  # 8 vectors of 16 words and a tail of 12: pieces of 8 and 4
     ("q0f32", 100, 160, "add"),
     ("q0f32", 37, 100, None),
     ("q4f16_1", 200, 96, "silu_mul"),
@@ -122,7 +124,8 @@ def test_matmul(quantization, n, k, epilogue):
         lambda rows: {"x": nn.spec.Tensor([rows, k], dt), "r": nn.spec.Tensor([rows, n], dt)},
     )
     params, w = weights(quant, n, k)
-    for entry, rows, rule in (("decode", 1, "gemv"), ("prefill", CHUNK, "gemm")):
+    decode_rule = "packed_gemv" if quant.quantized else "gemv"
+    for entry, rows, rule in (("decode", 1, decode_rule), ("prefill", CHUNK, "gemm")):
         x = rng.standard_normal((rows, k)).astype(dt)
         r = rng.standard_normal((rows, n)).astype(dt)
         ref = x.astype("float32") @ w.T
@@ -152,6 +155,26 @@ def test_matmul_on_a_cpu_with_narrow_vectors():
     for entry, rows in (("decode", 1), ("prefill", 8)):
         x = rng.standard_normal((rows, 96)).astype("float32")
         arrays, _ = run(kernels[entry], [x, *params, np.zeros((rows, 40), "float32")], generic)
+        assert_close(arrays[-1], x @ w.T, "float32")
+
+
+@pytest.mark.parametrize("lanes", [4, 8])
+def test_packed_gemv_with_narrow_registers(lanes, monkeypatch):
+    """SSE and AVX2 registers: 4 or 8 words a vector (one or two scales), other tail pieces."""
+    from tapml.targets import llvm_schedules
+
+    monkeypatch.setattr(llvm_schedules.Kernel, "lanes", lambda self: lanes)
+    quant = QUANTIZATION["q4f32_1"]
+    for n, k in ((40, 96), (24, 352)):
+        kernels = entry_kernels(
+            Linear(k, n, quant, None),
+            lambda rows: {"x": nn.spec.Tensor([rows, k], "float32"),
+                          "r": nn.spec.Tensor([rows, n], "float32")},  # fmt: skip
+        )
+        params, w = weights(quant, n, k)
+        x = rng.standard_normal((1, k)).astype("float32")
+        arrays, rule = run(kernels["decode"], [x, *params, np.zeros((1, n), "float32")])
+        assert rule == "packed_gemv"
         assert_close(arrays[-1], x @ w.T, "float32")
 
 
@@ -311,28 +334,73 @@ class Attend(nn.Module):
     prefill = decode
 
 
-def test_attention_rows_run_in_parallel_and_match_numpy():
+def numpy_attention(q, kc, vc, pos):
+    rows, heads, dim = q.shape
+    group = heads // kc.shape[1]
+    out = np.zeros((rows, heads, dim))
+    for i in range(rows):
+        for h in range(heads):
+            keys, values = kc[: pos + i + 1, h // group], vc[: pos + i + 1, h // group]
+            scores = keys @ q[i, h] / np.sqrt(dim)
+            p = np.exp(scores - scores.max())
+            out[i, h] = (p / p.sum()) @ values
+    return out
+
+
+@pytest.mark.parametrize(
+    "entry,rows,dim,ctx,pos",
+    [
+        ("prefill", CHUNK, 64, 64, 5),  # positions end inside the first tile, and further
+        ("decode", 1, 64, 1024, 1000),  # a long context: many tiles, the last one partial
+        ("decode", 1, 40, 64, 33),  # a head dim that is no multiple of the partial sums
+    ],
+)
+def test_attention_rows_run_in_parallel_and_match_numpy(entry, rows, dim, ctx, pos):
+    cache = nn.spec.Tensor([ctx, 3, dim], "float32")
+    func = entry_kernels(
+        Attend(),
+        lambda r: {"q": nn.spec.Tensor([r, 9, dim], "float32"), "kc": cache, "vc": cache,
+                   "pos": int},  # fmt: skip
+    )[entry]
+    q = rng.standard_normal((rows, 9, dim)).astype("float32")
+    kc = rng.standard_normal((ctx, 3, dim)).astype("float32")
+    vc = rng.standard_normal((ctx, 3, dim)).astype("float32")
+    arrays, rule = run(func, [q, kc, vc, pos, np.zeros((rows, 9 * dim), "float32")])
+    assert rule == "independent_rows"
+    expected = numpy_attention(q, kc, vc, pos)
+    np.testing.assert_allclose(arrays[-1].reshape(rows, 9, dim), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_lane_loops_are_vectorized():
     cache = nn.spec.Tensor([64, 3, 64], "float32")
     func = entry_kernels(
         Attend(),
-        lambda rows: {
-            "q": nn.spec.Tensor([rows, 9, 64], "float32"),
-            "kc": cache,
-            "vc": cache,
-            "pos": int,
-        },
-    )["prefill"]
-    q = rng.standard_normal((CHUNK, 9, 64)).astype("float32")
-    kc = rng.standard_normal((64, 3, 64)).astype("float32")
-    vc = rng.standard_normal((64, 3, 64)).astype("float32")
-    pos = 5
-    arrays, rule = run(func, [q, kc, vc, pos, np.zeros((CHUNK, 9 * 64), "float32")])
-    assert rule == "independent_rows"
-    expected = np.zeros((CHUNK, 9, 64))
-    for i in range(CHUNK):
-        for h in range(9):
-            keys, values = kc[: pos + i + 1, h // 3], vc[: pos + i + 1, h // 3]
-            scores = keys @ q[i, h] / 8.0
-            p = np.exp(scores - scores.max())
-            expected[i, h] = (p / p.sum()) @ values
-    np.testing.assert_allclose(arrays[-1].reshape(CHUNK, 9, 64), expected, rtol=1e-4, atol=1e-5)
+        lambda r: {"q": nn.spec.Tensor([r, 9, 64], "float32"), "kc": cache, "vc": cache,
+                   "pos": int},  # fmt: skip
+    )["decode"]
+    kinds = []
+    tvm_ffi.structural_walk(
+        schedule_func(func, TARGET).body, (tvm.tirx.For, lambda f: kinds.append(f.kind))
+    )
+    assert tvm.tirx.ForKind.VECTORIZED in kinds
+
+
+# -- fast exp -------------------------------------------------------------------------------
+@pytest.mark.parametrize("fn", ["exp", "sigmoid"])
+def test_fast_exp_matches_numpy(fn):
+    """exp and sigmoid in llvm kernels are a polynomial: within a few ulp of the exact value."""
+    from tvm import te
+
+    x = te.placeholder((4096,), "float32", name="x")
+    y = te.compute(x.shape, lambda i: getattr(tvm.tirx, fn)(x[i]), name="y")
+    func = te.create_prim_func([x, y]).with_attr("global_symbol", fn)
+    xs = np.concatenate([np.linspace(-87, 88, 4090), [-200, -100, 0, 1, 100, 200]])
+    xs = xs.astype("float32")
+    arrays, rule = run(func, [xs, np.zeros_like(xs)])
+    assert rule == "elementwise"
+    exact = np.exp(np.clip(xs.astype("float64"), -700, 700))
+    if fn == "sigmoid":
+        np.testing.assert_allclose(arrays[1], exact / (1 + exact), rtol=1e-6, atol=1e-30)
+    else:
+        inside = (xs > -87) & (xs < 88)  # past these, exp is not a normal float32
+        np.testing.assert_allclose(arrays[1][inside], exact[inside], rtol=5e-7, atol=0)
