@@ -15,6 +15,7 @@ import tvm
 import tvm_ffi
 from tvm import s_tir, te, tirx
 from tvm.s_tir.schedule import LoopRV, SBlockRV
+from tvm.tirx import stmt as tirx_stmt
 
 ATTR = "tapml.schedule"
 # Below this many output elements a kernel runs on one thread: waking the pool costs more.
@@ -584,7 +585,7 @@ def _elementwise(kernel: Kernel) -> bool:
 def _independent_rows(kernel: Kernel) -> bool:
     """A single block over spatial loops only, whose body is its own code: rows in parallel.
 
-    The body's lane loops are vectorized afterwards (`_vectorize_lane_loops`).
+    The body's lane loops are vectorized afterwards (`_finish_rows`).
     """
     if len(kernel.blocks) != 1 or set(kernel.kinds(kernel.blocks[0])) != {"S"}:
         return False
@@ -593,6 +594,25 @@ def _independent_rows(kernel: Kernel) -> bool:
     loops = kernel.sch.get_loops(kernel.blocks[0])
     kernel.sch.parallel(kernel.sch.fuse(*loops) if len(loops) > 1 else loops[0])
     return True
+
+
+def _finish_rows(func: tirx.PrimFunc, kernel: Kernel) -> tirx.PrimFunc:
+    """An opaque row body's scratch arrays on the stack, its lane loops vectorized."""
+    return _vectorize_lane_loops(_local_on_stack(func), kernel)
+
+
+def _local_on_stack(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """"local" arrays as "global" ones: on a CPU, TVM allocates a small "global" array on the
+    stack, where LLVM keeps it in registers, but asks the runtime for a "local" one, once per
+    row (what a GPU keeps in registers)."""
+    allocs = []
+    tvm_ffi.structural_walk(func.body, (tirx_stmt.AllocBuffer, lambda a: allocs.append(a.buffer)))
+    renames = {
+        b: tirx.decl_buffer(b.shape, b.dtype, b.name, scope="global")
+        for b in allocs
+        if b.scope() == "local"
+    }
+    return _substitute_vars(func, renames) if renames else func
 
 
 def _vectorize_lane_loops(func: tirx.PrimFunc, kernel: Kernel) -> tirx.PrimFunc:
@@ -726,7 +746,7 @@ RULES: list[Rule] = [
     Rule("gemm", _gemm),
     Rule("row_reduction", _row_reduction),
     Rule("elementwise", _elementwise),
-    Rule("independent_rows", _independent_rows, _vectorize_lane_loops),
+    Rule("independent_rows", _independent_rows, _finish_rows),
 ]
 
 
