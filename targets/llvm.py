@@ -8,6 +8,7 @@ with the device code inside it.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Mapping
@@ -35,7 +36,7 @@ class TvmRuntimeExecutor(Executor):
         self.name = "llvm" if device == "cpu" else device
         self._device, self._lib = self._open(library, device)
         self._kernels: dict[str, Any] = {}
-        self._prepared: dict[str, list] = {}
+        self._prepared: dict[str, tuple] = {}
         for kernel in plan.kernels:
             try:
                 self._kernels[kernel] = self._lib[kernel]
@@ -71,25 +72,37 @@ class TvmRuntimeExecutor(Executor):
     def run(self, function: str, scalars: Mapping[str, int], inputs: Mapping[str, np.ndarray]
             ) -> np.ndarray:  # fmt: skip
         """Run one entry point; each call's kernel and buffers are looked up once, at its first
-        run, so that a step costs Python little more than one call per kernel."""
+        run, and each distinct scalar expression is evaluated once per run (a decode step
+        passes `pos` to some 200 calls)."""
         f = self.begin_run(function, scalars, inputs)
         if function not in self._prepared:
-            self._prepared[function] = [self._prepare(call) for call in f["calls"]]
-        for kernel, args, slots in self._prepared[function]:
-            for index, expr in slots:
-                args[index] = evaluate(expr, scalars)
+            self._prepared[function] = self._prepare(f["calls"])
+        calls, expressions = self._prepared[function]
+        values = {key: evaluate(expr, scalars) for key, expr in expressions.items()}
+        for kernel, args, slots in calls:
+            for index, key in slots:
+                args[index] = values[key]
             kernel(*args)
         return self.download(f["outputs"][0])
 
-    def _prepare(self, call: dict[str, Any]) -> tuple[Any, list[Any], list[tuple[int, Any]]]:
-        """(kernel, its argument list with buffers filled in, (index, expr) of its scalars)."""
-        args = [self.buffers[a["buffer"]] if "buffer" in a else None for a in call["args"]]
-        slots = [(i, a["scalar"]) for i, a in enumerate(call["args"]) if "buffer" not in a]
-        return self._kernels[call["kernel"]], args, slots
-
-    def _sync(self) -> None:
-        # GPU launches are asynchronous; a CPU device's sync returns at once.
-        self._device.sync()
+    def _prepare(self, calls: list[dict[str, Any]]) -> tuple[list, dict[str, Any]]:
+        """([(kernel, its argument list, [(index, key of its scalar expression)])],
+        {key: scalar expression}); constant scalars are filled in here."""
+        prepared, expressions = [], {}
+        for call in calls:
+            args, slots = [], []
+            for index, a in enumerate(call["args"]):
+                if "buffer" in a:
+                    args.append(self.buffers[a["buffer"]])
+                elif isinstance(a["scalar"], (int, float)):
+                    args.append(a["scalar"])
+                else:
+                    key = json.dumps(a["scalar"], sort_keys=True)
+                    expressions[key] = a["scalar"]
+                    slots.append((index, key))
+                    args.append(None)
+            prepared.append((self._kernels[call["kernel"]], args, slots))
+        return prepared, expressions
 
 
 class LlvmExecutor(TvmRuntimeExecutor):
