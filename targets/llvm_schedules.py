@@ -438,10 +438,29 @@ def _packed_gemv(kernel: Kernel) -> bool:
             _field_steps(sch, block)
         elif own:
             sch.vectorize(own[-1])
+    for block, name in names.items():  # x permuted and summed once per call
+        if name.startswith("x_"):
+            _lane_steps(sch, block)
     epilogue = [b for b, name in names.items() if name in epilogue_names]
     if epilogue:
         _vectorize_inner(kernel, _inline_chain(kernel, epilogue))
     return True
+
+
+def _lane_steps(sch: s_tir.Schedule, block: SBlockRV) -> None:
+    """A stage of x: its lane loop (the innermost spatial one) vectorized, and a sum over the
+    word's fields (the reduction loop of x_offset) done lane-wise, outside it."""
+    loops = sch.get_loops(block)
+    kinds = [v.iter_type for v in sch.get(block).iter_vars]
+    if kinds[-1] == tirx.IterVar.CommReduce:
+        lane, fields = loops[-2], loops[-1]
+        if len(loops) >= 2 and _extent(sch, lane) not in (None, 1):
+            sch.reorder(fields, lane)
+            sch.vectorize(lane)
+            sch.decompose_reduction(block, fields)
+        return
+    if _extent(sch, loops[-1]) not in (None, 1):
+        sch.vectorize(loops[-1])
 
 
 def _field_steps(sch: s_tir.Schedule, block: SBlockRV) -> None:
