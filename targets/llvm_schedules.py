@@ -346,7 +346,7 @@ def _packed_gemv_te(x: te.Tensor, w: PackedWeight, words: te.Tensor, scale: te.T
     pieces, j0 = {}, whole * lanes
     for width in (1 << b for b in reversed(range(lanes.bit_length()))):
         if tail & width:
-            pieces[width] = _tail_piece(xf, field, sf, offset, j0, width, pw, n_rows)
+            pieces[width] = _tail_piece(xf, field, scale, offset, j0, width, w, n_rows)
             j0 += width
     level = acc if whole else None
     width = lanes
@@ -356,9 +356,12 @@ def _packed_gemv_te(x: te.Tensor, w: PackedWeight, words: te.Tensor, scale: te.T
     return te.compute((1, n_rows), lambda _, n: level[n, 0], name="gemv")
 
 
-def _tail_piece(xf, field, sf, offset, j0: int, width: int, pw: int, n_rows: int):
+def _tail_piece(xf, field, scale: te.Tensor, offset, j0: int, width: int, w: PackedWeight,
+                n_rows: int):  # fmt: skip
     """(n, i) -> the scaled dot product of words j0 + i (i < width) of row n, as in the main
-    part of `_packed_gemv_te`."""
+    part of `_packed_gemv_te` (scales staged per row, so that lanes sharing one are a shuffle,
+    not a gather)."""
+    pw, per_group = w.per_word, w.group // w.per_word
     xt = te.compute((pw, width), lambda f, i: xf((j0 + i) * pw + f), name=f"x_tail{width}")
     f0 = te.reduce_axis((0, pw), name="f0")
     xo = te.compute((width,), lambda i: te.sum(xt[f0, i] * offset, axis=f0),
@@ -367,7 +370,11 @@ def _tail_piece(xf, field, sf, offset, j0: int, width: int, pw: int, n_rows: int
     dot = te.compute((n_rows, width),
                      lambda n, i: te.sum(xt[f1, i] * field(n, j0 + i, f1), axis=f1),
                      name=f"tail_dot{width}")  # fmt: skip
-    return lambda n, i: sf(n, j0 + i) * (dot[n, i] - xo[i])
+    first, last = j0 // per_group, (j0 + width - 1) // per_group
+    scl = te.compute((n_rows, last - first + 1),
+                     lambda n, g: scale[n, first + g].astype("float32"),
+                     name=f"tail_scale{width}")  # fmt: skip
+    return lambda n, i: scl[n, (j0 + i) // per_group - first] * (dot[n, i] - xo[i])
 
 
 def _halve(lanes: te.Tensor | None, piece, width: int, n_rows: int) -> te.Tensor | None:
@@ -410,7 +417,7 @@ def _packed_gemv(kernel: Kernel) -> bool:
     _, n = sch.get_loops(out)
     names = {b: sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
     row_stages = [b for b, name in names.items()
-                  if name.startswith(("lanes", "tail_dot")) or name == "lane_sum"]  # fmt: skip
+                  if name.startswith(("lanes", "tail_")) or name == "lane_sum"]  # fmt: skip
     for block in reversed(row_stages):  # consumers first
         sch.compute_at(block, n)
         sch.set_scope(block, 0, "global")  # "local" would allocate a workspace per row
@@ -436,6 +443,9 @@ def _packed_gemv(kernel: Kernel) -> bool:
                 sch.decompose_reduction(block, o)
         elif name.startswith("tail_dot"):
             _field_steps(sch, block)
+        elif name.startswith("tail_scale"):
+            if own:
+                sch.vectorize(own[-1])
         elif own:
             sch.vectorize(own[-1])
     for block, name in names.items():  # x permuted and summed once per call
