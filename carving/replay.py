@@ -47,26 +47,26 @@ class Report:
 
     def kernels(self) -> list[dict[str, Any]]:
         """One summary per kernel: status, worst errors, mean target and source seconds."""
-        summary: dict[str, dict[str, Any]] = {}
+        groups: dict[str, list[CallResult]] = {}
         for c in self.calls:
-            k = summary.setdefault(c.kernel, {"kernel": c.kernel, "status": "pass", "calls": 0,
-                                              "max_abs": 0.0, "max_rel": 0.0, "messages": [],
-                                              "_t": [], "_s": []})  # fmt: skip
-            k["calls"] += 1
-            k["max_abs"], k["max_rel"] = max(k["max_abs"], c.max_abs), max(k["max_rel"], c.max_rel)
-            if c.status != "pass" and k["status"] != "error":
-                k["status"] = c.status
-            if c.message and c.message not in k["messages"]:
-                k["messages"].append(c.message)
-            if c.seconds is not None:
-                k["_t"].append(c.seconds)
-            if c.source_seconds is not None:
-                k["_s"].append(c.source_seconds)
-        for k in summary.values():
-            t, s = k.pop("_t"), k.pop("_s")
-            k["seconds"] = float(np.mean(t)) if t else None
-            k["source_seconds"] = float(np.mean(s)) if s else None
-        return list(summary.values())
+            groups.setdefault(c.kernel, []).append(c)
+        return [_summary(kernel, calls) for kernel, calls in groups.items()]
+
+
+def _summary(kernel: str, calls: list[CallResult]) -> dict[str, Any]:
+    statuses = {c.status for c in calls}
+    seconds = [c.seconds for c in calls if c.seconds is not None]
+    source = [c.source_seconds for c in calls if c.source_seconds is not None]
+    return {
+        "kernel": kernel,
+        "status": next(s for s in ("error", "fail", "pass") if s in statuses),
+        "calls": len(calls),
+        "max_abs": max(c.max_abs for c in calls),
+        "max_rel": max(c.max_rel for c in calls),
+        "seconds": float(np.mean(seconds)) if seconds else None,
+        "source_seconds": float(np.mean(source)) if source else None,
+        "messages": list(dict.fromkeys(c.message for c in calls if c.message)),
+    }
 
 
 def matches(pattern: str | None, kernel: str) -> bool:
