@@ -409,6 +409,9 @@ def _packed_gemv(kernel: Kernel) -> bool:
     per_group = packed.group // packed.per_word
     if packed.group % packed.per_word or lanes % per_group:
         return False
+    root = kernel.get(kernel.sch.get_sblock("root"))
+    if not isinstance(root.body, tirx.SeqStmt) or len(root.body.seq) != len(kernel.blocks):
+        return False  # the splice below needs one loop nest per block, in block order
     work = _elements(kernel, kernel.sch.get_loops(match.reduction))
     epilogue_names = [kernel.get(b).name_hint for b in match.epilogue]
     func = _with_packed_gemv(kernel, match, packed, lanes)
