@@ -168,8 +168,8 @@ def test_packed_gemv_with_narrow_registers(lanes, monkeypatch):
     for n, k in ((40, 96), (24, 352)):
         kernels = entry_kernels(
             Linear(k, n, quant, None),
-            lambda rows: {"x": nn.spec.Tensor([rows, k], "float32"),
-                          "r": nn.spec.Tensor([rows, n], "float32")},  # fmt: skip
+            lambda rows, n=n, k=k: {"x": nn.spec.Tensor([rows, k], "float32"),
+                                    "r": nn.spec.Tensor([rows, n], "float32")},  # fmt: skip
         )
         params, w = weights(quant, n, k)
         x = rng.standard_normal((1, k)).astype("float32")
