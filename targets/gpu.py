@@ -50,7 +50,7 @@ def schedule(name: str, func: tirx.PrimFunc, target: tvm.target.Target) -> tuple
             continue
         mod = tvm.IRModule({name: func.with_attr("global_symbol", name)})
         try:
-            with _schedule_target(target):
+            with target:
                 mod = dl.ApplyDefaultSchedule(*rules())(mod)
             _lower(mod, target)  # fail here, not in the executor, if it does not lower
             return label, mod
@@ -59,20 +59,6 @@ def schedule(name: str, func: tirx.PrimFunc, target: tvm.target.Target) -> tuple
                 f"{label}: {type(e).__name__}: {(str(e).strip() or '?').splitlines()[-1][:200]}"
             )
     raise CompileError(f"kernel {name} cannot be scheduled for {target.kind.name}: {errors}")
-
-
-def _schedule_target(target: tvm.target.Target) -> tvm.target.Target:
-    """The target dlight's rules see. dlight tunes its GEMV for named GPU kinds only and gives
-    WebGPU the generic one-row-per-workgroup GEMV (49,152 workgroups for SmolLM2's output
-    layer); WebGPU runs on Vulkan-class GPUs, so it is scheduled as Vulkan within its own
-    limits (several rows per workgroup, the vector staged in workgroup memory)."""
-    if target.kind.name != "webgpu":
-        return target
-    return tvm.target.Target({
-        "kind": "vulkan", "max_num_threads": int(target.attrs["max_num_threads"]),
-        "max_shared_memory_per_block": int(target.attrs["max_shared_memory_per_block"]),
-        "supports_float16": False, "supports_int64": False,
-    })  # fmt: skip
 
 
 def _lower(mod: tvm.IRModule, target: tvm.target.Target):
