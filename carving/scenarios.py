@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tapml.errors import TapmlError
-from tapml.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from tapml.tokenizer import Tokenizer
 
 DECODE_STEPS = 8  # greedy tokens generated after each prompt
 

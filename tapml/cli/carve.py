@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from tapml.carving.scenarios import SCENARIOS
 from tapml.quantization import QUANTIZATION
 
 from .options import threads_option
@@ -22,8 +23,8 @@ from .options import threads_option
     help="Weight format [default: the source's default, q4f32_1 on llvm].",
 )
 @click.option(
-    "--scenario", "scenarios", multiple=True, metavar="NAME",
-    help="A built-in scenario: chat, long, json, multilingual (repeatable) [default: all].",
+    "--scenario", "scenarios", multiple=True, type=click.Choice(list(SCENARIOS)),
+    help="A built-in scenario (repeatable) [default: all of them].",
 )
 @click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
               help="Carve a run of this prompt too (repeatable).")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from tapml.carving.scenarios import SCENARIOS
 from tapml.quantization import QUANTIZATION
 from tapml.targets import TARGETS
 
@@ -30,7 +31,8 @@ def migration_options(f):
                 help="Offload order: the plan's first-use order, or grouped by kernel kind "
                 "(embedding, norms, rope, KV writes, attention, matmuls).",
             ),
-            click.option("--scenario", default="chat", show_default=True,
+            click.option("--scenario", type=click.Choice(list(SCENARIOS)), default="chat",
+                         show_default=True,
                          help="The built-in scenario whose prompt the evaluation runs use."),
             click.option("--prompt", default=None, metavar="TEXT",
                          help="Evaluate on this prompt instead of the scenario's."),
