@@ -41,6 +41,12 @@ class Run:
     scalars: dict[str, int]
     tokens: np.ndarray | None  # prefill's padded chunk; decode feeds the last greedy token
 
+    def inputs(self, token: int | None = None) -> dict[str, np.ndarray]:
+        """The run's input: its prefill chunk, or `token` for a decode step."""
+        if self.tokens is not None:
+            return {"prefill.tokens": self.tokens}
+        return {"decode.token": np.array([token], "int32")}
+
 
 @dataclass(frozen=True)
 class Event:
@@ -105,12 +111,12 @@ def choose(candidates: list[Event], limit: int) -> list[Event]:
     return chosen
 
 
-def select(plan: Plan, runs: list[Run], limit: int) -> tuple[set[tuple[int, int]], dict]:
-    """The (step, call index) pairs to record, and how many calls each kernel makes."""
+def select(plan: Plan, runs: list[Run], limit: int) -> tuple[dict[tuple[int, int], Event], dict]:
+    """The calls to record by (step, call index), and how many calls each kernel makes."""
     by_kernel: dict[str, list[Event]] = defaultdict(list)
     for e in events(plan, runs):
         by_kernel[e.kernel].append(e)
-    keep = {(e.step, e.index) for group in by_kernel.values() for e in choose(group, limit)}
+    keep = {(e.step, e.index): e for group in by_kernel.values() for e in choose(group, limit)}
     return keep, {k: len(group) for k, group in by_kernel.items()}
 
 
@@ -119,6 +125,7 @@ class Carver:
 
     def __init__(self, engine, store: ArrayStore, limit: int):
         self.engine, self.store, self.limit = engine, store, limit
+        self.fresh = {f: fresh_outputs(engine.plan, f) for f in engine.plan.functions}
 
     def scenario(self, scenario: Scenario, progress: Any = None) -> dict[str, Any]:
         engine = self.engine
@@ -135,11 +142,9 @@ class Carver:
         calls, seen, generated = [], set(), []
         logits = None
         for run in runs:
-            if run.tokens is not None:
-                inputs = {"prefill.tokens": run.tokens}
-            else:
+            if run.function == "decode":
                 generated.append(int(np.argmax(logits)))
-                inputs = {"decode.token": np.array([generated[-1]], "int32")}
+            inputs = run.inputs(generated[-1] if generated else None)
             logits = self._run(scenario, run, inputs, keep, calls, seen)[0]
             if progress is not None:
                 progress.update(1)
@@ -151,11 +156,10 @@ class Carver:
             "calls": calls,
         }
 
-    def _run(self, scenario: Scenario, run: Run, inputs: dict, keep: set, calls: list,
+    def _run(self, scenario: Scenario, run: Run, inputs: dict, keep: dict, calls: list,
              seen: set) -> np.ndarray:  # fmt: skip
         executor, plan = self.engine.executor, self.engine.plan
-        layers = {e.index: e.layer for e in events(plan, [run])}
-        fresh = fresh_outputs(plan, run.function)
+        fresh = self.fresh[run.function]
         f = executor.begin_run(run.function, run.scalars, inputs)
         for index, call in enumerate(f["calls"]):
             if (run.step, index) not in keep:
@@ -186,7 +190,8 @@ class Carver:
             calls.append({
                 "id": f"{scenario.name}/{run.step}/{index}",
                 "kernel": call["kernel"], "scenario": scenario.name, "function": run.function,
-                "step": run.step, "index": index, "layer": layers[index], "scalars": run.scalars,
+                "step": run.step, "index": index, "layer": keep[run.step, index].layer,
+                "scalars": run.scalars,
                 "args": args, "source_seconds": seconds,
             })  # fmt: skip
         return executor.download(f["outputs"][0])

@@ -142,11 +142,9 @@ def forward(split: SplitRun, runs: list[Run], offloaded: frozenset[str],
     logits: list[np.ndarray] = []
     fed: list[int] = []
     for run in runs:
-        if run.tokens is not None:
-            inputs = {"prefill.tokens": run.tokens}
-        else:
+        if run.function == "decode":
             fed.append(tokens[len(fed)] if tokens is not None else int(np.argmax(logits[-1])))
-            inputs = {"decode.token": np.array([fed[-1]], "int32")}
+        inputs = run.inputs(fed[-1] if fed else None)
         logits.append(split.run(run.function, run.scalars, inputs, offloaded)[0])
     return logits, fed
 
