@@ -34,7 +34,7 @@ FORMAT, VERSION = "tapml-offload", 1
 # max |logit - source logit| / max |source logit| over every run of an evaluation
 TOLERANCES = {"float32": 2e-3, "float16": 2e-2}
 # --order kind: kernels grouped by what they do, the simplest first
-KINDS = ("take", "norm", "rope", "kv_write", "attention", "last_valid_row", "matmul")
+KINDS = ("take", "norm", "rope", "kv_write", "attention", "silu", "last_valid_row", "matmul")
 SOURCE, TARGET = "source", "target"
 
 

@@ -92,6 +92,21 @@ def _cast(t: te.Tensor, dtype: str) -> te.Tensor:
     return te.compute(t.shape, lambda *i: t(*i).astype(dtype), name="cast")
 
 
+def silu_multiply(gate_up: nn.Tensor) -> nn.Tensor:
+    """[s, 2I] (gate, then up) -> silu(gate) * up [s, I], computed in float32."""
+
+    def compute(x: te.Tensor):
+        half = x.shape[1] // 2
+
+        def value(i, j):
+            gate, up = x[i, j].astype(ACC), x[i, j + half].astype(ACC)
+            return (gate * tirx.sigmoid(gate) * up).astype(x.dtype)
+
+        return te.compute((x.shape[0], half), value, name="silu_multiply")
+
+    return op.tensor_expr_op(compute, "silu_multiply", [gate_up])
+
+
 class Embedding(nn.Module):
     """Token embedding; with tied weights it is also the output layer (`project`)."""
 
@@ -160,8 +175,9 @@ class RotaryTables(nn.Module):
         self.cos = nn.Parameter((max_context, head_dim // 2), "float32")
         self.sin = nn.Parameter((max_context, head_dim // 2), "float32")
 
-    def forward(self, x: nn.Tensor, pos: tirx.Var) -> nn.Tensor:
-        """x [s, heads, head_dim] at positions pos..pos+s-1, rotated over adjacent pairs."""
+    def forward(self, x: nn.Tensor, pos: tirx.Var, heads: int) -> nn.Tensor:
+        """x [s, H, head_dim] at positions pos..pos+s-1, its first `heads` heads rotated over
+        adjacent pairs and the others copied (the V part of a fused QKV projection)."""
 
         def compute(x_te: te.Tensor, cos: te.Tensor, sin: te.Tensor, p: tirx.Var):
             def rotate(i, h, d):
@@ -170,7 +186,7 @@ class RotaryTables(nn.Module):
                 even = x_te[i, h, pair * 2].astype(ACC)
                 odd = x_te[i, h, pair * 2 + 1].astype(ACC)
                 out = tirx.Select(d % 2 == 0, even * c - odd * s, even * s + odd * c)
-                return out.astype(x_te.dtype)
+                return tirx.Select(h < heads, out.astype(x_te.dtype), x_te[i, h, d])
 
             return te.compute(x_te.shape, rotate, name="rope")
 
@@ -186,25 +202,27 @@ def rotary_tables(max_context: int, head_dim: int, theta: float):
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def kv_write(cache: nn.Tensor, new: nn.Tensor, pos: tirx.Var, n_valid) -> nn.Tensor:
-    """Write rows [0, n_valid) of `new` into the cache at pos..; updates the cache in place."""
+def kv_write(cache: nn.Tensor, new: nn.Tensor, first_head: int, pos: tirx.Var, n_valid
+             ) -> nn.Tensor:  # fmt: skip
+    """Write rows [0, n_valid) of `new`'s heads first_head.. into the cache at pos..; updates
+    the cache in place."""
     max_ctx, heads, dim = (int(x) for x in cache.shape)
-    rows = int(new.shape[0])
+    rows, new_heads = int(new.shape[0]), int(new.shape[1])
     i64 = T.int64
 
     @T.prim_func(private=True, s_tir=True)
     def write(
         c: T.Buffer((i64(max_ctx), i64(heads), i64(dim)), cache.dtype),
-        n: T.Buffer((i64(rows), i64(heads), i64(dim)), cache.dtype),
+        n: T.Buffer((i64(rows), i64(new_heads), i64(dim)), cache.dtype),
         p: T.int64,
         valid: T.int64,
     ):
         for i, h, d in T.grid(valid, i64(heads), i64(dim)):
             with T.sblock("write"):
                 vi, vh, vd = T.axis.remap("SSS", [i, h, d])
-                T.reads(n[vi, vh, vd])
+                T.reads(n[vi, first_head + vh, vd])
                 T.writes(c[p + vi, vh, vd])
-                c[p + vi, vh, vd] = n[vi, vh, vd]
+                c[p + vi, vh, vd] = n[vi, first_head + vh, vd]
 
     if isinstance(n_valid, int):
         n_valid = tirx.IntImm("int64", n_valid)
@@ -219,26 +237,28 @@ ATTENTION_TILE = 16
 ATTENTION_PART = 16
 
 
-def attention(q: nn.Tensor, k_cache: nn.Tensor, v_cache: nn.Tensor, pos: tirx.Var) -> nn.Tensor:
-    """Causal attention of q [s, H, D] (positions pos..) over the cache -> [s, H*D].
+def attention(qkv: nn.Tensor, heads: int, k_cache: nn.Tensor, v_cache: nn.Tensor,
+              pos: tirx.Var) -> nn.Tensor:  # fmt: skip
+    """Causal attention of the queries, heads [0, heads) of qkv [s, H', D] (positions pos..),
+    over the cache -> [s, heads*D].
 
     Query row i sees cache rows 0..pos+i; the loops stop there, so the cost grows with the
     context used, not with the cache's size. Softmax is computed online in float32, one tile
     of positions at a time. Each (row, head) is independent: targets' schedules spread them
     over threads.
     """
-    rows, heads, dim = (int(x) for x in q.shape)
+    rows, all_heads, dim = (int(x) for x in qkv.shape)
     max_ctx, kv_heads = int(k_cache.shape[0]), int(k_cache.shape[1])
     group = heads // kv_heads
     scale = 1.0 / math.sqrt(dim)
-    dtype = q.dtype
+    dtype = qkv.dtype
     tile, part = ATTENTION_TILE, ATTENTION_PART
     chunks, rest = dim // part, dim % part  # the dot product: whole PART chunks, then the rest
     i64 = T.int64
 
     @T.prim_func(private=True, s_tir=True)
     def attend(
-        q_in: T.Buffer((i64(rows), i64(heads), i64(dim)), dtype),
+        q_in: T.Buffer((i64(rows), i64(all_heads), i64(dim)), dtype),
         kc: T.Buffer((i64(max_ctx), i64(kv_heads), i64(dim)), dtype),
         vc: T.Buffer((i64(max_ctx), i64(kv_heads), i64(dim)), dtype),
         p: T.int64,
@@ -309,7 +329,7 @@ def attention(q: nn.Tensor, k_cache: nn.Tensor, v_cache: nn.Tensor, pos: tirx.Va
                     out[i, h * dim + d] = T.Cast(dtype, acc[d] / run[1])
 
     out = nn.Tensor.placeholder([rows, heads * dim], dtype)
-    return op.tensor_ir_op(attend, "attention", [q, k_cache, v_cache, pos], out)
+    return op.tensor_ir_op(attend, "attention", [qkv, k_cache, v_cache, pos], out)
 
 
 def last_valid_row(x: nn.Tensor, n_valid: tirx.Var) -> nn.Tensor:

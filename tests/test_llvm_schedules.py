@@ -19,7 +19,7 @@ from tvm.relax.frontend.nn import op
 from tapml import lower
 from tapml import nn as tnn
 from tapml.quantization import QUANTIZATION
-from tapml.targets.llvm_schedules import ATTR, schedule_func
+from tapml.targets.llvm_schedules import ATTR, PREFETCH_BYTES, schedule_func
 
 CHUNK = 32
 MODE = {"param_mode": "plain", "effect_mode": "none"}
@@ -101,11 +101,12 @@ def weights(quant, n: int, k: int) -> tuple[list[np.ndarray], np.ndarray]:
 MATMULS = [
     # quantization, N, K, epilogue: the real shapes, then odd ones (K % 128 != 0, N not a
     # multiple of the vector width)
+    ("q4f32_1", 3072, 576, None),  # gate and up
+    ("q4f32_1", 576, 1536, "add"),  # down
+    ("q4f32_1", 960, 576, None),  # Q, K and V
+    ("q0f32", 576, 576, "add"),  # output projection
+    ("q0f32", 3072, 576, None),
     ("q4f32_1", 1536, 576, "silu_mul"),
-    ("q4f32_1", 576, 1536, "add"),
-    ("q4f32_1", 192, 576, None),
-    ("q0f32", 576, 576, None),
-    ("q0f32", 1536, 576, "silu_mul"),
     ("q4f32_1", 200, 96, "add"),
     ("q4f32_1", 37, 160, None),
     ("q4f32_1", 33, 1120, "add"),  # 8 vectors of 16 words and a tail of 12: pieces of 8 and 4
@@ -156,6 +157,24 @@ def test_matmul_on_a_cpu_with_narrow_vectors():
         x = rng.standard_normal((rows, 96)).astype("float32")
         arrays, _ = run(kernels[entry], [x, *params, np.zeros((rows, 40), "float32")], generic)
         assert_close(arrays[-1], x @ w.T, "float32")
+
+
+def test_packed_gemv_prefetches_the_weight_rows_ahead():
+    quant = QUANTIZATION["q4f32_1"]
+    kernels = entry_kernels(
+        Linear(576, 960, quant, None),
+        lambda rows: {"x": nn.spec.Tensor([rows, 576], "float32"),
+                      "r": nn.spec.Tensor([rows, 960], "float32")},  # fmt: skip
+    )
+    calls = []
+    tvm_ffi.structural_walk(schedule_func(kernels["decode"], TARGET).body,
+                            (tvm.ir.expr.Call, calls.append))  # fmt: skip
+    prefetched = [c.args[1].args[0] for c in calls if "llvm.prefetch" in str(c)]
+    # a 288-byte row of words takes 5 cache lines, its 18 scales one or two
+    assert {str(load.source) for load in prefetched} == {"lin_q_weight", "lin_q_scale"}
+    assert len(prefetched) == 5 + 2
+    ahead = PREFETCH_BYTES // 288
+    assert all(str(load.indices[0]).endswith(f"+ {ahead}") for load in prefetched)
 
 
 @pytest.mark.parametrize("lanes", [4, 8])
@@ -257,13 +276,13 @@ class Rope(nn.Module):
         self.rope = tnn.RotaryTables(max_context, head_dim)
 
     def decode(self, x, pos):
-        return self.rope(x, pos)
+        return self.rope(x, pos, 12)
 
     prefill = decode
 
 
-def test_rope():
-    heads, dim, ctx = 9, 64, 128
+def test_rope_rotates_the_first_heads_and_copies_the_rest():
+    heads, dim, ctx = 15, 64, 128  # 9 query and 3 key heads rotated, 3 value heads copied
     kernels = entry_kernels(
         Rope(ctx, dim),
         lambda rows: {"x": nn.spec.Tensor([rows, heads, dim], "float32"), "pos": int},
@@ -275,6 +294,7 @@ def test_rope():
         even, odd = x[..., 0::2], x[..., 1::2]
         ref = np.empty_like(x)
         ref[..., 0::2], ref[..., 1::2] = even * c - odd * s, even * s + odd * c
+        ref[:, 12:] = x[:, 12:]
         arrays, rule = run(kernels[entry], [x, cos, sin, pos, np.zeros_like(x)])
         assert rule == "elementwise"
         assert_close(arrays[-1], ref, "float32")
@@ -282,31 +302,51 @@ def test_rope():
 
 class KVWrite(nn.Module):
     def decode(self, cache, new, pos):
-        return tnn.kv_write(cache, new, pos, 1)
+        return tnn.kv_write(cache, new, 4, pos, 1)
 
     def prefill(self, cache, new, pos, n_valid):
-        return tnn.kv_write(cache, new, pos, n_valid)
+        return tnn.kv_write(cache, new, 4, pos, n_valid)
 
 
-def test_kv_write():
-    ctx, heads, dim = 128, 3, 64
+def test_kv_write_copies_heads_from_the_first_one():
+    ctx, heads, dim = 128, 3, 64  # heads 4..6 of 8
     kernels = entry_kernels(
         KVWrite(),
         lambda rows: {
             "cache": nn.spec.Tensor([ctx, heads, dim], "float32"),
-            "new": nn.spec.Tensor([rows, heads, dim], "float32"),
+            "new": nn.spec.Tensor([rows, 8, dim], "float32"),
             "pos": int,
             **({"n_valid": int} if rows > 1 else {}),
         },
     )
     for entry, rows, valid in (("decode", 1, 1), ("prefill", CHUNK, 20)):
         cache = rng.standard_normal((ctx, heads, dim)).astype("float32")
-        new = rng.standard_normal((rows, heads, dim)).astype("float32")
+        new = rng.standard_normal((rows, 8, dim)).astype("float32")
         ref = cache.copy()
-        ref[50 : 50 + valid] = new[:valid]
+        ref[50 : 50 + valid] = new[:valid, 4:7]
         arrays, rule = run(kernels[entry], [cache, new, 50, valid])
         assert rule == "elementwise"
         np.testing.assert_array_equal(arrays[0], ref)
+
+
+class SiluMultiply(nn.Module):
+    def decode(self, gate_up):
+        return tnn.silu_multiply(gate_up)
+
+    prefill = decode
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_silu_multiply_of_the_gate_and_up_halves(dtype):
+    kernels = entry_kernels(
+        SiluMultiply(), lambda rows: {"gate_up": nn.spec.Tensor([rows, 2 * 1536], dtype)}
+    )
+    for entry, rows in (("decode", 1), ("prefill", CHUNK)):
+        x = rng.standard_normal((rows, 2 * 1536)).astype(dtype)
+        gate, up = x[:, :1536].astype("float32"), x[:, 1536:].astype("float32")
+        arrays, rule = run(kernels[entry], [x, np.zeros((rows, 1536), dtype)])
+        assert rule == "elementwise"
+        assert_close(arrays[-1], gate / (1 + np.exp(-gate)) * up, dtype)
 
 
 class LastRow(nn.Module):
@@ -328,8 +368,10 @@ def test_last_valid_row():
 
 # -- attention: independent (row, head) pairs ------------------------------------------------
 class Attend(nn.Module):
-    def decode(self, q, kc, vc, pos):
-        return tnn.attention(q, kc, vc, pos)
+    """Attention of the first 9 heads of a fused QKV row (15 heads: 9 + 3 keys + 3 values)."""
+
+    def decode(self, qkv, kc, vc, pos):
+        return tnn.attention(qkv, 9, kc, vc, pos)
 
     prefill = decode
 
@@ -359,15 +401,15 @@ def test_attention_rows_run_in_parallel_and_match_numpy(entry, rows, dim, ctx, p
     cache = nn.spec.Tensor([ctx, 3, dim], "float32")
     func = entry_kernels(
         Attend(),
-        lambda r: {"q": nn.spec.Tensor([r, 9, dim], "float32"), "kc": cache, "vc": cache,
+        lambda r: {"qkv": nn.spec.Tensor([r, 15, dim], "float32"), "kc": cache, "vc": cache,
                    "pos": int},  # fmt: skip
     )[entry]
-    q = rng.standard_normal((rows, 9, dim)).astype("float32")
+    qkv = rng.standard_normal((rows, 15, dim)).astype("float32")
     kc = rng.standard_normal((ctx, 3, dim)).astype("float32")
     vc = rng.standard_normal((ctx, 3, dim)).astype("float32")
-    arrays, rule = run(func, [q, kc, vc, pos, np.zeros((rows, 9 * dim), "float32")])
+    arrays, rule = run(func, [qkv, kc, vc, pos, np.zeros((rows, 9 * dim), "float32")])
     assert rule == "independent_rows"
-    expected = numpy_attention(q, kc, vc, pos)
+    expected = numpy_attention(qkv[:, :9], kc, vc, pos)
     np.testing.assert_allclose(arrays[-1].reshape(rows, 9, dim), expected, rtol=1e-4, atol=1e-5)
 
 
@@ -375,7 +417,7 @@ def test_attention_lane_loops_are_vectorized():
     cache = nn.spec.Tensor([64, 3, 64], "float32")
     func = entry_kernels(
         Attend(),
-        lambda r: {"q": nn.spec.Tensor([r, 9, 64], "float32"), "kc": cache, "vc": cache,
+        lambda r: {"qkv": nn.spec.Tensor([r, 15, 64], "float32"), "kc": cache, "vc": cache,
                    "pos": int},  # fmt: skip
     )["decode"]
     kinds = []

@@ -32,13 +32,10 @@ def tiny_weights(c: LlamaConfig) -> dict[str, np.ndarray]:
     for i in range(c.num_layers):
         p = f"layers.{i}."
         w[p + "input_layernorm.weight"] = 1 + rand(c.hidden_size)
-        w[p + "self_attn.q_proj.weight"] = rand(q, c.hidden_size)
-        w[p + "self_attn.k_proj.weight"] = rand(kv, c.hidden_size)
-        w[p + "self_attn.v_proj.weight"] = rand(kv, c.hidden_size)
+        w[p + "self_attn.qkv_proj.weight"] = rand(q + 2 * kv, c.hidden_size)
         w[p + "self_attn.o_proj.weight"] = rand(c.hidden_size, q)
         w[p + "post_attention_layernorm.weight"] = 1 + rand(c.hidden_size)
-        w[p + "mlp.gate_proj.weight"] = rand(c.intermediate_size, c.hidden_size)
-        w[p + "mlp.up_proj.weight"] = rand(c.intermediate_size, c.hidden_size)
+        w[p + "mlp.gate_up_proj.weight"] = rand(2 * c.intermediate_size, c.hidden_size)
         w[p + "mlp.down_proj.weight"] = rand(c.hidden_size, c.intermediate_size)
     w["norm.weight"] = 1 + rand(c.hidden_size)
     return w

@@ -28,33 +28,28 @@ class Attention(nn.Module):
             config.num_kv_heads,
             config.head_dim,
         )
-        hidden, q_dim, kv_dim = config.hidden_size, self.heads * self.head_dim, 0
-        kv_dim = self.kv_heads * self.head_dim
-        self.q_proj = tnn.Linear(hidden, q_dim, quant)
-        self.k_proj = tnn.Linear(hidden, kv_dim, quant)
-        self.v_proj = tnn.Linear(hidden, kv_dim, quant)
+        hidden, q_dim = config.hidden_size, self.heads * self.head_dim
+        # Q, K and V in one matrix (rows in that order): one pass over x for all three
+        self.qkv_proj = tnn.Linear(hidden, q_dim + 2 * self.kv_heads * self.head_dim, quant)
         self.o_proj = tnn.Linear(q_dim, hidden, quant)
 
     def forward(self, x, k_cache, v_cache, rope, pos, n_valid):
-        s = x.shape[0]
-        q = op.reshape(self.q_proj(x), (s, self.heads, self.head_dim))
-        k = op.reshape(self.k_proj(x), (s, self.kv_heads, self.head_dim))
-        v = op.reshape(self.v_proj(x), (s, self.kv_heads, self.head_dim))
-        q, k = rope(q, pos), rope(k, pos)
-        k_cache = tnn.kv_write(k_cache, k, pos, n_valid)
-        v_cache = tnn.kv_write(v_cache, v, pos, n_valid)
-        return self.o_proj(tnn.attention(q, k_cache, v_cache, pos)), k_cache, v_cache
+        h, kv = self.heads, self.kv_heads
+        qkv = op.reshape(self.qkv_proj(x), (x.shape[0], h + 2 * kv, self.head_dim))
+        qkv = rope(qkv, pos, h + kv)
+        k_cache = tnn.kv_write(k_cache, qkv, h, pos, n_valid)
+        v_cache = tnn.kv_write(v_cache, qkv, h + kv, pos, n_valid)
+        return self.o_proj(tnn.attention(qkv, h, k_cache, v_cache, pos)), k_cache, v_cache
 
 
 class MLP(nn.Module):
     def __init__(self, config: LlamaConfig, quant: Quantization):
         hidden, inter = config.hidden_size, config.intermediate_size
-        self.gate_proj = tnn.Linear(hidden, inter, quant)
-        self.up_proj = tnn.Linear(hidden, inter, quant)
+        self.gate_up_proj = tnn.Linear(hidden, 2 * inter, quant)  # gate rows, then up rows
         self.down_proj = tnn.Linear(inter, hidden, quant)
 
     def forward(self, x):
-        return self.down_proj(op.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(tnn.silu_multiply(self.gate_up_proj(x)))
 
 
 class Block(nn.Module):

@@ -71,15 +71,13 @@ def forward(
     for i in range(c.num_layers):
         p = f"layers.{i}."
         h = rms_norm(x, w(p + "input_layernorm.weight"), c.rms_norm_eps)
-        q = linear(h, p + "self_attn.q_proj.weight").reshape(t, c.num_heads, c.head_dim)
-        k = linear(h, p + "self_attn.k_proj.weight").reshape(t, c.num_kv_heads, c.head_dim)
-        v = linear(h, p + "self_attn.v_proj.weight").reshape(t, c.num_kv_heads, c.head_dim)
+        qkv = linear(h, p + "self_attn.qkv_proj.weight").reshape(t, -1, c.head_dim)
+        q, k, v = np.split(qkv, [c.num_heads, c.num_heads + c.num_kv_heads], axis=1)
         a = attention(rope(q, c.rope_theta), rope(k, c.rope_theta), v)
         x = x + linear(a.reshape(t, -1), p + "self_attn.o_proj.weight")
 
         h = rms_norm(x, w(p + "post_attention_layernorm.weight"), c.rms_norm_eps)
-        gate = linear(h, p + "mlp.gate_proj.weight")
-        up = linear(h, p + "mlp.up_proj.weight")
+        gate, up = np.split(linear(h, p + "mlp.gate_up_proj.weight"), 2, axis=1)
         x = x + linear(silu(gate) * up, p + "mlp.down_proj.weight")
 
     x = rms_norm(x, w("norm.weight"), c.rms_norm_eps)
