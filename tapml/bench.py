@@ -49,6 +49,17 @@ def decode_param_bytes(plan: Plan) -> int:
     return sum(plan.nbytes(name) for name in used if plan.buffers[name]["kind"] == "param")
 
 
+def decode_kv_bytes(plan: Plan, first_pos: int, steps: int) -> float:
+    """Mean bytes of KV cache that decode steps at positions first_pos.. read: each step
+    reads every layer's keys and values of the positions up to its own."""
+    per_position = 0
+    for name in plan.names("state"):
+        b = plan.buffers[name]  # [kv_heads, max_context, head_dim]
+        per_position += plan.nbytes(name) // b["shape"][1]
+    mean_positions = first_pos + (steps + 1) / 2
+    return per_position * mean_positions
+
+
 def measure(
     artifact: Path,
     prompt_tokens: int = 256,
@@ -133,7 +144,8 @@ def run(engine: Engine, prompt_tokens: int = 256, decode_tokens: int = 128) -> d
 
     `peak_rss_mb` is the process's peak RSS (`reset_peak_rss` before loading the engine leaves
     out what the process held at its peak before, e.g. compiling the model).
-    `bandwidth_gb_s` is the parameter bytes one decode step reads times decode steps per second.
+    `bandwidth_gb_s` is the parameter bytes one decode step reads times decode steps per second;
+    `bandwidth_with_kv_gb_s` adds the KV cache bytes the steps read (on average).
     """
     if prompt_tokens + decode_tokens > engine.max_context:
         raise GenerationError(
@@ -154,6 +166,7 @@ def run(engine: Engine, prompt_tokens: int = 256, decode_tokens: int = 128) -> d
         logits = engine.decode(greedy(logits))
     decode_s = time.perf_counter() - start
     step_bytes = decode_param_bytes(engine.plan)
+    kv_bytes = decode_kv_bytes(engine.plan, prompt_tokens, decode_tokens)
     return {
         "prefill_tokens": prompt_tokens,
         "prefill_tok_s": prompt_tokens / prefill_s,
@@ -161,7 +174,9 @@ def run(engine: Engine, prompt_tokens: int = 256, decode_tokens: int = 128) -> d
         "decode_tok_s": decode_tokens / decode_s,
         "peak_rss_mb": peak_rss_mb(),
         "decode_bytes_per_token": step_bytes,
+        "decode_kv_bytes_per_token": kv_bytes,
         "bandwidth_gb_s": step_bytes * decode_tokens / decode_s / 1e9,
+        "bandwidth_with_kv_gb_s": (step_bytes + kv_bytes) * decode_tokens / decode_s / 1e9,
     }
 
 

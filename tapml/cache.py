@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -31,8 +32,11 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+@functools.cache
 def _source_digest() -> str:
-    """A hash of tapml's own source: a change in any compiler module invalidates artifacts."""
+    """A hash of tapml's own source: a change in any compiler module invalidates artifacts.
+    Taken once per process, so that it describes the code this process runs even if the files
+    change meanwhile."""
     import tapml.models
     import tapml.runtime
     import tapml.targets

@@ -204,15 +204,15 @@ def rotary_tables(max_context: int, head_dim: int, theta: float):
 
 def kv_write(cache: nn.Tensor, new: nn.Tensor, first_head: int, pos: tirx.Var, n_valid
              ) -> nn.Tensor:  # fmt: skip
-    """Write rows [0, n_valid) of `new`'s heads first_head.. into the cache at pos..; updates
-    the cache in place."""
-    max_ctx, heads, dim = (int(x) for x in cache.shape)
+    """Write rows [0, n_valid) of `new`'s heads first_head.. into the cache [heads, max_ctx,
+    dim] at positions pos..; updates the cache in place."""
+    heads, max_ctx, dim = (int(x) for x in cache.shape)
     rows, new_heads = int(new.shape[0]), int(new.shape[1])
     i64 = T.int64
 
     @T.prim_func(private=True, s_tir=True)
     def write(
-        c: T.Buffer((i64(max_ctx), i64(heads), i64(dim)), cache.dtype),
+        c: T.Buffer((i64(heads), i64(max_ctx), i64(dim)), cache.dtype),
         n: T.Buffer((i64(rows), i64(new_heads), i64(dim)), cache.dtype),
         p: T.int64,
         valid: T.int64,
@@ -221,34 +221,49 @@ def kv_write(cache: nn.Tensor, new: nn.Tensor, first_head: int, pos: tirx.Var, n
             with T.sblock("write"):
                 vi, vh, vd = T.axis.remap("SSS", [i, h, d])
                 T.reads(n[vi, first_head + vh, vd])
-                T.writes(c[p + vi, vh, vd])
-                c[p + vi, vh, vd] = n[vi, first_head + vh, vd]
+                T.writes(c[vh, p + vi, vd])
+                c[vh, p + vi, vd] = n[vi, first_head + vh, vd]
 
     if isinstance(n_valid, int):
         n_valid = tirx.IntImm("int64", n_valid)
-    out = nn.Tensor.placeholder([max_ctx, heads, dim], cache.dtype)
+    out = nn.Tensor.placeholder([heads, max_ctx, dim], cache.dtype)
     return op.tensor_ir_inplace_op(write, "kv_write", [cache, new, pos, n_valid], [0], out)
 
 
 # Attention visits cache positions in tiles of TILE (one softmax rescale per tile) and sums a
 # dot product in PART partial sums: fixed-width loops with no loop-carried dependency, which a
-# CPU schedule turns into vector instructions and a GPU thread runs as plain loops.
+# CPU schedule turns into vector instructions and a GPU thread runs as plain loops. A task
+# serves all the query heads that share a KV head, so each cache row is read once, and a
+# decode row splits its positions into SPLITS parts, attended separately and then combined,
+# so that the few KV heads of one row still make enough tasks for every thread.
 ATTENTION_TILE = 16
 ATTENTION_PART = 16
+ATTENTION_SPLITS = 4
 
 
 def attention(qkv: nn.Tensor, heads: int, k_cache: nn.Tensor, v_cache: nn.Tensor,
               pos: tirx.Var) -> nn.Tensor:  # fmt: skip
     """Causal attention of the queries, heads [0, heads) of qkv [s, H', D] (positions pos..),
-    over the cache -> [s, heads*D].
+    over the caches [KV heads, max_context, D] -> [s, heads*D].
 
     Query row i sees cache rows 0..pos+i; the loops stop there, so the cost grows with the
     context used, not with the cache's size. Softmax is computed online in float32, one tile
-    of positions at a time. Each (row, head) is independent: targets' schedules spread them
-    over threads.
+    of positions at a time. Each (row, KV head, part) is independent, and so is each
+    (row, head) of the combination: targets' schedules spread them over threads.
     """
+    splits = ATTENTION_SPLITS if int(qkv.shape[0]) == 1 else 1
+    parts = _attention_parts(qkv, heads, k_cache, v_cache, pos, splits)
+    return _attention_combine(parts, qkv.dtype)
+
+
+def _attention_parts(qkv: nn.Tensor, heads: int, k_cache: nn.Tensor, v_cache: nn.Tensor,
+                     pos: tirx.Var, splits: int) -> nn.Tensor:  # fmt: skip
+    """[s, heads, splits, D + 2]: for each part of a row's positions and each query head, the
+    softmax-weighted sum of values before normalization (D), the scores' max and the sum of
+    their exponentials. A task reads each cache row of its part once for all the query heads
+    of one KV head."""
     rows, all_heads, dim = (int(x) for x in qkv.shape)
-    max_ctx, kv_heads = int(k_cache.shape[0]), int(k_cache.shape[1])
+    kv_heads, max_ctx = int(k_cache.shape[0]), int(k_cache.shape[1])
     group = heads // kv_heads
     scale = 1.0 / math.sqrt(dim)
     dtype = qkv.dtype
@@ -259,77 +274,132 @@ def attention(qkv: nn.Tensor, heads: int, k_cache: nn.Tensor, v_cache: nn.Tensor
     @T.prim_func(private=True, s_tir=True)
     def attend(
         q_in: T.Buffer((i64(rows), i64(all_heads), i64(dim)), dtype),
-        kc: T.Buffer((i64(max_ctx), i64(kv_heads), i64(dim)), dtype),
-        vc: T.Buffer((i64(max_ctx), i64(kv_heads), i64(dim)), dtype),
+        kc: T.Buffer((i64(kv_heads), i64(max_ctx), i64(dim)), dtype),
+        vc: T.Buffer((i64(kv_heads), i64(max_ctx), i64(dim)), dtype),
         p: T.int64,
-        out: T.Buffer((i64(rows), i64(heads * dim)), dtype),
+        out: T.Buffer((i64(rows), i64(heads), i64(splits), i64(dim + 2)), "float32"),
     ):
-        for row, head in T.grid(i64(rows), i64(heads)):
-            with T.sblock("row"):
-                i, h = T.axis.remap("SS", [row, head])
-                T.reads(q_in[i, h, 0:dim], kc[0:max_ctx, 0:kv_heads, 0:dim],
-                        vc[0:max_ctx, 0:kv_heads, 0:dim])  # fmt: skip
-                T.writes(out[i, h * dim : h * dim + dim])
-                qf = T.alloc_buffer((dim,), "float32", scope="local")
-                acc = T.alloc_buffer((dim,), "float32", scope="local")
+        for row, kv_head, split in T.grid(i64(rows), i64(kv_heads), i64(splits)):
+            with T.sblock("part"):
+                i, kh, sp = T.axis.remap("SSS", [row, kv_head, split])
+                T.reads(q_in[i, kh * group : kh * group + group, 0:dim],
+                        kc[kh, 0:max_ctx, 0:dim], vc[kh, 0:max_ctx, 0:dim])  # fmt: skip
+                T.writes(out[i, kh * group : kh * group + group, sp, 0 : dim + 2])
+                acc = T.alloc_buffer((group, dim), "float32", scope="local")
                 partial = T.alloc_buffer((part,), "float32", scope="local")
                 half8 = T.alloc_buffer((8,), "float32", scope="local")
                 half4 = T.alloc_buffer((4,), "float32", scope="local")
                 half2 = T.alloc_buffer((2,), "float32", scope="local")
-                score = T.alloc_buffer((tile,), "float32", scope="local")
-                weight = T.alloc_buffer((tile,), "float32", scope="local")
-                # [0] running max, [1] running sum, [2] this tile's max, [3] old terms' factor
-                run = T.alloc_buffer((4,), "float32", scope="local")
-                for d in range(dim):
-                    qf[d] = T.Cast("float32", q_in[i, h, d]) * T.float32(scale)
+                score = T.alloc_buffer((group, tile), "float32", scope="local")
+                weight = T.alloc_buffer((group, tile), "float32", scope="local")
+                # per query head: [0] running max, [1] running sum, [2] this tile's max,
+                # [3] the old terms' factor
+                run = T.alloc_buffer((group, 4), "float32", scope="local")
+                # this part's `count` positions from `first`: whole tiles, the last part the
+                # rest (int32: WGSL has no 64-bit integers)
+                span: T.int32 = T.Cast("int32", (p + i + splits * tile) // (splits * tile) * tile)
+                first: T.int32 = T.Cast("int32", sp) * span
+                count: T.int32 = T.min(T.Cast("int32", p + i + 1) - first, span)
+                for g in range(group):
+                    for d in range(dim):
+                        acc[g, d] = T.float32(0)
+                    run[g, 0] = T.float32(-3.0e38)
+                    run[g, 1] = T.float32(0)
+                for t0 in range((T.max(count, 0) + tile - 1) // tile):
+                    for g in range(group):
+                        for t in range(tile):
+                            score[g, t] = T.float32(-3.0e38)  # past the end: no weight
+                    for t in range(T.min(tile, count - t0 * tile)):
+                        for g in range(group):
+                            for c in range(part):
+                                partial[c] = T.float32(0)
+                            for c0 in range(chunks):
+                                for c in range(part):
+                                    partial[c] = partial[c] + T.Cast(
+                                        "float32", q_in[i, kh * group + g, c0 * part + c]
+                                    ) * T.Cast(
+                                        "float32", kc[kh, first + t0 * tile + t, c0 * part + c]
+                                    )
+                            for c in range(rest):
+                                partial[c] = partial[c] + T.Cast(
+                                    "float32", q_in[i, kh * group + g, chunks * part + c]
+                                ) * T.Cast(
+                                    "float32", kc[kh, first + t0 * tile + t, chunks * part + c]
+                                )
+                            for c in range(8):
+                                half8[c] = partial[c] + partial[c + 8]
+                            for c in range(4):
+                                half4[c] = half8[c] + half8[c + 4]
+                            for c in range(2):
+                                half2[c] = half4[c] + half4[c + 2]
+                            score[g, t] = (half2[0] + half2[1]) * T.float32(scale)
+                    for g in range(group):
+                        run[g, 2] = run[g, 0]
+                        for t in range(tile):
+                            run[g, 2] = T.max(run[g, 2], score[g, t])
+                        for t in range(tile):
+                            weight[g, t] = T.exp(score[g, t] - run[g, 2])
+                        run[g, 3] = T.exp(run[g, 0] - run[g, 2])
+                        run[g, 1] = run[g, 1] * run[g, 3]
+                        for t in range(tile):
+                            run[g, 1] = run[g, 1] + weight[g, t]
+                        for d in range(dim):
+                            acc[g, d] = acc[g, d] * run[g, 3]
+                        run[g, 0] = run[g, 2]
+                    for t in range(T.min(tile, count - t0 * tile)):
+                        for g in range(group):
+                            for d in range(dim):
+                                acc[g, d] = acc[g, d] + weight[g, t] * T.Cast(
+                                    "float32", vc[kh, first + t0 * tile + t, d]
+                                )
+                for g in range(group):
+                    for d in range(dim):
+                        out[i, kh * group + g, sp, d] = acc[g, d]
+                    out[i, kh * group + g, sp, dim] = run[g, 0]
+                    out[i, kh * group + g, sp, dim + 1] = run[g, 1]
+
+    out = nn.Tensor.placeholder([rows, heads, splits, dim + 2], "float32")
+    return op.tensor_ir_op(attend, "attention", [qkv, k_cache, v_cache, pos], out)
+
+
+def _attention_combine(parts: nn.Tensor, dtype: str) -> nn.Tensor:
+    """The parts of each (row, head) rescaled to their common max, summed and normalized:
+    [s, heads, splits, D + 2] -> [s, heads * D]."""
+    rows, heads, splits, dim = (int(x) for x in parts.shape)
+    dim -= 2
+    i64 = T.int64
+
+    @T.prim_func(private=True, s_tir=True)
+    def combine(
+        part: T.Buffer((i64(rows), i64(heads), i64(splits), i64(dim + 2)), "float32"),
+        out: T.Buffer((i64(rows), i64(heads * dim)), dtype),
+    ):
+        for row, head in T.grid(i64(rows), i64(heads)):
+            with T.sblock("combine"):
+                i, h = T.axis.remap("SS", [row, head])
+                T.reads(part[i, h, 0:splits, 0 : dim + 2])
+                T.writes(out[i, h * dim : h * dim + dim])
+                acc = T.alloc_buffer((dim,), "float32", scope="local")
+                factor = T.alloc_buffer((splits,), "float32", scope="local")
+                # [0] the parts' max, [1] the sum of exponentials at that max
+                run = T.alloc_buffer((2,), "float32", scope="local")
+                run[0] = T.float32(-3.0e38)
+                for s in range(splits):
+                    run[0] = T.max(run[0], part[i, h, s, dim])
+                run[1] = T.float32(0)
+                for s in range(splits):
+                    factor[s] = T.exp(part[i, h, s, dim] - run[0])
+                    run[1] = run[1] + part[i, h, s, dim + 1] * factor[s]
                 for d in range(dim):
                     acc[d] = T.float32(0)
-                run[0] = T.float32(-3.0e38)
-                run[1] = T.float32(0)
-                for t0 in range((p + i + tile) // tile):
-                    for t in range(tile):
-                        score[t] = T.float32(-3.0e38)  # positions past the end weigh nothing
-                    for t in range(T.min(i64(tile), p + i + 1 - t0 * tile)):
-                        for c in range(part):
-                            partial[c] = T.float32(0)
-                        for c0 in range(chunks):
-                            for c in range(part):
-                                partial[c] = partial[c] + qf[c0 * part + c] * T.Cast(
-                                    "float32", kc[t0 * tile + t, h // group, c0 * part + c]
-                                )
-                        for c in range(rest):
-                            partial[c] = partial[c] + qf[chunks * part + c] * T.Cast(
-                                "float32", kc[t0 * tile + t, h // group, chunks * part + c]
-                            )
-                        for c in range(8):
-                            half8[c] = partial[c] + partial[c + 8]
-                        for c in range(4):
-                            half4[c] = half8[c] + half8[c + 4]
-                        for c in range(2):
-                            half2[c] = half4[c] + half4[c + 2]
-                        score[t] = half2[0] + half2[1]
-                    run[2] = run[0]
-                    for t in range(tile):
-                        run[2] = T.max(run[2], score[t])
-                    for t in range(tile):
-                        weight[t] = T.exp(score[t] - run[2])
-                    run[3] = T.exp(run[0] - run[2])
-                    run[1] = run[1] * run[3]
-                    for t in range(tile):
-                        run[1] = run[1] + weight[t]
+                for s in range(splits):
                     for d in range(dim):
-                        acc[d] = acc[d] * run[3]
-                    for t in range(T.min(i64(tile), p + i + 1 - t0 * tile)):
-                        for d in range(dim):
-                            acc[d] = acc[d] + weight[t] * T.Cast(
-                                "float32", vc[t0 * tile + t, h // group, d]
-                            )
-                    run[0] = run[2]
+                        acc[d] = acc[d] + part[i, h, s, d] * factor[s]
                 for d in range(dim):
                     out[i, h * dim + d] = T.Cast(dtype, acc[d] / run[1])
 
     out = nn.Tensor.placeholder([rows, heads * dim], dtype)
-    return op.tensor_ir_op(attend, "attention", [qkv, k_cache, v_cache, pos], out)
+    return op.tensor_ir_op(combine, "attention_combine", [parts], out)
 
 
 def last_valid_row(x: nn.Tensor, n_valid: tirx.Var) -> nn.Tensor:

@@ -660,8 +660,28 @@ def _independent_rows(kernel: Kernel) -> bool:
     if kernel.is_simple(kernel.blocks[0]):
         return False
     loops = kernel.sch.get_loops(kernel.blocks[0])
-    kernel.sch.parallel(kernel.sch.fuse(*loops) if len(loops) > 1 else loops[0])
+    row = kernel.sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    body_work = _iterations(kernel.get(kernel.blocks[0]).body)
+    if body_work is None or _extent(kernel.sch, row) * body_work >= PARALLEL_MIN_ELEMENTS:
+        kernel.sch.parallel(row)  # else a fork and join would cost more than the rows
     return True
+
+
+def _iterations(stmt: tirx.Stmt) -> int | None:
+    """How many times the innermost statements of `stmt` run, or None if a loop's extent is
+    only known at run time."""
+    if isinstance(stmt, tirx.For):
+        inner = _iterations(stmt.body)
+        if inner is None or not isinstance(stmt.extent, tirx.IntImm):
+            return None
+        return int(stmt.extent) * inner
+    if isinstance(stmt, tirx.SeqStmt):
+        counts = [_iterations(s) for s in stmt.seq]
+        return None if None in counts else sum(counts)
+    for name in ("body", "then_case"):  # a block, a let, an if: what it wraps
+        if isinstance(getattr(stmt, name, None), tirx.Stmt):
+            return _iterations(getattr(stmt, name))
+    return 1
 
 
 def _finish_rows(func: tirx.PrimFunc, kernel: Kernel) -> tirx.PrimFunc:

@@ -67,6 +67,15 @@ def test_decode_bytes_are_the_params_the_decode_function_reads(tiny_artifact):
     assert bench.decode_param_bytes(plan) == 4 * 8 * 4  # w once, through its view
 
 
+def test_kv_bytes_are_the_positions_each_decode_step_reads(tiny_artifact):
+    plan = Plan.load(tiny_artifact() / "plan.json")
+    caches = plan.names("state")
+    heads, context, dim = plan.buffers[caches[0]]["shape"]
+    per_position = len(caches) * heads * dim * 4  # float32 keys and values of every layer
+    # steps at positions 10, 11, 12 read 11, 12 and 13 positions
+    assert bench.decode_kv_bytes(plan, 10, 3) == pytest.approx(per_position * 12)
+
+
 def test_machine_bandwidth_is_positive_on_any_thread_count():
     assert bench.machine_bandwidth_gb_s(threads=1, nbytes=2**20, repeats=1) > 0
     assert bench.machine_bandwidth_gb_s(threads=3, nbytes=2**20, repeats=1) > 0

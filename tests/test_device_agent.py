@@ -90,14 +90,14 @@ def test_single_calls_run_on_the_device(wgpu_agent, tiny_artifact):
     cache, row = (a["buffer"] for a in write["args"][:2])
     b = plan.buffers[row]
     values = np.arange(np.prod(b["shape"]), dtype=b["dtype"]).reshape(b["shape"]) + 1
-    kv_heads = plan.buffers[cache]["shape"][1]  # the K heads follow the query heads in QKV
+    kv_heads = plan.buffers[cache]["shape"][0]  # the K heads follow the query heads in QKV
     first = b["shape"][1] - 2 * kv_heads
     k_row = values[0, first : first + kv_heads].reshape(-1)
     with open_executor(wgpu_agent, "webgpu", plan, artifact) as remote:
         remote.upload(row, values)
         remote.launch("decode", index, {"pos": 3})
         assert remote.time_call("decode", index, {"pos": 5}) > 0
-        rows = remote.download(cache).reshape(plan.model["max_context"], -1)
+        rows = remote.download(cache).transpose(1, 0, 2).reshape(plan.model["max_context"], -1)
         np.testing.assert_array_equal(rows[3], k_row)
         np.testing.assert_array_equal(rows[5], k_row)
         assert not rows[4].any()

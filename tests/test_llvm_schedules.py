@@ -27,28 +27,35 @@ TARGET = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_
 rng = np.random.default_rng(0)
 
 
-def entry_kernels(
+def entry_calls(
     module: nn.Module, inputs: Callable[[int], dict], chunk: int = CHUNK
-) -> dict[str, tvm.tirx.PrimFunc]:
-    """{entry point: the one kernel it calls}, lowered as the compiler lowers a model;
+) -> dict[str, list[tvm.tirx.PrimFunc]]:
+    """{entry point: the kernels it calls, in order}, lowered as the compiler lowers a model;
     `inputs(rows)` gives the entry points' input specs for one row (decode) and a chunk."""
     specs = {"decode": inputs(1), "prefill": inputs(chunk)}
     mod, _ = module.export_tvm(spec={e: {**s, "$": MODE} for e, s in specs.items()})
     fused = lower.fuse(mod)
     funcs = lower.kernel_functions(fused)
-    out = {}
-    for entry in specs:
-        called = [
-            b.value.args[0].name_hint
+    return {
+        entry: [
+            funcs[b.value.args[0].name_hint]
             for block in fused[entry].body.blocks
             for b in block.bindings
             if isinstance(b.value, tvm.relax.Call)
             and isinstance(b.value.op, tvm.ir.Op)
             and b.value.op.name.startswith("relax.call_tir")
         ]
-        assert len(called) == 1, called
-        out[entry] = funcs[called[0]]
-    return out
+        for entry in specs
+    }
+
+
+def entry_kernels(
+    module: nn.Module, inputs: Callable[[int], dict], chunk: int = CHUNK
+) -> dict[str, tvm.tirx.PrimFunc]:
+    """{entry point: the one kernel it calls} (see `entry_calls`)."""
+    calls = entry_calls(module, inputs, chunk)
+    assert all(len(funcs) == 1 for funcs in calls.values()), calls
+    return {entry: funcs[0] for entry, funcs in calls.items()}
 
 
 def run(func: tvm.tirx.PrimFunc, args: list, target=TARGET) -> tuple[list[np.ndarray], str | None]:
@@ -313,17 +320,17 @@ def test_kv_write_copies_heads_from_the_first_one():
     kernels = entry_kernels(
         KVWrite(),
         lambda rows: {
-            "cache": nn.spec.Tensor([ctx, heads, dim], "float32"),
+            "cache": nn.spec.Tensor([heads, ctx, dim], "float32"),
             "new": nn.spec.Tensor([rows, 8, dim], "float32"),
             "pos": int,
             **({"n_valid": int} if rows > 1 else {}),
         },
     )
     for entry, rows, valid in (("decode", 1, 1), ("prefill", CHUNK, 20)):
-        cache = rng.standard_normal((ctx, heads, dim)).astype("float32")
+        cache = rng.standard_normal((heads, ctx, dim)).astype("float32")
         new = rng.standard_normal((rows, 8, dim)).astype("float32")
         ref = cache.copy()
-        ref[50 : 50 + valid] = new[:valid, 4:7]
+        ref[:, 50 : 50 + valid] = new[:valid, 4:7].transpose(1, 0, 2)
         arrays, rule = run(kernels[entry], [cache, new, 50, valid])
         assert rule == "elementwise"
         np.testing.assert_array_equal(arrays[0], ref)
@@ -377,12 +384,13 @@ class Attend(nn.Module):
 
 
 def numpy_attention(q, kc, vc, pos):
+    """q [rows, heads, dim] over caches [kv_heads, ctx, dim] -> [rows, heads, dim]."""
     rows, heads, dim = q.shape
-    group = heads // kc.shape[1]
+    group = heads // kc.shape[0]
     out = np.zeros((rows, heads, dim))
     for i in range(rows):
         for h in range(heads):
-            keys, values = kc[: pos + i + 1, h // group], vc[: pos + i + 1, h // group]
+            keys, values = kc[h // group, : pos + i + 1], vc[h // group, : pos + i + 1]
             scores = keys @ q[i, h] / np.sqrt(dim)
             p = np.exp(scores - scores.max())
             out[i, h] = (p / p.sum()) @ values
@@ -395,36 +403,40 @@ def numpy_attention(q, kc, vc, pos):
         ("prefill", CHUNK, 64, 64, 5),  # positions end inside the first tile, and further
         ("decode", 1, 64, 1024, 1000),  # a long context: many tiles, the last one partial
         ("decode", 1, 40, 64, 33),  # a head dim that is no multiple of the partial sums
+        ("decode", 1, 64, 64, 2),  # fewer positions than parts: empty parts weigh nothing
     ],
 )
-def test_attention_rows_run_in_parallel_and_match_numpy(entry, rows, dim, ctx, pos):
-    cache = nn.spec.Tensor([ctx, 3, dim], "float32")
-    func = entry_kernels(
+def test_attention_parts_run_in_parallel_and_combine_to_numpy(entry, rows, dim, ctx, pos):
+    cache = nn.spec.Tensor([3, ctx, dim], "float32")
+    parts, combine = entry_calls(
         Attend(),
         lambda r: {"qkv": nn.spec.Tensor([r, 15, dim], "float32"), "kc": cache, "vc": cache,
                    "pos": int},  # fmt: skip
     )[entry]
+    splits = tnn.ATTENTION_SPLITS if rows == 1 else 1
     qkv = rng.standard_normal((rows, 15, dim)).astype("float32")
-    kc = rng.standard_normal((ctx, 3, dim)).astype("float32")
-    vc = rng.standard_normal((ctx, 3, dim)).astype("float32")
-    arrays, rule = run(func, [qkv, kc, vc, pos, np.zeros((rows, 9 * dim), "float32")])
+    kc = rng.standard_normal((3, ctx, dim)).astype("float32")
+    vc = rng.standard_normal((3, ctx, dim)).astype("float32")
+    (*_, partial), rule = run(parts, [qkv, kc, vc, pos, np.zeros((rows, 9, splits, dim + 2),
+                                                                  "float32")])  # fmt: skip
+    assert rule == "independent_rows"
+    (_, out), rule = run(combine, [partial, np.zeros((rows, 9 * dim), "float32")])
     assert rule == "independent_rows"
     expected = numpy_attention(qkv[:, :9], kc, vc, pos)
-    np.testing.assert_allclose(arrays[-1].reshape(rows, 9, dim), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out.reshape(rows, 9, dim), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_attention_lane_loops_are_vectorized():
-    cache = nn.spec.Tensor([64, 3, 64], "float32")
-    func = entry_kernels(
+    cache = nn.spec.Tensor([3, 64, 64], "float32")
+    funcs = entry_calls(
         Attend(),
         lambda r: {"qkv": nn.spec.Tensor([r, 15, 64], "float32"), "kc": cache, "vc": cache,
                    "pos": int},  # fmt: skip
     )["decode"]
-    kinds = []
-    tvm_ffi.structural_walk(
-        schedule_func(func, TARGET).body, (tvm.tirx.For, lambda f: kinds.append(f.kind))
-    )
-    assert tvm.tirx.ForKind.VECTORIZED in kinds
+    for func in funcs:
+        kinds: list = []
+        tvm_ffi.structural_walk(schedule_func(func, TARGET).body, (tvm.tirx.For, kinds.append))
+        assert tvm.tirx.ForKind.VECTORIZED in [loop.kind for loop in kinds]
 
 
 # -- fast exp -------------------------------------------------------------------------------

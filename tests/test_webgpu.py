@@ -84,12 +84,12 @@ def test_time_call_launches_one_call(gpu_artifact):
     cache, row = (a["buffer"] for a in write["args"][:2])
     b = engine.plan.buffers[row]
     values = np.arange(np.prod(b["shape"]), dtype=b["dtype"]).reshape(b["shape"]) + 1
-    kv_heads = engine.plan.buffers[cache]["shape"][1]  # the K heads follow the query heads in QKV
+    kv_heads = engine.plan.buffers[cache]["shape"][0]  # the K heads follow the query heads in QKV
     first = b["shape"][1] - 2 * kv_heads
     k_row = values[0, first : first + kv_heads].reshape(-1)
     executor.upload(row, values)
     assert executor.time_call("decode", index, {"pos": 3}) > 0
-    rows = executor.download(cache).reshape(TINY_CONTEXT, -1)
+    rows = executor.download(cache).transpose(1, 0, 2).reshape(TINY_CONTEXT, -1)
     np.testing.assert_array_equal(rows[3], k_row)
     assert not rows[4].any()
 

@@ -3,7 +3,7 @@
 Entry points (all shapes fixed at compile time; only `pos` and `n_valid` vary at run time):
   decode(token[1], pos, k0, v0, ..., params)            -> logits [1, vocab], caches
   prefill(tokens[C], pos, n_valid, k0, v0, ..., params) -> logits [1, vocab] of row n_valid-1
-Each layer's cache is [max_context, kv_heads, head_dim]; kernels write new rows in place.
+Each layer's cache is [kv_heads, max_context, head_dim]; kernels write new rows in place.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class LlamaForCausalLM(nn.Module):
 
     def export_spec(self) -> dict:
         cache = nn.spec.Tensor(
-            [self.max_context, self.config.num_kv_heads, self.config.head_dim], self.quant.dtype
+            [self.config.num_kv_heads, self.max_context, self.config.head_dim], self.quant.dtype
         )
         caches = {name: cache for name in self.cache_names()}
         mode = {"param_mode": "plain", "effect_mode": "none"}

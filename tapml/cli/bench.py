@@ -67,3 +67,10 @@ def command(
         f"{prompt_tokens}-token prompt, {decode_tokens} decode tokens, {result['threads']} "
         f"threads; memory bandwidth {result['machine_bandwidth_gb_s']:.1f} GB/s"
     )
+    machine = result["machine_bandwidth_gb_s"]
+    click.echo(
+        f"decode reads {result['decode_bytes_per_token'] / 1e6:.1f} MB of weights and "
+        f"{result['decode_kv_bytes_per_token'] / 1e6:.1f} MB of KV cache a token: "
+        f"{result['bandwidth_gb_s'] / machine:.0%} of the memory bandwidth for the weights, "
+        f"{result['bandwidth_with_kv_gb_s'] / machine:.0%} with the KV cache"
+    )
