@@ -69,6 +69,10 @@ class TvmRuntimeExecutor(Executor):
     def _launch(self, kernel: str, args: list[Any]) -> None:
         self._kernels[kernel](*args)
 
+    def _sync(self) -> None:
+        # GPU launches are asynchronous; a CPU device's sync returns at once.
+        self._device.sync()
+
     def run(self, function: str, scalars: Mapping[str, int], inputs: Mapping[str, np.ndarray]
             ) -> np.ndarray:  # fmt: skip
         """Run one entry point; each call's kernel and buffers are looked up once, at its first
