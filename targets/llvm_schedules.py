@@ -83,16 +83,21 @@ def _divisor(n: int | None, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
-def _packing(kernel: Kernel, block: SBlockRV, var: tirx.Var) -> int | None:
-    """The smallest c in `var // c` or `var % c` read by the block: values packed c per word."""
-    divisors = []
+def _divisors(kernel: Kernel, block: SBlockRV, var: tirx.Var) -> list[int]:
+    """Every c in `var // c` or `var % c` read by the block."""
+    found = []
 
     def visit(e):
         if isinstance(e.b, tirx.IntImm) and e.a.same_as(var):
-            divisors.append(int(e.b.value))
+            found.append(int(e.b.value))
 
     tvm_ffi.structural_walk(kernel.get(block).body, ((tirx.FloorDiv, tirx.FloorMod), visit))
-    return min(divisors) if divisors else None
+    return found
+
+
+def _packing(kernel: Kernel, block: SBlockRV, var: tirx.Var) -> int | None:
+    """The smallest c in `var // c` or `var % c` read by the block: values packed c per word."""
+    return min(_divisors(kernel, block, var), default=None)
 
 
 def _lanes(kernel: Kernel, block: SBlockRV, var: tirx.Var, extent: int | None) -> int:
@@ -264,18 +269,6 @@ def _packed_weight(kernel: Kernel, block: SBlockRV) -> PackedWeight | None:
     w = PackedWeight(words, scale, per_word, 32 // per_word, group, float(value.a.b.value))
     expected = _unpack(w, lambda j: words[n, j], lambda g: scale[n, g], k)
     return w if tvm_ffi.structural_equal(expected, value) else None
-
-
-def _divisors(kernel: Kernel, block: SBlockRV, var: tirx.Var) -> list[int]:
-    """Every c in `var // c` read by the block."""
-    found = []
-
-    def visit(e):
-        if isinstance(e.b, tirx.IntImm) and e.a.same_as(var):
-            found.append(int(e.b.value))
-
-    tvm_ffi.structural_walk(kernel.get(block).body, (tirx.FloorDiv, visit))
-    return found
 
 
 def _unpack(w: PackedWeight, word, scale, k):
@@ -726,14 +719,15 @@ def _vectorize_lane_loops(func: tirx.PrimFunc, kernel: Kernel) -> tirx.PrimFunc:
         whole, rest = divmod(extent, width)
         outer, inner = tirx.Var(f"{var.name}_o", dtype), tirx.Var(f"{var.name}_v", dtype)
         at = outer * tirx.const(width, dtype) + inner
+        body = _substitute_vars(loop.body, {var: at})
         vector = tirx.For(inner, tirx.const(0, dtype), tirx.const(width, dtype),
-                          tirx.ForKind.VECTORIZED, _substitute(loop.body, var, at))  # fmt: skip
+                          tirx.ForKind.VECTORIZED, body)  # fmt: skip
         loops = [tirx.For(outer, tirx.const(0, dtype), tirx.const(whole, dtype),
                           tirx.ForKind.SERIAL, vector)]  # fmt: skip
         if rest:
             tail = tirx.Var(f"{var.name}_t", dtype)
             at = tirx.const(whole * width, dtype) + tail
-            body = _substitute(loop.body, var, at)
+            body = _substitute_vars(loop.body, {var: at})
             loops.append(tirx.For(tail, tirx.const(0, dtype), tirx.const(rest, dtype),
                                   tirx.ForKind.SERIAL, body))  # fmt: skip
         return loops[0] if len(loops) == 1 else tirx.SeqStmt(loops)
@@ -786,10 +780,6 @@ def _uses(expr, var: tirx.Var) -> bool:
     found = []
     tvm_ffi.structural_walk(expr, (tirx.Var, lambda v: found.append(v.same_as(var))))
     return any(found)
-
-
-def _substitute(stmt, var: tirx.Var, value):
-    return tvm_ffi.structural_map(stmt, (tirx.Var, lambda v: value if v.same_as(var) else v))
 
 
 # -- fast exp: a polynomial that vectorizes (LLVM calls expf once per lane) -------------------
