@@ -235,7 +235,9 @@ def kv_write(cache: nn.Tensor, new: nn.Tensor, first_head: int, pos: tirx.Var, n
 # CPU schedule turns into vector instructions and a GPU thread runs as plain loops. A task
 # serves all the query heads that share a KV head, so each cache row is read once, and a
 # decode row splits its positions into SPLITS parts, attended separately and then combined,
-# so that the few KV heads of one row still make enough tasks for every thread.
+# so that the few KV heads of one row still make enough tasks for every thread. Queries and
+# cache rows are read where they lie rather than copied into per-task arrays: a GPU thread's
+# private memory must stay small (lavapipe left invocations of a 256-wide workgroup unrun).
 ATTENTION_TILE = 16
 ATTENTION_PART = 16
 ATTENTION_SPLITS = 4
