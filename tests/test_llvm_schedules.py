@@ -166,22 +166,36 @@ def test_matmul_on_a_cpu_with_narrow_vectors():
         assert_close(arrays[-1], x @ w.T, "float32")
 
 
-def test_packed_gemv_prefetches_the_weight_rows_ahead():
-    quant = QUANTIZATION["q4f32_1"]
+def qkv_gemv() -> tvm.tirx.PrimFunc:
+    """The real model's decode GEMV of Q, K and V, scheduled."""
     kernels = entry_kernels(
-        Linear(576, 960, quant, None),
+        Linear(576, 960, QUANTIZATION["q4f32_1"], None),
         lambda rows: {"x": nn.spec.Tensor([rows, 576], "float32"),
                       "r": nn.spec.Tensor([rows, 960], "float32")},  # fmt: skip
     )
+    return schedule_func(kernels["decode"], TARGET)
+
+
+def test_packed_gemv_prefetches_the_weight_rows_ahead():
     calls = []
-    tvm_ffi.structural_walk(schedule_func(kernels["decode"], TARGET).body,
-                            (tvm.ir.expr.Call, calls.append))  # fmt: skip
+    tvm_ffi.structural_walk(qkv_gemv().body, (tvm.ir.expr.Call, calls.append))
     prefetched = [c.args[1].args[0] for c in calls if "llvm.prefetch" in str(c)]
     # a 288-byte row of words takes 5 cache lines, its 18 scales one or two
     assert {str(load.source) for load in prefetched} == {"lin_q_weight", "lin_q_scale"}
     assert len(prefetched) == 5 + 2
     ahead = PREFETCH_BYTES // 288
     assert all(str(load.indices[0]).endswith(f"+ {ahead}") for load in prefetched)
+
+
+def test_packed_gemv_unpacks_fields_without_int_to_float_conversions():
+    casts = []
+
+    def visit(e):
+        if str(e.ty) == "float32" and str(e.value.ty) in ("uint32", "int32"):
+            casts.append(e)
+
+    tvm_ffi.structural_walk(qkv_gemv().body, (tvm.tirx.Cast, visit))
+    assert casts == []
 
 
 @pytest.mark.parametrize("lanes", [4, 8])
