@@ -22,7 +22,7 @@ ATTR = "tapml.schedule"
 PARALLEL_MIN_ELEMENTS = 1 << 15
 # Independent accumulators per GEMV row: an FMA's latency spans several issue slots.
 GEMV_CHAINS = 4
-PREFETCH_BYTES = 4096  # how far ahead of its current row a GEMV asks memory for weights
+PREFETCH_BYTES = 8192  # how far ahead of its current row a GEMV asks memory for weights
 GEMM_COLS = 16  # output columns per parallel task of a GEMM (weight tile rows)
 GEMM_UNROLL = 8  # output columns whose accumulators stay in registers together
 MIN_WORD = 4  # fewer values "packed" per word than this are pairs (RoPE), not a word
@@ -468,7 +468,8 @@ def _prefetch_rows(func: tirx.PrimFunc, kernel: Kernel) -> tirx.PrimFunc:
     """Each task of the parallel row loop first asks memory for the cache lines of the weight
     rows PREFETCH_BYTES ahead. A decode GEMV streams each weight once and lasts only
     microseconds, too short for the hardware prefetchers to ramp up on their own (measured:
-    4-8% off a SmolLM2 decode step on 2 threads)."""
+    4-8% off a SmolLM2 decode step on 2 threads at 4 KiB ahead, and 5-10% more at 8 KiB
+    once the unpacking got cheaper; 16 KiB gains nothing over 8)."""
     words = kernel.row_streams[0]
     n_rows, row_bytes = int(words.shape[0]), int(words.shape[1]) * words.dtype.bits // 8
     ahead = max(1, PREFETCH_BYTES // row_bytes)
