@@ -55,8 +55,17 @@ def main() -> None:
                   f"{row['bandwidth_gb_s']:6.1f}")  # fmt: skip
         print(f"{'':7} {'ratio':9} {ratios['decode_ratio']:12.2f} {ratios['prefill_ratio']:13.2f} "
               f"(machine {machine:.1f} GB/s)")  # fmt: skip
+        # each run's decode against the bandwidth measured in that run, then the median
+        shares = {key: statistics.median(r[key] / r["machine_bandwidth_gb_s"] for r in runs[t])
+                  for key in ("bandwidth_gb_s", "bandwidth_with_kv_gb_s")}  # fmt: skip
+        print(
+            f"{'':7} decode reads at {shares['bandwidth_gb_s']:.0%} of the machine's bandwidth "
+            f"(weights), {shares['bandwidth_with_kv_gb_s']:.0%} (weights and KV cache)"
+        )
         summary[t] = {"tapml": ours, "llama_cpp": theirs, "machine_bandwidth_gb_s": machine,
-                      **ratios, "runs": runs[t]}  # fmt: skip
+                      **ratios, "bandwidth_share": shares["bandwidth_gb_s"],
+                      "bandwidth_with_kv_share": shares["bandwidth_with_kv_gb_s"],
+                      "runs": runs[t]}  # fmt: skip
     print(json.dumps(summary))
 
 

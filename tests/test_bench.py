@@ -4,6 +4,7 @@ import functools
 import json
 import sys
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -74,6 +75,17 @@ def test_kv_bytes_are_the_positions_each_decode_step_reads(tiny_artifact):
     per_position = len(caches) * heads * dim * 4  # float32 keys and values of every layer
     # steps at positions 10, 11, 12 read 11, 12 and 13 positions
     assert bench.decode_kv_bytes(plan, 10, 3) == pytest.approx(per_position * 12)
+
+
+def test_bandwidth_probe_kernel_reads_every_value_of_every_row():
+    import tvm
+
+    rows = 9  # more rows than the prefetch distance, and an odd count
+    data = np.random.default_rng(0).standard_normal((rows, bench._PROBE_ROW_BYTES // 4))
+    data = data.astype("float32")
+    out = tvm.runtime.empty((rows, 16), "float32", tvm.cpu())
+    bench._probe_kernel(rows)(tvm.runtime.tensor(data), out)
+    np.testing.assert_array_equal(out.numpy(), data.reshape(rows, -1, 16).max(axis=1))
 
 
 def test_machine_bandwidth_is_positive_on_any_thread_count():
