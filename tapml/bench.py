@@ -280,6 +280,7 @@ def _probe_kernel(rows: int):
     from tvm.script import tirx as T
 
     from tapml.targets import get_target
+    from tapml.targets.llvm_schedules import prefetch
 
     width, ahead = _PROBE_ROW_BYTES // 4, _PROBE_AHEAD_ROWS
 
@@ -288,8 +289,7 @@ def _probe_kernel(rows: int):
         for r in T.parallel(rows):
             if r + ahead < rows:
                 for c in range(width // 16):  # one 64-byte line each
-                    T.call_llvm_intrin("void", "llvm.prefetch.p0",
-                                       T.address_of(a[r + ahead, c * 16]), 0, 3, 1)  # fmt: skip
+                    T.evaluate(prefetch(T.address_of(a[r + ahead, c * 16])))
             for lane in T.vectorized(16):
                 out[r, lane] = a[r, lane]
             for c in range(1, width // 16):

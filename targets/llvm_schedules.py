@@ -480,10 +480,7 @@ def _prefetch_rows(func: tirx.PrimFunc, kernel: Kernel) -> tirx.PrimFunc:
             per_line = 64 * 8 // buf.dtype.bits
             for col in range(0, int(buf.shape[1]), per_line):
                 address = tirx.address_of(buf[n + ahead, tirx.const(col, "int64")])
-                # read, keep in every cache level, data
-                out.append(tirx.Evaluate(tirx.call_llvm_intrin(
-                    "void", "llvm.prefetch.p0", address, tirx.const(0, "int32"),
-                    tirx.const(3, "int32"), tirx.const(1, "int32"))))  # fmt: skip
+                out.append(tirx.Evaluate(prefetch(address)))
         return out
 
     def visit(loop: tirx.For) -> tirx.For:
@@ -495,6 +492,13 @@ def _prefetch_rows(func: tirx.PrimFunc, kernel: Kernel) -> tirx.PrimFunc:
                         loop.thread_binding, loop.annotations)  # fmt: skip
 
     return func.with_body(tvm_ffi.structural_map(func.body, (tirx.For, visit)))
+
+
+def prefetch(address: tirx.PrimExpr) -> tirx.Call:
+    """Ask memory for the cache line at `address`: a read, kept in every cache level."""
+    i32 = "int32"
+    return tirx.call_llvm_intrin("void", "llvm.prefetch.p0", address, tirx.const(0, i32),
+                                 tirx.const(3, i32), tirx.const(1, i32))  # fmt: skip
 
 
 def _lane_steps(sch: s_tir.Schedule, block: SBlockRV) -> None:
