@@ -175,22 +175,67 @@ class RotaryTables(nn.Module):
         self.cos = nn.Parameter((max_context, head_dim // 2), "float32")
         self.sin = nn.Parameter((max_context, head_dim // 2), "float32")
 
-    def forward(self, x: nn.Tensor, pos: tirx.Var, heads: int) -> nn.Tensor:
-        """x [s, H, head_dim] at positions pos..pos+s-1, its first `heads` heads rotated over
-        adjacent pairs and the others copied (the V part of a fused QKV projection)."""
+    def forward(self, qkv: nn.Tensor, heads: int, k_cache: nn.Tensor, v_cache: nn.Tensor,
+                pos: tirx.Var, n_valid) -> tuple[nn.Tensor, nn.Tensor, nn.Tensor]:  # fmt: skip
+        """RoPE on a fused QKV projection, and the new keys and values into the caches.
 
-        def compute(x_te: te.Tensor, cos: te.Tensor, sin: te.Tensor, p: tirx.Var):
-            def rotate(i, h, d):
-                pair = d // 2
-                c, s = cos[p + i, pair], sin[p + i, pair]
-                even = x_te[i, h, pair * 2].astype(ACC)
-                odd = x_te[i, h, pair * 2 + 1].astype(ACC)
-                out = tirx.Select(d % 2 == 0, even * c - odd * s, even * s + odd * c)
-                return tirx.Select(h < heads, out.astype(x_te.dtype), x_te[i, h, d])
+        qkv [s, heads + 2 * kv_heads, head_dim] holds rows at positions pos..pos+s-1: the
+        query heads, then the key heads, then the value heads. Returns the rotated queries
+        [s, heads, head_dim] and the caches [kv_heads, max_context, head_dim] with rows
+        [0, n_valid) of the rotated keys and of the values written at pos.. in place. One
+        kernel, so that a decode step does not pay three launches for a few hundred values.
+        """
+        return _rope_kv_write(qkv, self.cos, self.sin, heads, k_cache, v_cache, pos, n_valid)
 
-            return te.compute(x_te.shape, rotate, name="rope")
 
-        return op.tensor_expr_op(compute, "rope", [x, self.cos, self.sin, pos])
+def _rope_kv_write(qkv: nn.Tensor, cos: nn.Tensor, sin: nn.Tensor, heads: int,
+                   k_cache: nn.Tensor, v_cache: nn.Tensor, pos: tirx.Var, n_valid
+                   ) -> tuple[nn.Tensor, nn.Tensor, nn.Tensor]:  # fmt: skip
+    rows, all_heads, dim = (int(x) for x in qkv.shape)
+    kv_heads, max_ctx = int(k_cache.shape[0]), int(k_cache.shape[1])
+    tables, dtype, i64 = (int(cos.shape[0]), dim // 2), qkv.dtype, T.int64
+    cache = (i64(kv_heads), i64(max_ctx), i64(dim))
+
+    def rotated(x, cos_t, sin_t, p, i, h, d):
+        """Element d of head h of row i, rotated with its pair partner (adjacent pairs)."""
+        pair = d // 2
+        c, s = cos_t[p + i, pair], sin_t[p + i, pair]
+        even, odd = T.Cast(ACC, x[i, h, pair * 2]), T.Cast(ACC, x[i, h, pair * 2 + 1])
+        return T.Cast(dtype, T.Select(d % 2 == 0, even * c - odd * s, even * s + odd * c))
+
+    @T.prim_func(private=True, s_tir=True)
+    def rope_kv(
+        x: T.Buffer((i64(rows), i64(all_heads), i64(dim)), dtype),
+        cos_t: T.Buffer((i64(tables[0]), i64(tables[1])), "float32"),
+        sin_t: T.Buffer((i64(tables[0]), i64(tables[1])), "float32"),
+        kc: T.Buffer(cache, dtype),
+        vc: T.Buffer(cache, dtype),
+        p: T.int64,
+        valid: T.int64,
+        q: T.Buffer((i64(rows), i64(heads), i64(dim)), dtype),
+    ):
+        for i, h, d in T.grid(i64(rows), i64(heads), i64(dim)):
+            with T.sblock("rope_q"):
+                vi, vh, vd = T.axis.remap("SSS", [i, h, d])
+                q[vi, vh, vd] = rotated(x, cos_t, sin_t, p, vi, vh, vd)
+        for i, h, d in T.grid(valid, i64(kv_heads), i64(dim)):
+            with T.sblock("rope_k"):
+                vi, vh, vd = T.axis.remap("SSS", [i, h, d])
+                kc[vh, p + vi, vd] = rotated(x, cos_t, sin_t, p, vi, heads + vh, vd)
+        for i, h, d in T.grid(valid, i64(kv_heads), i64(dim)):
+            with T.sblock("write_v"):
+                vi, vh, vd = T.axis.remap("SSS", [i, h, d])
+                vc[vh, p + vi, vd] = x[vi, heads + kv_heads + vh, vd]
+
+    if isinstance(n_valid, int):
+        n_valid = tirx.IntImm("int64", n_valid)
+    out = [
+        nn.Tensor.placeholder([rows, heads, dim], dtype),
+        nn.Tensor.placeholder([kv_heads, max_ctx, dim], dtype),
+        nn.Tensor.placeholder([kv_heads, max_ctx, dim], dtype),
+    ]
+    args = [qkv, cos, sin, k_cache, v_cache, pos, n_valid]
+    return op.tensor_ir_inplace_op(rope_kv, "rope_kv_write", args, [-1, 3, 4], out)
 
 
 def rotary_tables(max_context: int, head_dim: int, theta: float):
@@ -200,34 +245,6 @@ def rotary_tables(max_context: int, head_dim: int, theta: float):
     inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     angles = np.arange(max_context, dtype=np.float64)[:, None] * inv_freq[None, :]
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-
-
-def kv_write(cache: nn.Tensor, new: nn.Tensor, first_head: int, pos: tirx.Var, n_valid
-             ) -> nn.Tensor:  # fmt: skip
-    """Write rows [0, n_valid) of `new`'s heads first_head.. into the cache [heads, max_ctx,
-    dim] at positions pos..; updates the cache in place."""
-    heads, max_ctx, dim = (int(x) for x in cache.shape)
-    rows, new_heads = int(new.shape[0]), int(new.shape[1])
-    i64 = T.int64
-
-    @T.prim_func(private=True, s_tir=True)
-    def write(
-        c: T.Buffer((i64(heads), i64(max_ctx), i64(dim)), cache.dtype),
-        n: T.Buffer((i64(rows), i64(new_heads), i64(dim)), cache.dtype),
-        p: T.int64,
-        valid: T.int64,
-    ):
-        for i, h, d in T.grid(valid, i64(heads), i64(dim)):
-            with T.sblock("write"):
-                vi, vh, vd = T.axis.remap("SSS", [i, h, d])
-                T.reads(n[vi, first_head + vh, vd])
-                T.writes(c[vh, p + vi, vd])
-                c[vh, p + vi, vd] = n[vi, first_head + vh, vd]
-
-    if isinstance(n_valid, int):
-        n_valid = tirx.IntImm("int64", n_valid)
-    out = nn.Tensor.placeholder([heads, max_ctx, dim], cache.dtype)
-    return op.tensor_ir_inplace_op(write, "kv_write", [cache, new, pos, n_valid], [0], out)
 
 
 # Attention visits cache positions in tiles of TILE (one softmax rescale per tile) and sums a

@@ -96,7 +96,8 @@ def build_record_module(name: str, func: tirx.PrimFunc, target: tvm.target.Targe
     scalars = {p.name for p in func.params if not isinstance(p.ty, tvm.ir.PointerType)}
     shared = _shared_bytes(device)
     dispatches = []
-    for call in _kernel_launches(host):
+    launches, bindings = _kernel_launches(host)
+    for call in launches:
         entry = call.args[0].value
         fi = info[entry]
         n_args = len(fi["arg_types"])
@@ -108,11 +109,11 @@ def build_record_module(name: str, func: tirx.PrimFunc, target: tvm.target.Targe
             if dtype == "handle":
                 args.append({"buffer": params.index(_buffer_param(value, params))})
             else:
-                args.append({"pod": dtype, "expr": _scalar_expr(value, scalars, name)})
+                args.append({"pod": dtype, "expr": _scalar_expr(value, bindings, scalars, name)})
         grid, workgroup = [1, 1, 1], [1, 1, 1]
         for tag, value in zip(tags, call.args[1 + n_args :], strict=True):
             dims = grid if tag.startswith("blockIdx") else workgroup
-            dims["xyz".index(tag[-1])] = _scalar_expr(value, scalars, name)
+            dims["xyz".index(tag[-1])] = _scalar_expr(value, bindings, scalars, name)
         dispatches.append({
             "entry": entry, "args": args, "writable": writable, "grid": grid,
             "workgroup": workgroup, "shared_bytes": shared.get(entry, 0),
@@ -141,17 +142,21 @@ def _function_info(device: tvm.IRModule, runtime_mod) -> dict[str, dict]:
     return info
 
 
-def _kernel_launches(host: tvm.IRModule) -> list:
-    found = []
+def _kernel_launches(host: tvm.IRModule) -> tuple[list, dict]:
+    """The host code's kernel launches, and its variable bindings (TVM binds a launch value
+    that several dispatches share to a variable of its own)."""
+    found, bindings = [], {}
 
     def visit(node, visitor):
         if isinstance(node, tvm.ir.Call) and getattr(node.op, "name", "") == "tirx.call_ffi_kernel":
             found.append(node)
+        elif isinstance(node, tirx.Bind):
+            bindings[node.var] = node.value
         visitor.default_visit(node)
 
     for _, func in host.functions_items():
         tvm_ffi.structural_visit(func.body, [(tvm_ffi.Object, visit)])
-    return found
+    return found, bindings
 
 
 def _buffer_param(value, params: list[str]) -> str:
@@ -173,7 +178,11 @@ def _buffer_param(value, params: list[str]) -> str:
     raise CompileError(f"cannot tell which buffer launch argument {value} refers to")
 
 
-def _scalar_expr(value, scalars: set[str], kernel: str) -> Any:
+def _scalar_expr(value, bindings: dict, scalars: set[str], kernel: str) -> Any:
+    """A launch value as a plan expression of the kernel's scalar parameters."""
+    shared = {var: v for var, v in bindings.items() if var.name not in scalars}
+    for _ in range(len(shared)):  # a shared value may use earlier ones
+        value = tvm_ffi.structural_map(value, (tirx.Var, lambda v: shared.get(v, v)))
     expr = expr_to_json(value)
     unknown = _variables(expr) - scalars
     if unknown:

@@ -640,17 +640,24 @@ def _row_reduction(kernel: Kernel) -> bool:
 
 # -- elementwise (gathers, copies, RoPE, casts) -------------------------------------------------
 def _elementwise(kernel: Kernel) -> bool:
-    """Outer loops fused (and parallel if large), the innermost loop vectorized."""
+    """Blocks that feed others inlined; each output block's outer loops fused (and parallel
+    if large), its innermost loop vectorized."""
     if not all(kernel.is_injective(b) for b in kernel.blocks):
         return False
     sch = kernel.sch
-    last = _inline_chain(kernel, kernel.blocks)
-    loops = sch.get_loops(last)
-    size = _elements(kernel, loops)
-    outer = sch.fuse(*loops[:-1]) if len(loops) > 1 else None
-    _vectorize_inner(kernel, last)
-    if outer is not None and size >= PARALLEL_MIN_ELEMENTS:
-        sch.parallel(outer)
+    outputs = []
+    for block in kernel.blocks:
+        if sch.get_consumers(block):
+            sch.compute_inline(block)
+        else:
+            outputs.append(block)
+    for block in outputs:
+        loops = sch.get_loops(block)
+        size = _elements(kernel, loops)
+        outer = sch.fuse(*loops[:-1]) if len(loops) > 1 else None
+        _vectorize_inner(kernel, block)
+        if outer is not None and size >= PARALLEL_MIN_ELEMENTS:
+            sch.parallel(outer)
     return True
 
 

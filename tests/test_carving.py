@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from broken_kernel import shift_position
 from click.testing import CliRunner
 
 from tapml.carving import carve as carving
@@ -204,24 +205,20 @@ def test_pattern_selects_kernels_and_unknown_ones_are_an_error(tiny_suite, tiny_
 
 
 def break_kernel(artifact: Path, kernel: str, out: Path) -> Path:
-    """A copy of a webgpu artifact's kernels with an off-by-one position in `kernel`'s WGSL."""
+    """A copy of a webgpu artifact's kernels with an off-by-one position in `kernel`."""
     out.mkdir()
     for name in ("tapml-config.json", "plan.json", "kernels_webgpu.json"):
         shutil.copy(artifact / name, out / name)
-    document = json.loads((out / "kernels_webgpu.json").read_text())
-    record = document["kernels"][kernel]
-    assert "podArgs.pos" in record["source"]
-    record["source"] = record["source"].replace("podArgs.pos", "(podArgs.pos + 1i)")
-    (out / "kernels_webgpu.json").write_text(json.dumps(document))
+    shift_position(out, kernel)
     return out
 
 
 def test_a_broken_kernel_is_named_and_no_other(tiny_suite, tiny_artifact, tmp_path):
-    broken = break_kernel(tiny_artifact("q4f32_1", "webgpu"), "rope", tmp_path / "broken")
+    broken = break_kernel(tiny_artifact("q4f32_1", "webgpu"), "rope_kv_write", tmp_path / "broken")
     code, output, report = tapml_test([str(tiny_suite), "--bundle", str(broken)])
     assert code == 1
-    assert [k["kernel"] for k in report["kernels"] if k["status"] != "pass"] == ["rope"]
-    assert "failing kernels: rope\n" in output
+    assert [k["kernel"] for k in report["kernels"] if k["status"] != "pass"] == ["rope_kv_write"]
+    assert "failing kernels: rope_kv_write\n" in output
 
 
 # -- the real model --------------------------------------------------------------------------
@@ -253,10 +250,10 @@ def test_real_suite_names_a_broken_rope_kernel_on_webgpu(real_suite, tmp_path):
     from tapml.api import ensure_compiled
 
     artifact = ensure_compiled("smollm2-135m", "webgpu", "q4f32_1")
-    broken = break_kernel(artifact, "rope", tmp_path / "broken")
+    broken = break_kernel(artifact, "rope_kv_write", tmp_path / "broken")
     code, output, report = tapml_test([str(real_suite), "--bundle", str(broken)])
     assert code == 1
-    assert [k["kernel"] for k in report["kernels"] if k["status"] != "pass"] == ["rope"]
+    assert [k["kernel"] for k in report["kernels"] if k["status"] != "pass"] == ["rope_kv_write"]
 
 
 def test_a_suite_replays_on_a_remote_device_agent(tiny_suite, tiny_artifact, monkeypatch):

@@ -86,20 +86,21 @@ def test_single_calls_run_on_the_device(wgpu_agent, tiny_artifact):
     artifact = tiny_artifact("q4f32_1", "webgpu")
     plan, params = load(artifact)
     calls = plan.functions["decode"]["calls"]
-    index, write = next((i, c) for i, c in enumerate(calls) if c["kernel"].startswith("kv_write"))
-    cache, row = (a["buffer"] for a in write["args"][:2])
+    index, write = next(
+        (i, c) for i, c in enumerate(calls) if c["kernel"].startswith("rope_kv_write")
+    )
+    row, cache = write["args"][0]["buffer"], write["args"][4]["buffer"]  # QKV in, V cache
     b = plan.buffers[row]
     values = np.arange(np.prod(b["shape"]), dtype=b["dtype"]).reshape(b["shape"]) + 1
-    kv_heads = plan.buffers[cache]["shape"][0]  # the K heads follow the query heads in QKV
-    first = b["shape"][1] - 2 * kv_heads
-    k_row = values[0, first : first + kv_heads].reshape(-1)
+    kv_heads = plan.buffers[cache]["shape"][0]
+    v_row = values[0, -kv_heads:].reshape(-1)  # the V heads come last in QKV, copied as they are
     with open_executor(wgpu_agent, "webgpu", plan, artifact) as remote:
         remote.upload(row, values)
         remote.launch("decode", index, {"pos": 3})
         assert remote.time_call("decode", index, {"pos": 5}) > 0
         rows = remote.download(cache).transpose(1, 0, 2).reshape(plan.model["max_context"], -1)
-        np.testing.assert_array_equal(rows[3], k_row)
-        np.testing.assert_array_equal(rows[5], k_row)
+        np.testing.assert_array_equal(rows[3], v_row)
+        np.testing.assert_array_equal(rows[5], v_row)
         assert not rows[4].any()
         remote.reset_state()
         assert not remote.download(cache).any()

@@ -292,62 +292,48 @@ def test_embedding(quantization, dim):
         assert_close(arrays[-1], w[ids], quant.dtype)
 
 
-class Rope(nn.Module):
+class RopeKVWrite(nn.Module):
     def __init__(self, max_context: int, head_dim: int):
         self.rope = tnn.RotaryTables(max_context, head_dim)
 
-    def decode(self, x, pos):
-        return self.rope(x, pos, 12)
+    def decode(self, qkv, k_cache, v_cache, pos):
+        return self.rope(qkv, 9, k_cache, v_cache, pos, 1)
 
-    prefill = decode
+    def prefill(self, qkv, k_cache, v_cache, pos, n_valid):
+        return self.rope(qkv, 9, k_cache, v_cache, pos, n_valid)
 
 
-def test_rope_rotates_the_first_heads_and_copies_the_rest():
-    heads, dim, ctx = 15, 64, 128  # 9 query and 3 key heads rotated, 3 value heads copied
+def test_rope_kv_write_rotates_queries_and_keys_and_writes_valid_rows_to_the_caches():
+    heads, kv, dim, ctx = 9, 3, 64, 128  # the real model's heads
+    cache = [kv, ctx, dim]
     kernels = entry_kernels(
-        Rope(ctx, dim),
-        lambda rows: {"x": nn.spec.Tensor([rows, heads, dim], "float32"), "pos": int},
-    )
-    cos, sin = tnn.rotary_tables(ctx, dim, 10000.0)
-    for entry, rows in (("decode", 1), ("prefill", CHUNK)):
-        x, pos = rng.standard_normal((rows, heads, dim)).astype("float32"), 40
-        c, s = cos[pos : pos + rows, None, :], sin[pos : pos + rows, None, :]
-        even, odd = x[..., 0::2], x[..., 1::2]
-        ref = np.empty_like(x)
-        ref[..., 0::2], ref[..., 1::2] = even * c - odd * s, even * s + odd * c
-        ref[:, 12:] = x[:, 12:]
-        arrays, rule = run(kernels[entry], [x, cos, sin, pos, np.zeros_like(x)])
-        assert rule == "elementwise"
-        assert_close(arrays[-1], ref, "float32")
-
-
-class KVWrite(nn.Module):
-    def decode(self, cache, new, pos):
-        return tnn.kv_write(cache, new, 4, pos, 1)
-
-    def prefill(self, cache, new, pos, n_valid):
-        return tnn.kv_write(cache, new, 4, pos, n_valid)
-
-
-def test_kv_write_copies_heads_from_the_first_one():
-    ctx, heads, dim = 128, 3, 64  # heads 4..6 of 8
-    kernels = entry_kernels(
-        KVWrite(),
+        RopeKVWrite(ctx, dim),
         lambda rows: {
-            "cache": nn.spec.Tensor([heads, ctx, dim], "float32"),
-            "new": nn.spec.Tensor([rows, 8, dim], "float32"),
+            "qkv": nn.spec.Tensor([rows, heads + 2 * kv, dim], "float32"),
+            "k_cache": nn.spec.Tensor(cache, "float32"),
+            "v_cache": nn.spec.Tensor(cache, "float32"),
             "pos": int,
             **({"n_valid": int} if rows > 1 else {}),
         },
     )
+    cos, sin = tnn.rotary_tables(ctx, dim, 10000.0)
+    pos = 40
     for entry, rows, valid in (("decode", 1, 1), ("prefill", CHUNK, 20)):
-        cache = rng.standard_normal((heads, ctx, dim)).astype("float32")
-        new = rng.standard_normal((rows, 8, dim)).astype("float32")
-        ref = cache.copy()
-        ref[:, 50 : 50 + valid] = new[:valid, 4:7].transpose(1, 0, 2)
-        arrays, rule = run(kernels[entry], [cache, new, 50, valid])
+        qkv = rng.standard_normal((rows, heads + 2 * kv, dim)).astype("float32")
+        k_cache, v_cache = (rng.standard_normal(cache).astype("float32") for _ in "kv")
+        c, s = cos[pos : pos + rows, None, :], sin[pos : pos + rows, None, :]
+        even, odd = qkv[..., 0::2], qkv[..., 1::2]
+        rotated = np.empty_like(qkv)
+        rotated[..., 0::2], rotated[..., 1::2] = even * c - odd * s, even * s + odd * c
+        k_ref, v_ref = k_cache.copy(), v_cache.copy()
+        k_ref[:, pos : pos + valid] = rotated[:valid, heads : heads + kv].transpose(1, 0, 2)
+        v_ref[:, pos : pos + valid] = qkv[:valid, heads + kv :].transpose(1, 0, 2)
+        q = np.zeros((rows, heads, dim), "float32")
+        arrays, rule = run(kernels[entry], [qkv, cos, sin, k_cache, v_cache, pos, valid, q])
         assert rule == "elementwise"
-        np.testing.assert_array_equal(arrays[0], ref)
+        assert_close(arrays[-1], rotated[:, :heads], "float32")
+        assert_close(arrays[3], k_ref, "float32")  # rows outside pos..pos+valid untouched
+        np.testing.assert_array_equal(arrays[4], v_ref)
 
 
 class SiluMultiply(nn.Module):

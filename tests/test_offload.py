@@ -5,13 +5,13 @@ a device agent while a broken kernel is found and confirmed by its carved tests.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from broken_kernel import shift_position
 
 from tapml.carving import offload
 from tapml.carving.carve import schedule
@@ -33,13 +33,9 @@ def executor(artifact: Path, target: str):
 
 
 def broken_copy(artifact: Path, kernel: str, out: Path) -> Path:
-    """The webgpu artifact with an off-by-one position in `kernel`'s WGSL (an honest bug)."""
+    """The webgpu artifact with an off-by-one position in `kernel` (an honest bug)."""
     shutil.copytree(artifact, out)
-    document = json.loads((out / "kernels_webgpu.json").read_text())
-    source = document["kernels"][kernel]["source"]
-    assert "podArgs.pos" in source
-    document["kernels"][kernel]["source"] = source.replace("podArgs.pos", "(podArgs.pos + 1i)")
-    (out / "kernels_webgpu.json").write_text(json.dumps(document))
+    shift_position(out, kernel)
     return out
 
 
@@ -67,11 +63,11 @@ def test_kind_order_groups_kernels(split_parts):
     plan = split_parts[0]
     order = kernel_order(plan, "kind")
     assert sorted(order) == sorted(plan.kernels)
-    assert order.index("rms_norm") < order.index("rope") < order.index("attention")
+    assert order.index("rms_norm") < order.index("rope_kv_write") < order.index("attention")
     assert order[-1].startswith(("dequantize_matmul", "fused_dequantize_matmul"))
 
 
-@pytest.mark.parametrize("bad", ["rope", "rope1"])  # decode and prefill
+@pytest.mark.parametrize("bad", ["rope_kv_write", "rope_kv_write1"])  # decode and prefill
 def test_bisection_names_the_planted_kernel_within_the_bound(split_parts, tmp_path, bad):
     plan, source, tiny_artifact = split_parts
     broken = broken_copy(tiny_artifact("q4f32_1", "webgpu"), bad, tmp_path / "broken")
@@ -87,7 +83,7 @@ def test_bisection_names_the_planted_kernel_within_the_bound(split_parts, tmp_pa
 
 def test_a_rerun_resumes_from_the_recorded_steps(split_parts, tmp_path, monkeypatch):
     plan, source, tiny_artifact = split_parts
-    broken = broken_copy(tiny_artifact("q4f32_1", "webgpu"), "rope1", tmp_path / "broken")
+    broken = broken_copy(tiny_artifact("q4f32_1", "webgpu"), "rope_kv_write1", tmp_path / "broken")
     split = SplitRun(plan, source, executor(broken, "webgpu"))
     order, runs = kernel_order(plan, "plan"), schedule(PROMPT, SCENARIO, plan.model["chunk"])
     state = tmp_path / "state.json"
@@ -133,13 +129,13 @@ def test_a_broken_kernel_of_smollm2_is_localized_over_the_agent(tmp_path):
     from tapml.targets.remote import start_local_agent
 
     source_dir, target_dir = artifacts("smollm2-135m", "webgpu", "q4f32_1")
-    broken = broken_copy(target_dir, "rope1", tmp_path / "broken")
+    broken = broken_copy(target_dir, "rope_kv_write1", tmp_path / "broken")
     kernels = len(Plan.load(source_dir / "plan.json").kernels)
     with start_local_agent("wgpu") as url:  # the broken WGSL goes through the normal load
         report = offload_model("smollm2-135m", "webgpu", url, SCENARIOS["chat"],
                                tmp_path / "offload", bundle=broken, progress=False)  # fmt: skip
-    assert report["culprit"] == "rope1" and not report["migrated"]
+    assert report["culprit"] == "rope_kv_write1" and not report["migrated"]
     assert report["runs"] <= report["run_bound"] == math.ceil(math.log2(kernels)) + 2
     check = report["cross_check"]
-    assert check["kernel"] == "rope1" and check["calls"] > 0 and check["failed"] == check["calls"]
+    assert check["kernel"] == "rope_kv_write1" and check["calls"] > 0 and check["failed"] == check["calls"]
     assert np.isfinite([s["divergence"] for s in report["steps"]]).all()

@@ -80,17 +80,18 @@ def test_reset_state_zeroes_the_kv_cache(gpu_artifact):
 def test_time_call_launches_one_call(gpu_artifact):
     engine = Engine(gpu_artifact("webgpu"))
     executor, calls = engine.executor, engine.plan.functions["decode"]["calls"]
-    index, write = next((i, c) for i, c in enumerate(calls) if c["kernel"].startswith("kv_write"))
-    cache, row = (a["buffer"] for a in write["args"][:2])
+    index, write = next(
+        (i, c) for i, c in enumerate(calls) if c["kernel"].startswith("rope_kv_write")
+    )
+    row, cache = write["args"][0]["buffer"], write["args"][4]["buffer"]  # QKV in, V cache
     b = engine.plan.buffers[row]
     values = np.arange(np.prod(b["shape"]), dtype=b["dtype"]).reshape(b["shape"]) + 1
-    kv_heads = engine.plan.buffers[cache]["shape"][0]  # the K heads follow the query heads in QKV
-    first = b["shape"][1] - 2 * kv_heads
-    k_row = values[0, first : first + kv_heads].reshape(-1)
+    kv_heads = engine.plan.buffers[cache]["shape"][0]
+    v_row = values[0, -kv_heads:].reshape(-1)  # the V heads come last in QKV, copied as they are
     executor.upload(row, values)
     assert executor.time_call("decode", index, {"pos": 3}) > 0
     rows = executor.download(cache).transpose(1, 0, 2).reshape(TINY_CONTEXT, -1)
-    np.testing.assert_array_equal(rows[3], k_row)
+    np.testing.assert_array_equal(rows[3], v_row)
     assert not rows[4].any()
 
 

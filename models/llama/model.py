@@ -36,10 +36,8 @@ class Attention(nn.Module):
     def forward(self, x, k_cache, v_cache, rope, pos, n_valid):
         h, kv = self.heads, self.kv_heads
         qkv = op.reshape(self.qkv_proj(x), (x.shape[0], h + 2 * kv, self.head_dim))
-        qkv = rope(qkv, pos, h + kv)
-        k_cache = tnn.kv_write(k_cache, qkv, h, pos, n_valid)
-        v_cache = tnn.kv_write(v_cache, qkv, h + kv, pos, n_valid)
-        return self.o_proj(tnn.attention(qkv, h, k_cache, v_cache, pos)), k_cache, v_cache
+        q, k_cache, v_cache = rope(qkv, h, k_cache, v_cache, pos, n_valid)
+        return self.o_proj(tnn.attention(q, h, k_cache, v_cache, pos)), k_cache, v_cache
 
 
 class MLP(nn.Module):
