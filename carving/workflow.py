@@ -51,7 +51,7 @@ def artifacts(model: str, target: str, quantization: str | None, source: str = "
               bundle: Path | None = None, progress: bool = True) -> tuple[Path, Path]:  # fmt: skip
     """The source's and the target's compiled artifacts of `model` (the same quantization)."""
     from tapml.api import artifact_for, ensure_compiled
-    from tapml.compiler import describe
+    from tapml.compiler import CompileOptions, describe
 
     if bundle is not None:
         options = describe(bundle)["options"]
@@ -59,10 +59,14 @@ def artifacts(model: str, target: str, quantization: str | None, source: str = "
             raise TapmlError(f"{bundle} holds {options['target']} kernels, not {target}")
         quantization = quantization or options["quantization"]
     quantization = quantization or "q4f32_1"
-    source_dir = artifact_for(model, source, quantization, progress=progress)
+    # the source runs the target's plan, KV cache dtype included
+    kv_cache = (describe(bundle)["options"].get("kv_cache") if bundle is not None else None) \
+        or CompileOptions(target, quantization).resolved().kv_cache
+    source_dir = artifact_for(model, source, quantization, progress=progress, kv_cache=kv_cache)
     options = describe(source_dir)["options"]
     target_dir = bundle or ensure_compiled(model, target, quantization, options["max_context"],
-                                           options["chunk"], progress=progress)  # fmt: skip
+                                           options["chunk"], progress=progress,
+                                           kv_cache=kv_cache)  # fmt: skip
     source_plan = Plan.load(source_dir / "plan.json")
     target_plan = Plan.load(Path(target_dir) / "plan.json")
     if source_plan.functions != target_plan.functions:

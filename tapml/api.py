@@ -37,12 +37,13 @@ def artifact_for(
     chunk: int | None = None,
     target_options: dict[str, str] | None = None,
     progress: bool = True,
+    kv_cache: str | None = None,
 ) -> Path:
     """`model` itself if it is a compiled artifact directory, else its cached build."""
     if (Path(model) / CONFIG_FILE).is_file():
         return Path(model)
     return ensure_compiled(
-        model, target, quantization, max_context, chunk, target_options, progress
+        model, target, quantization, max_context, chunk, target_options, progress, kv_cache
     )
 
 
@@ -54,6 +55,7 @@ def ensure_compiled(
     chunk: int | None = None,
     target_options: dict[str, str] | None = None,
     progress: bool = True,
+    kv_cache: str | None = None,
 ) -> Path:
     """The cached artifact for these settings, compiling it first if the cache lacks it."""
     from tapml.cache import entry_dir, entry_lock
@@ -64,6 +66,7 @@ def ensure_compiled(
         target=target,
         quantization=quantization,
         target_options=dict(target_options or {}),
+        kv_cache=kv_cache,
         **{k: v for k, v in {"max_context": max_context, "chunk": chunk}.items() if v},
     ).resolved()
     artifact = entry_dir(name, gguf_path, options)

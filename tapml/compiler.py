@@ -40,6 +40,7 @@ CONFIG_FILE = "tapml-config.json"
 CONFIG_FORMAT, CONFIG_VERSION = "tapml-artifact", 1
 DEFAULT_MAX_CONTEXT = 2048
 DEFAULT_CHUNK = 32
+KV_CACHE_DTYPES = ("float32", "float16")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class CompileOptions:
     max_context: int = DEFAULT_MAX_CONTEXT
     chunk: int = DEFAULT_CHUNK
     target_options: dict[str, str] = field(default_factory=dict)
+    kv_cache: str | None = None  # the KV cache's dtype; None: the target's default
 
     def resolved(self) -> CompileOptions:
         """Options with defaults filled in (what a cache key must hash)."""
@@ -59,6 +61,11 @@ class CompileOptions:
         spec = get_target(self.target)
         quant = self.quantization or spec.default_quantization
         get_quantization(quant)
+        kv_cache = self.kv_cache or spec.kv_cache(quant)
+        if kv_cache not in KV_CACHE_DTYPES:
+            raise TapmlError(
+                f"unknown KV cache dtype {kv_cache!r}; choose one of: {', '.join(KV_CACHE_DTYPES)}"
+            )
         if self.chunk < 1 or self.max_context < self.chunk:
             raise TapmlError(
                 f"need 1 <= chunk <= max_context, got chunk={self.chunk}, "
@@ -66,7 +73,7 @@ class CompileOptions:
             )
         return CompileOptions(
             self.target, quant, self.max_context, self.chunk,
-            spec.resolved_options(self.target_options),
+            spec.resolved_options(self.target_options), kv_cache,
         )  # fmt: skip
 
 
@@ -139,7 +146,8 @@ def build_plan(config: LlamaConfig, quant: Quantization, options: CompileOptions
     from tapml.lower import extract_plan, fuse
     from tapml.models.llama.model import LlamaForCausalLM
 
-    model = LlamaForCausalLM(config, quant, options.max_context, options.chunk)
+    options = options.resolved()
+    model = LlamaForCausalLM(config, quant, options.max_context, options.chunk, options.kv_cache)
     mod, named = model.export_tvm(spec=model.export_spec())
     fused = fuse(mod)
     meta = {
@@ -147,6 +155,7 @@ def build_plan(config: LlamaConfig, quant: Quantization, options: CompileOptions
         "vocab_size": config.vocab_size,
         "quantization": quant.name,
         "dtype": quant.dtype,
+        "kv_cache": options.kv_cache,
         "max_context": options.max_context,
         "chunk": options.chunk,
     }

@@ -208,8 +208,8 @@ def _rope_kv_write(qkv: nn.Tensor, cos: nn.Tensor, sin: nn.Tensor, heads: int,
         x: T.Buffer((i64(rows), i64(all_heads), i64(dim)), dtype),
         cos_t: T.Buffer((i64(tables[0]), i64(tables[1])), "float32"),
         sin_t: T.Buffer((i64(tables[0]), i64(tables[1])), "float32"),
-        kc: T.Buffer(cache, dtype),
-        vc: T.Buffer(cache, dtype),
+        kc: T.Buffer(cache, k_cache.dtype),
+        vc: T.Buffer(cache, v_cache.dtype),
         p: T.int64,
         valid: T.int64,
         q: T.Buffer((i64(rows), i64(heads), i64(dim)), dtype),
@@ -221,18 +221,19 @@ def _rope_kv_write(qkv: nn.Tensor, cos: nn.Tensor, sin: nn.Tensor, heads: int,
         for i, h, d in T.grid(valid, i64(kv_heads), i64(dim)):
             with T.sblock("rope_k"):
                 vi, vh, vd = T.axis.remap("SSS", [i, h, d])
-                kc[vh, p + vi, vd] = rotated(x, cos_t, sin_t, p, vi, heads + vh, vd)
+                kc[vh, p + vi, vd] = T.Cast(kc.dtype, rotated(x, cos_t, sin_t, p, vi, heads + vh,
+                                                              vd))
         for i, h, d in T.grid(valid, i64(kv_heads), i64(dim)):
             with T.sblock("write_v"):
                 vi, vh, vd = T.axis.remap("SSS", [i, h, d])
-                vc[vh, p + vi, vd] = x[vi, heads + kv_heads + vh, vd]
+                vc[vh, p + vi, vd] = T.Cast(vc.dtype, x[vi, heads + kv_heads + vh, vd])
 
     if isinstance(n_valid, int):
         n_valid = tirx.IntImm("int64", n_valid)
     out = [
         nn.Tensor.placeholder([rows, heads, dim], dtype),
-        nn.Tensor.placeholder([kv_heads, max_ctx, dim], dtype),
-        nn.Tensor.placeholder([kv_heads, max_ctx, dim], dtype),
+        nn.Tensor.placeholder([kv_heads, max_ctx, dim], k_cache.dtype),
+        nn.Tensor.placeholder([kv_heads, max_ctx, dim], v_cache.dtype),
     ]
     args = [qkv, cos, sin, k_cache, v_cache, pos, n_valid]
     return op.tensor_ir_inplace_op(rope_kv, "rope_kv_write", args, [-1, 3, 4], out)
@@ -293,8 +294,8 @@ def _attention_parts(qkv: nn.Tensor, heads: int, k_cache: nn.Tensor, v_cache: nn
     @T.prim_func(private=True, s_tir=True)
     def attend(
         q_in: T.Buffer((i64(rows), i64(all_heads), i64(dim)), dtype),
-        kc: T.Buffer((i64(kv_heads), i64(max_ctx), i64(dim)), dtype),
-        vc: T.Buffer((i64(kv_heads), i64(max_ctx), i64(dim)), dtype),
+        kc: T.Buffer((i64(kv_heads), i64(max_ctx), i64(dim)), k_cache.dtype),
+        vc: T.Buffer((i64(kv_heads), i64(max_ctx), i64(dim)), v_cache.dtype),
         p: T.int64,
         out: T.Buffer((i64(rows), i64(heads), i64(splits), i64(dim + 2)), "float32"),
     ):

@@ -240,7 +240,7 @@ def webgpu_requirements(plan, records: dict, spec) -> dict[str, Any]:
     from tapml.targets.webgpu import required_limits
 
     limits = {_camel(k): v for k, v in required_limits(plan, records, spec).items()}
-    features = ["shader-f16"] if plan.model.get("dtype") == "float16" else []
+    features = ["shader-f16"] if plan.uses_float16 else []
     return {"api": "webgpu", "limits": limits, "features": features,
             "memory_bytes": _memory(plan)}  # fmt: skip
 
@@ -256,7 +256,7 @@ def opencl_requirements(plan, kernels_path: Path) -> dict[str, Any]:
     return {
         "api": "opencl",
         "version": "OpenCL 1.2",
-        "extensions": ["cl_khr_fp16"] if plan.model.get("dtype") == "float16" else [],
+        "extensions": ["cl_khr_fp16"] if plan.uses_float16 else [],
         "CL_DEVICE_MAX_WORK_GROUP_SIZE": max(threads, default=1),
         "CL_DEVICE_LOCAL_MEM_SIZE": max((d["shared_bytes"] for d in dispatches), default=0),
         "CL_DEVICE_MAX_MEM_ALLOC_SIZE": largest,

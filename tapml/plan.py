@@ -47,6 +47,12 @@ class Plan:
         return [n for n, b in self.buffers.items() if b["kind"] == kind]
 
     @property
+    def uses_float16(self) -> bool:
+        """Whether any buffer holds float16 (f16 activations, or only the KV cache): a device
+        must then read and write 16-bit floats."""
+        return any(b["dtype"] == "float16" for b in self.buffers.values())
+
+    @property
     def kernels(self) -> list[str]:
         """Every distinct kernel the plan calls, in order of first use."""
         seen: dict[str, None] = {}

@@ -38,10 +38,19 @@ class TargetSpec:
     executor: str | None  # module under tapml.targets that runs them; None: generated only
     limits: Limits | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    # the KV cache's dtype where it is not the activations': float16 halves what attention
+    # reads, but every target that replays a suite or takes offloaded kernels must hold it too
+    kv_dtype: str | None = None
 
     @property
     def default_quantization(self) -> str:
         return "q4f16_1" if self.f16 else "q4f32_1"
+
+    def kv_cache(self, quantization: str) -> str:
+        """The KV cache dtype this target compiles `quantization` with by default."""
+        from tapml.quantization import get_quantization
+
+        return self.kv_dtype or get_quantization(quantization).dtype
 
     def resolved_options(self, overrides: dict[str, str] | None = None) -> dict[str, Any]:
         """The TVM target options, with machine-dependent defaults filled in."""
@@ -71,6 +80,7 @@ TARGETS: dict[str, TargetSpec] = {
         TargetSpec(
             "llvm", "this machine's CPU, through LLVM and the TVM runtime",
             kind="llvm", f16=False, kernels="kernels_llvm.so", executor="llvm",
+            kv_dtype="float16",  # what llama.cpp keeps too; CPUs convert it in one instruction
         ),
         TargetSpec(
             "webgpu", "WGSL within WebGPU's default limits, so any browser runs it (wgpu here)",

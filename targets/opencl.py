@@ -85,11 +85,11 @@ class OpenCLExecutor(Executor):
 
         self._cl, self.spec = cl, spec
         self.platform, self.device = pick_device()
-        if plan.model.get("dtype") == "float16" and not has_fp16(self.device):
+        if plan.uses_float16 and not has_fp16(self.device):
             raise ExecutorError(
                 f"OpenCL device {self.device.name.strip()} has no fp16 (cl_khr_fp16), which this "
-                f"{plan.model.get('quantization')} model computes in; compile it with "
-                "--quantization q4f32_1"
+                f"{plan.model.get('quantization')} model computes or caches in; compile it with "
+                "--quantization q4f32_1 (and --kv-cache float32)"
             )
         self.context = cl.Context([self.device])
         self.queue = cl.CommandQueue(self.context)  # in order: launches run as enqueued

@@ -100,10 +100,11 @@ class WebGPUExecutor(Executor):
                     f"{describe(adapter)} allows {key} = {adapter.limits[key]}; this {spec.name} "
                     f"model needs {need}. Compile for a target with lower limits (tapml targets)"
                 )
-        if plan.model.get("dtype") == "float16":
+        if plan.uses_float16:
             if "shader-f16" not in adapter.features:
                 raise ExecutorError(f"{describe(adapter)} has no shader-f16, which float16 models "
-                                    "need; compile with --quantization q4f32_1")  # fmt: skip
+                                    "need; compile with --quantization q4f32_1 and --kv-cache "
+                                    "float32")  # fmt: skip
             features.append("shader-f16")
         try:
             return adapter.request_device_sync(required_features=features, required_limits=limits)

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_gguf import write_tiny_gguf  # noqa: E402
 
 from tapml.compiler import CompileOptions, compile_model  # noqa: E402
+from tapml.quantization import QUANTIZATION  # noqa: E402
 
 TINY_CONTEXT, TINY_CHUNK = 64, 8
 PROMPT = "The capital of France is"
@@ -31,15 +32,21 @@ def tiny_gguf(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_artifact(tiny_gguf, tmp_path_factory):
-    """tiny_artifact(quantization, target) -> the tiny model, compiled once per pair per run."""
-    built: dict[tuple[str, str], Path] = {}
+    """tiny_artifact(quantization, target, kv_cache) -> the tiny model, compiled once per
+    setting per run. The KV cache defaults to the activations' dtype on every target, so that
+    llvm and the others share one plan (carving, offloading, comparing)."""
+    built: dict[tuple[str, str, str | None], Path] = {}
 
-    def get(quantization: str = "q4f32_1", target: str = "llvm") -> Path:
-        if (quantization, target) not in built:
+    def get(quantization: str = "q4f32_1", target: str = "llvm", kv_cache: str | None = None
+            ) -> Path:  # fmt: skip
+        key = (quantization, target, kv_cache)
+        if key not in built:
             out = tmp_path_factory.mktemp(target) / quantization
-            options = CompileOptions(target, quantization, TINY_CONTEXT, TINY_CHUNK)
-            built[quantization, target] = compile_model(tiny_gguf, out, options, progress=False)
-        return built[quantization, target]
+            kv_cache_dtype = kv_cache or QUANTIZATION[quantization].dtype
+            options = CompileOptions(target, quantization, TINY_CONTEXT, TINY_CHUNK,
+                                     kv_cache=kv_cache_dtype)  # fmt: skip
+            built[key] = compile_model(tiny_gguf, out, options, progress=False)
+        return built[key]
 
     return get
 
@@ -63,7 +70,12 @@ def assert_close(got: list[np.ndarray], want: list[np.ndarray], rtol: float) -> 
 
 @pytest.fixture(scope="session")
 def real_artifact():
-    """real_artifact(quantization) -> SmolLM2-135M compiled for llvm (cached across runs)."""
+    """real_artifact(quantization, kv_cache) -> SmolLM2-135M compiled for llvm (cached across
+    runs); the KV cache in the activations' dtype unless named, the plan every target shares."""
     from tapml.api import ensure_compiled
 
-    return lambda quantization: ensure_compiled("smollm2-135m", "llvm", quantization)
+    def get(quantization: str, kv_cache: str | None = None) -> Path:
+        kv_cache = kv_cache or QUANTIZATION[quantization].dtype
+        return ensure_compiled("smollm2-135m", "llvm", quantization, kv_cache=kv_cache)
+
+    return get

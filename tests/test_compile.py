@@ -74,6 +74,16 @@ def test_unknown_names_list_the_valid_ones(tiny_gguf, tmp_path):
         CompileOptions(target="quantum").resolved()
     with pytest.raises(TapmlError, match="q4f32_1"):
         CompileOptions(quantization="q2").resolved()
+    with pytest.raises(TapmlError, match="unknown KV cache dtype 'int8'; choose one of: float32"):
+        CompileOptions(kv_cache="int8").resolved()
+
+
+def test_llvm_keeps_the_kv_cache_in_float16_and_gpu_targets_in_the_activation_dtype():
+    assert CompileOptions("llvm", "q4f32_1").resolved().kv_cache == "float16"
+    assert CompileOptions("llvm", "q4f32_1", kv_cache="float32").resolved().kv_cache == "float32"
+    assert CompileOptions("webgpu", "q4f32_1").resolved().kv_cache == "float32"
+    assert CompileOptions("opencl", "q4f32_1").resolved().kv_cache == "float32"
+    assert CompileOptions("cuda").resolved().kv_cache == "float16"  # q4f16_1
 
 
 def test_unreadable_or_non_llama_gguf_is_refused(tmp_path):

@@ -28,9 +28,10 @@ def tiny_config(tiny_gguf):
     return LlamaConfig.from_gguf(g.metadata, g.tensor_names())
 
 
-def tiny_plan(config, quantization):
-    options = CompileOptions("llvm", quantization, TINY_CONTEXT, TINY_CHUNK).resolved()
-    return build_plan(config, QUANTIZATION[quantization], options)
+def tiny_plan(config, quantization, kv_cache=None):
+    kv_cache = kv_cache or QUANTIZATION[quantization].dtype  # as the tiny_artifact fixture's
+    options = CompileOptions("llvm", quantization, TINY_CONTEXT, TINY_CHUNK, kv_cache=kv_cache)
+    return build_plan(config, QUANTIZATION[quantization], options.resolved())
 
 
 def test_plan_is_a_straight_line_of_kernel_calls(tiny_config):
@@ -85,19 +86,22 @@ def test_scalar_expressions():
     assert evaluate({"op": "select", "args": [{"op": "lt", "args": [1, 2]}, 10, 20]}, {}) == 10
 
 
-@pytest.mark.parametrize("quantization", list(QUANTIZATION))
-def test_plan_matches_relax_vm_and_numpy(tiny_config, tiny_artifact, quantization):
-    artifact = tiny_artifact(quantization)
+# each quantization with its KV cache in the activations' dtype, and llvm's float16 cache
+@pytest.mark.parametrize(("quantization", "kv_cache"),
+                         [(q, None) for q in QUANTIZATION] + [("q4f32_1", "float16")])  # fmt: skip
+def test_plan_matches_relax_vm_and_numpy(tiny_config, tiny_artifact, quantization, kv_cache):
+    artifact = tiny_artifact(quantization, "llvm", kv_cache)
     engine = Engine(artifact)
     quant = QUANTIZATION[quantization]
-    _, plan, fused = tiny_plan(tiny_config, quantization)
+    _, plan, fused = tiny_plan(tiny_config, quantization, kv_cache)
+    assert plan.buffers["k_cache_0"]["dtype"] == plan.model["kv_cache"] == (kv_cache or quant.dtype)
     assert plan.to_dict() == engine.plan.to_dict()  # the artifact holds this very plan
     params = load_shards(artifact / "weights")
     vm = RelaxVM(fused, plan, params)
     weights = dequantize_params(params, quant)
 
     tokens = [int(t) for t in np.random.default_rng(0).integers(0, tiny_config.vocab_size, 14)]
-    expected = reference.forward(weights, tiny_config, tokens)
+    expected = reference.forward(weights, tiny_config, tokens, kv_cache=plan.model["kv_cache"])
     n_prompt = 11  # two prefill chunks of 8, the second padded
     got = [engine.prefill(tokens[:n_prompt])]
     vm_logits = [vm.run("prefill", {"pos": 0, "n_valid": 8},

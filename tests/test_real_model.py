@@ -24,7 +24,10 @@ VM_TOLERANCE = 1e-5
 
 @pytest.fixture(scope="module")
 def engines(real_artifact):
-    return {q: Engine(real_artifact(q)) for q in ("q0f32", "q4f32_1")}
+    """By quantization: the KV cache in the activations' dtype, and "q4f32_1+f16kv" with
+    llvm's default float16 cache."""
+    built = {q: Engine(real_artifact(q)) for q in ("q0f32", "q4f32_1")}
+    return {**built, "q4f32_1+f16kv": Engine(real_artifact("q4f32_1", "float16"))}
 
 
 def test_q0f32_greedy_tokens_equal_llama_cpp(engines):
@@ -32,22 +35,25 @@ def test_q0f32_greedy_tokens_equal_llama_cpp(engines):
     assert tokens == LLAMA_CPP_GREEDY
 
 
-def test_q4f32_1_says_paris(engines):
-    engine = engines["q4f32_1"]
+@pytest.mark.parametrize("build", ["q4f32_1", "q4f32_1+f16kv"])
+def test_q4f32_1_says_paris(engines, build):
+    engine = engines[build]
     assert engine.tokenizer.encode(PROMPT) == PROMPT_IDS
     tokens = list(engine.generate_ids(PROMPT_IDS, max_tokens=len(LLAMA_CPP_GREEDY)))
     assert tokens[0] == LLAMA_CPP_GREEDY[0]  # " Paris"
     assert engine.tokenizer.decode(tokens).startswith(" Paris")
 
 
-@pytest.mark.parametrize("quantization", ["q0f32", "q4f32_1"])
-def test_logits_match_numpy_forward_pass(engines, quantization):
-    engine = engines[quantization]
+@pytest.mark.parametrize("build", ["q0f32", "q4f32_1", "q4f32_1+f16kv"])
+def test_logits_match_numpy_forward_pass(engines, build):
+    engine = engines[build]
     config = LlamaConfig.from_dict(describe(engine.artifact)["model"])
+    quantization = engine.plan.model["quantization"]
     weights = dequantize_params(load_shards(engine.artifact / "weights"),
                                 QUANTIZATION[quantization])  # fmt: skip
     tokens = PROMPT_IDS + LLAMA_CPP_GREEDY[:3]
-    expected = reference.forward(weights, config, tokens)
+    # the reference rounds keys and values as the artifact's KV cache stores them
+    expected = reference.forward(weights, config, tokens, kv_cache=engine.plan.model["kv_cache"])
     engine.reset()
     got = [engine.prefill(PROMPT_IDS)] + [engine.decode(t) for t in LLAMA_CPP_GREEDY[:3]]
     for step, logits in enumerate(got):
@@ -59,7 +65,7 @@ def test_logits_match_numpy_forward_pass(engines, quantization):
 def test_plan_matches_relax_vm_on_the_same_module(engines):
     from tapml.targets.relax_vm import RelaxVM
 
-    engine = engines["q4f32_1"]
+    engine = engines["q4f32_1+f16kv"]
     config = LlamaConfig.from_dict(describe(engine.artifact)["model"])
     options = CompileOptions(**describe(engine.artifact)["options"])
     _, plan, fused = build_plan(config, QUANTIZATION["q4f32_1"], options)

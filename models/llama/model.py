@@ -3,7 +3,8 @@
 Entry points (all shapes fixed at compile time; only `pos` and `n_valid` vary at run time):
   decode(token[1], pos, k0, v0, ..., params)            -> logits [1, vocab], caches
   prefill(tokens[C], pos, n_valid, k0, v0, ..., params) -> logits [1, vocab] of row n_valid-1
-Each layer's cache is [kv_heads, max_context, head_dim]; kernels write new rows in place.
+Each layer's cache is [kv_heads, max_context, head_dim] in the KV cache dtype (the activations'
+or float16); kernels write new rows in place.
 """
 
 from __future__ import annotations
@@ -67,9 +68,11 @@ class Block(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: LlamaConfig, quant: Quantization, max_context: int, chunk: int):
+    def __init__(self, config: LlamaConfig, quant: Quantization, max_context: int, chunk: int,
+                 kv_cache: str | None = None):  # fmt: skip
         self.config, self.quant = config, quant
         self.max_context, self.chunk = max_context, chunk
+        self.kv_cache = kv_cache or quant.dtype
         self.embed_tokens = tnn.Embedding(config.vocab_size, config.hidden_size, quant)
         self.rope = tnn.RotaryTables(max_context, config.head_dim)
         self.layers = nn.ModuleList([Block(config, quant) for _ in range(config.num_layers)])
@@ -110,7 +113,7 @@ class LlamaForCausalLM(nn.Module):
 
     def export_spec(self) -> dict:
         cache = nn.spec.Tensor(
-            [self.config.num_kv_heads, self.max_context, self.config.head_dim], self.quant.dtype
+            [self.config.num_kv_heads, self.max_context, self.config.head_dim], self.kv_cache
         )
         caches = {name: cache for name in self.cache_names()}
         mode = {"param_mode": "plain", "effect_mode": "none"}

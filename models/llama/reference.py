@@ -51,11 +51,18 @@ def forward(
     config: LlamaConfig,
     tokens: Sequence[int],
     observe: Callable[[str, np.ndarray], None] | None = None,
+    kv_cache: str = "float64",
 ) -> np.ndarray:
     """Logits [len(tokens), vocab] (float64) of a causal forward pass from position 0.
 
     `observe(weight_name, inputs)`, if given, sees the input of every matrix product.
+    `kv_cache`: the dtype keys (after RoPE) and values are rounded to, as a KV cache of that
+    dtype stores them.
     """
+
+    def cached(x: np.ndarray) -> np.ndarray:
+        return x.astype(kv_cache).astype(np.float64)
+
 
     def w(name: str) -> np.ndarray:
         return np.asarray(weights[name], dtype=np.float64)
@@ -73,7 +80,7 @@ def forward(
         h = rms_norm(x, w(p + "input_layernorm.weight"), c.rms_norm_eps)
         qkv = linear(h, p + "self_attn.qkv_proj.weight").reshape(t, -1, c.head_dim)
         q, k, v = np.split(qkv, [c.num_heads, c.num_heads + c.num_kv_heads], axis=1)
-        a = attention(rope(q, c.rope_theta), rope(k, c.rope_theta), v)
+        a = attention(rope(q, c.rope_theta), cached(rope(k, c.rope_theta)), cached(v))
         x = x + linear(a.reshape(t, -1), p + "self_attn.o_proj.weight")
 
         h = rms_norm(x, w(p + "post_attention_layernorm.weight"), c.rms_norm_eps)

@@ -23,7 +23,7 @@ from .options import compile_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_obj
 def command(
-    obj, model, target, quantization, max_context, chunk, target_options, threads,
+    obj, model, target, quantization, max_context, chunk, target_options, kv_cache, threads,
     prompt_tokens, decode_tokens, compare, as_json,
 ) -> None:  # fmt: skip
     """Measure prefill tokens/s for a PROMPT_TOKENS prompt, decode tokens/s, peak RSS, and the
@@ -45,7 +45,8 @@ def command(
         bench.import_llama_cpp()  # fail before compiling, not after
     gguf = bench.source_gguf(model) if compare else None
     artifact = artifact_for(
-        model, target, quantization, max_context, chunk, target_options, obj["progress"]
+        model, target, quantization, max_context, chunk, target_options, obj["progress"],
+        kv_cache,
     )
     result = bench.measure(artifact, prompt_tokens, decode_tokens, compare_gguf=gguf)
     if as_json:

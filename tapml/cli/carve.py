@@ -59,6 +59,7 @@ def command(obj, model, source, quantization, scenarios, prompts, prompt_files,
     from tapml.carving.carve import carve
     from tapml.carving.scenarios import select
     from tapml.compiler import describe
+    from tapml.quantization import get_quantization
     from tapml.targets import executes_here, get_target
     from tapml.targets.llvm import use_threads
 
@@ -68,7 +69,11 @@ def command(obj, model, source, quantization, scenarios, prompts, prompt_files,
     use_threads(threads)
     texts = list(prompts) + [p.read_text() for p in prompt_files]
     chosen = select(tuple(scenarios), tuple(texts))
-    artifact = artifact_for(model, source, quantization, progress=obj["progress"])
+    quantization = quantization or get_target(source).default_quantization
+    # a suite replays on any target: carve the plan with the KV cache every target holds
+    portable = get_quantization(quantization).dtype
+    artifact = artifact_for(model, source, quantization, progress=obj["progress"],
+                            kv_cache=portable)  # fmt: skip
     if output is None:
         quantization = describe(artifact)["options"]["quantization"]
         name = Path(model).name.removesuffix(".gguf")

@@ -23,7 +23,7 @@ from .run import load_engine, sampling_options, sampling_params
 @click.pass_obj
 def command(
     obj, model, system, max_tokens, target, quantization, max_context, chunk, target_options,
-    threads, **options,
+    kv_cache, threads, **options,
 ) -> None:  # fmt: skip
     """Chat with MODEL: type a message after "> ", the reply streams to stdout.
 
@@ -37,7 +37,7 @@ def command(
     """
     params = sampling_params(options, max_tokens)
     engine = load_engine(
-        obj, model, target, quantization, max_context, chunk, target_options, threads
+        obj, model, target, quantization, max_context, chunk, target_options, kv_cache, threads
     )
     try:
         _converse(engine, params, system)

@@ -19,7 +19,8 @@ from .options import compile_options
     help="Directory to write plan, kernels, weights and tokenizer into.",
 )  # fmt: skip
 @click.pass_obj
-def command(obj, model, target, quantization, max_context, chunk, target_options, output) -> None:
+def command(obj, model, target, quantization, max_context, chunk, target_options, kv_cache,
+            output) -> None:  # fmt: skip
     """Compile MODEL (a name from `tapml models` or a .gguf path) for a target.
 
     \b
@@ -29,6 +30,6 @@ def command(obj, model, target, quantization, max_context, chunk, target_options
     from tapml.models import resolve_gguf
 
     _, gguf_path = resolve_gguf(model)
-    options = CompileOptions(target, quantization, max_context, chunk, target_options)
+    options = CompileOptions(target, quantization, max_context, chunk, target_options, kv_cache)
     out = compile_model(gguf_path, output, options, progress=obj["progress"])
     click.echo(str(out))

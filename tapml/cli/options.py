@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from tapml.compiler import DEFAULT_CHUNK, DEFAULT_MAX_CONTEXT
+from tapml.compiler import DEFAULT_CHUNK, DEFAULT_MAX_CONTEXT, KV_CACHE_DTYPES
 from tapml.quantization import QUANTIZATION
 from tapml.targets import TARGETS
 
@@ -20,7 +20,7 @@ def _parse_target_options(ctx, param, values: tuple[str, ...]) -> dict[str, str 
 
 
 def compile_options(f):
-    """--target, --quantization, --max-context, --chunk, --target-option."""
+    """--target, --quantization, --max-context, --chunk, --target-option, --kv-cache."""
     for decorator in reversed(
         [
             click.option(
@@ -43,6 +43,11 @@ def compile_options(f):
                 "--target-option", "target_options", multiple=True, metavar="KEY=VALUE",
                 callback=_parse_target_options,
                 help="TVM target option, e.g. mcpu=znver4 (default: this machine's CPU).",
+            ),
+            click.option(
+                "--kv-cache", type=click.Choice(KV_CACHE_DTYPES), default=None,
+                help="dtype of the KV cache [default: float16 on llvm, where it halves what "
+                "attention reads; else the activations' dtype].",
             ),
         ]
     ):  # fmt: skip

@@ -79,7 +79,7 @@ def sampling_params(options: dict, max_tokens: int):
 
 
 def load_engine(obj, model, target, quantization, max_context, chunk, target_options,
-                threads=None):  # fmt: skip
+                kv_cache=None, threads=None):  # fmt: skip
     """An Engine for a compiled directory, or for a name or GGUF compiled on first use."""
     from tapml.targets.llvm import use_threads
 
@@ -89,7 +89,8 @@ def load_engine(obj, model, target, quantization, max_context, chunk, target_opt
 
     return Engine(
         artifact_for(
-            model, target, quantization, max_context, chunk, target_options, obj["progress"]
+            model, target, quantization, max_context, chunk, target_options, obj["progress"],
+            kv_cache,
         )
     )
 
@@ -169,7 +170,7 @@ def constraint_from_options(
 @click.pass_obj
 def command(
     obj, model, bundle, prompt, max_tokens, chat, system, target, quantization, max_context,
-    chunk, target_options, threads, **options,
+    chunk, target_options, kv_cache, threads, **options,
 ) -> None:  # fmt: skip
     """Complete PROMPT with MODEL, streaming the text to stdout (greedy unless --temperature).
 
@@ -196,7 +197,7 @@ def command(
         model = str(bundle)
     params = sampling_params(options, max_tokens)
     engine = load_engine(
-        obj, model, target, quantization, max_context, chunk, target_options, threads
+        obj, model, target, quantization, max_context, chunk, target_options, kv_cache, threads
     )
     constraint = constraint_from_options(
         engine.tokenizer, **{k: options.pop(k) for k in GRAMMAR_KEYS}

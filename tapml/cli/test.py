@@ -96,13 +96,16 @@ def _device(target: str, device_url: str | None) -> str:
 def _compiled(suite, target: str, progress: bool) -> Path:
     """The suite's model compiled for `target` with the suite's settings (cached)."""
     from tapml.api import ensure_compiled
+    from tapml.quantization import get_quantization
 
     m = suite.manifest
     options = m["options"]
     # the source's own CPU options must match for a bit-exact replay; other targets' defaults
     same = options["target_options"] if target == m["source"] else None
+    # suites from before the KV cache option were carved with it in the activations' dtype
+    kv_cache = options.get("kv_cache") or get_quantization(m["quantization"]).dtype
     return ensure_compiled(m["model"], target, m["quantization"], options["max_context"],
-                           options["chunk"], same, progress)  # fmt: skip
+                           options["chunk"], same, progress, kv_cache)  # fmt: skip
 
 
 def _executors(target: str, artifact: Path, device_url: str | None):
