@@ -93,6 +93,19 @@ def test_carving_on_a_source_that_cannot_execute_here_fails_before_compiling(tmp
     assert not (tmp_path / "suite").exists()
 
 
+def test_carve_compiles_its_source_with_the_kv_cache_every_target_holds(tiny_gguf, tmp_path,
+                                                                         monkeypatch):
+    # llvm's own default is a float16 cache; a suite must replay on webgpu's float32 one
+    monkeypatch.setenv("TAPML_CACHE_DIR", str(tmp_path / "cache"))
+    suite = tmp_path / "suite"
+    args = ["-q", "carve", str(tiny_gguf), "--prompt", "Hi!", "--max-calls-per-kernel", "1"]
+    result = CliRunner().invoke(main, [*args, "-o", str(suite)])
+    assert result.exit_code == 0, result.output
+    assert Suite.load(suite).manifest["options"]["kv_cache"] == "float32"
+    code, output, report = tapml_test([str(suite), "--target", "webgpu"])
+    assert code == 0 and report["passed"], output
+
+
 def test_matches_is_substring_or_glob():
     assert matches("attn", "attention") is False and matches("atten", "attention")
     assert matches("rope?", "rope1") and not matches("rope?", "rope")
