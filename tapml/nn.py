@@ -261,39 +261,39 @@ ATTENTION_PART = 16
 ATTENTION_SPLITS = 4
 
 
-def attention(qkv: nn.Tensor, heads: int, k_cache: nn.Tensor, v_cache: nn.Tensor,
-              pos: tirx.Var) -> nn.Tensor:  # fmt: skip
-    """Causal attention of the queries, heads [0, heads) of qkv [s, H', D] (positions pos..),
-    over the caches [KV heads, max_context, D] -> [s, heads*D].
+def attention(q: nn.Tensor, k_cache: nn.Tensor, v_cache: nn.Tensor, pos: tirx.Var
+              ) -> nn.Tensor:  # fmt: skip
+    """Causal attention of the queries q [s, heads, D] (positions pos..) over the caches
+    [KV heads, max_context, D] -> [s, heads*D].
 
     Query row i sees cache rows 0..pos+i; the loops stop there, so the cost grows with the
     context used, not with the cache's size. Softmax is computed online in float32, one tile
     of positions at a time. Each (row, KV head, part) is independent, and so is each
     (row, head) of the combination: targets' schedules spread them over threads.
     """
-    splits = ATTENTION_SPLITS if int(qkv.shape[0]) == 1 else 1
-    parts = _attention_parts(qkv, heads, k_cache, v_cache, pos, splits)
-    return _attention_combine(parts, qkv.dtype)
+    splits = ATTENTION_SPLITS if int(q.shape[0]) == 1 else 1
+    parts = _attention_parts(q, k_cache, v_cache, pos, splits)
+    return _attention_combine(parts, q.dtype)
 
 
-def _attention_parts(qkv: nn.Tensor, heads: int, k_cache: nn.Tensor, v_cache: nn.Tensor,
-                     pos: tirx.Var, splits: int) -> nn.Tensor:  # fmt: skip
+def _attention_parts(q: nn.Tensor, k_cache: nn.Tensor, v_cache: nn.Tensor, pos: tirx.Var,
+                     splits: int) -> nn.Tensor:  # fmt: skip
     """[s, heads, splits, D + 2]: for each part of a row's positions and each query head, the
     softmax-weighted sum of values before normalization (D), the scores' max and the sum of
     their exponentials. A task reads each cache row of its part once for all the query heads
     of one KV head."""
-    rows, all_heads, dim = (int(x) for x in qkv.shape)
+    rows, heads, dim = (int(x) for x in q.shape)
     kv_heads, max_ctx = int(k_cache.shape[0]), int(k_cache.shape[1])
     group = heads // kv_heads
     scale = 1.0 / math.sqrt(dim)
-    dtype = qkv.dtype
+    dtype = q.dtype
     tile, part = ATTENTION_TILE, ATTENTION_PART
     chunks, rest = dim // part, dim % part  # the dot product: whole PART chunks, then the rest
     i64 = T.int64
 
     @T.prim_func(private=True, s_tir=True)
     def attend(
-        q_in: T.Buffer((i64(rows), i64(all_heads), i64(dim)), dtype),
+        q_in: T.Buffer((i64(rows), i64(heads), i64(dim)), dtype),
         kc: T.Buffer((i64(kv_heads), i64(max_ctx), i64(dim)), k_cache.dtype),
         vc: T.Buffer((i64(kv_heads), i64(max_ctx), i64(dim)), v_cache.dtype),
         p: T.int64,
@@ -379,7 +379,7 @@ def _attention_parts(qkv: nn.Tensor, heads: int, k_cache: nn.Tensor, v_cache: nn
                     out[i, kh * group + g, sp, dim + 1] = run[g, 1]
 
     out = nn.Tensor.placeholder([rows, heads, splits, dim + 2], "float32")
-    return op.tensor_ir_op(attend, "attention", [qkv, k_cache, v_cache, pos], out)
+    return op.tensor_ir_op(attend, "attention", [q, k_cache, v_cache, pos], out)
 
 
 def _attention_combine(parts: nn.Tensor, dtype: str) -> nn.Tensor:

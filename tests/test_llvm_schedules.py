@@ -375,10 +375,10 @@ def test_last_valid_row():
 
 # -- attention: independent (row, head) pairs ------------------------------------------------
 class Attend(nn.Module):
-    """Attention of the first 9 heads of a fused QKV row (15 heads: 9 + 3 keys + 3 values)."""
+    """Attention of 9 query heads over 3 KV heads (the real model's)."""
 
-    def decode(self, qkv, kc, vc, pos):
-        return tnn.attention(qkv, 9, kc, vc, pos)
+    def decode(self, q, kc, vc, pos):
+        return tnn.attention(q, kc, vc, pos)
 
     prefill = decode
 
@@ -410,19 +410,19 @@ def test_attention_parts_run_in_parallel_and_combine_to_numpy(entry, rows, dim, 
     cache = nn.spec.Tensor([3, ctx, dim], "float32")
     parts, combine = entry_calls(
         Attend(),
-        lambda r: {"qkv": nn.spec.Tensor([r, 15, dim], "float32"), "kc": cache, "vc": cache,
+        lambda r: {"q": nn.spec.Tensor([r, 9, dim], "float32"), "kc": cache, "vc": cache,
                    "pos": int},  # fmt: skip
     )[entry]
     splits = tnn.ATTENTION_SPLITS if rows == 1 else 1
-    qkv = rng.standard_normal((rows, 15, dim)).astype("float32")
+    q = rng.standard_normal((rows, 9, dim)).astype("float32")
     kc = rng.standard_normal((3, ctx, dim)).astype("float32")
     vc = rng.standard_normal((3, ctx, dim)).astype("float32")
-    (*_, partial), rule = run(parts, [qkv, kc, vc, pos, np.zeros((rows, 9, splits, dim + 2),
-                                                                  "float32")])  # fmt: skip
+    (*_, partial), rule = run(parts, [q, kc, vc, pos, np.zeros((rows, 9, splits, dim + 2),
+                                                                "float32")])  # fmt: skip
     assert rule == "independent_rows"
     (_, out), rule = run(combine, [partial, np.zeros((rows, 9 * dim), "float32")])
     assert rule == "independent_rows"
-    expected = numpy_attention(qkv[:, :9], kc, vc, pos)
+    expected = numpy_attention(q, kc, vc, pos)
     np.testing.assert_allclose(out.reshape(rows, 9, dim), expected, rtol=1e-4, atol=1e-5)
 
 
@@ -430,7 +430,7 @@ def test_attention_lane_loops_are_vectorized():
     cache = nn.spec.Tensor([3, 64, 64], "float32")
     funcs = entry_calls(
         Attend(),
-        lambda r: {"qkv": nn.spec.Tensor([r, 15, 64], "float32"), "kc": cache, "vc": cache,
+        lambda r: {"q": nn.spec.Tensor([r, 9, 64], "float32"), "kc": cache, "vc": cache,
                    "pos": int},  # fmt: skip
     )["decode"]
     for func in funcs:

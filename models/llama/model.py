@@ -38,7 +38,7 @@ class Attention(nn.Module):
         h, kv = self.heads, self.kv_heads
         qkv = op.reshape(self.qkv_proj(x), (x.shape[0], h + 2 * kv, self.head_dim))
         q, k_cache, v_cache = rope(qkv, h, k_cache, v_cache, pos, n_valid)
-        return self.o_proj(tnn.attention(q, h, k_cache, v_cache, pos)), k_cache, v_cache
+        return self.o_proj(tnn.attention(q, k_cache, v_cache, pos)), k_cache, v_cache
 
 
 class MLP(nn.Module):
