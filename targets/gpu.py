@@ -96,7 +96,7 @@ def build_record_module(name: str, func: tirx.PrimFunc, target: tvm.target.Targe
     scalars = {p.name for p in func.params if not isinstance(p.ty, tvm.ir.PointerType)}
     shared = _shared_bytes(device)
     dispatches = []
-    launches, bindings = _kernel_launches(host)
+    launches, bound = _kernel_launches(host, scalars)
     for call in launches:
         entry = call.args[0].value
         fi = info[entry]
@@ -109,11 +109,11 @@ def build_record_module(name: str, func: tirx.PrimFunc, target: tvm.target.Targe
             if dtype == "handle":
                 args.append({"buffer": params.index(_buffer_param(value, params))})
             else:
-                args.append({"pod": dtype, "expr": _scalar_expr(value, bindings, scalars, name)})
+                args.append({"pod": dtype, "expr": _scalar_expr(value, bound, scalars, name)})
         grid, workgroup = [1, 1, 1], [1, 1, 1]
         for tag, value in zip(tags, call.args[1 + n_args :], strict=True):
             dims = grid if tag.startswith("blockIdx") else workgroup
-            dims["xyz".index(tag[-1])] = _scalar_expr(value, bindings, scalars, name)
+            dims["xyz".index(tag[-1])] = _scalar_expr(value, bound, scalars, name)
         dispatches.append({
             "entry": entry, "args": args, "writable": writable, "grid": grid,
             "workgroup": workgroup, "shared_bytes": shared.get(entry, 0),
@@ -142,21 +142,26 @@ def _function_info(device: tvm.IRModule, runtime_mod) -> dict[str, dict]:
     return info
 
 
-def _kernel_launches(host: tvm.IRModule) -> tuple[list, dict]:
-    """The host code's kernel launches, and its variable bindings (TVM binds a launch value
-    that several dispatches share to a variable of its own)."""
-    found, bindings = [], {}
+def _kernel_launches(host: tvm.IRModule, scalars: set[str]) -> tuple[list, dict]:
+    """The host code's kernel launches, and the values of the variables it binds besides the
+    kernel's scalars (TVM binds a launch value that several dispatches share to a variable of
+    its own), each in terms of the scalars."""
+    found, bound = [], {}
 
     def visit(node, visitor):
         if isinstance(node, tvm.ir.Call) and getattr(node.op, "name", "") == "tirx.call_ffi_kernel":
             found.append(node)
-        elif isinstance(node, tirx.Bind):
-            bindings[node.var] = node.value
+        elif isinstance(node, tirx.Bind) and node.var.name not in scalars:
+            bound[node.var] = _substitute(node.value, bound)  # earlier bindings come first
         visitor.default_visit(node)
 
     for _, func in host.functions_items():
         tvm_ffi.structural_visit(func.body, [(tvm_ffi.Object, visit)])
-    return found, bindings
+    return found, bound
+
+
+def _substitute(expr, values: dict):
+    return tvm_ffi.structural_map(expr, (tirx.Var, lambda v: values.get(v, v)))
 
 
 def _buffer_param(value, params: list[str]) -> str:
@@ -178,12 +183,10 @@ def _buffer_param(value, params: list[str]) -> str:
     raise CompileError(f"cannot tell which buffer launch argument {value} refers to")
 
 
-def _scalar_expr(value, bindings: dict, scalars: set[str], kernel: str) -> Any:
-    """A launch value as a plan expression of the kernel's scalar parameters."""
-    shared = {var: v for var, v in bindings.items() if var.name not in scalars}
-    for _ in range(len(shared)):  # a shared value may use earlier ones
-        value = tvm_ffi.structural_map(value, (tirx.Var, lambda v: shared.get(v, v)))
-    expr = expr_to_json(value)
+def _scalar_expr(value, bound: dict, scalars: set[str], kernel: str) -> Any:
+    """A launch value as a plan expression of the kernel's scalar parameters (`bound`: the
+    host's bound variables, see `_kernel_launches`)."""
+    expr = expr_to_json(_substitute(value, bound))
     unknown = _variables(expr) - scalars
     if unknown:
         raise CompileError(f"{kernel}: a launch value depends on {sorted(unknown)}: {value}")
