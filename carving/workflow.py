@@ -53,15 +53,16 @@ def artifacts(model: str, target: str, quantization: str | None, source: str = "
     from tapml.api import artifact_for, ensure_compiled
     from tapml.compiler import CompileOptions, describe
 
+    kv_cache = None
     if bundle is not None:
         options = describe(bundle)["options"]
         if options["target"] != target:
             raise TapmlError(f"{bundle} holds {options['target']} kernels, not {target}")
         quantization = quantization or options["quantization"]
+        kv_cache = options.get("kv_cache")
     quantization = quantization or "q4f32_1"
     # the source runs the target's plan, KV cache dtype included
-    kv_cache = (describe(bundle)["options"].get("kv_cache") if bundle is not None else None) \
-        or CompileOptions(target, quantization).resolved().kv_cache
+    kv_cache = kv_cache or CompileOptions(target, quantization).resolved().kv_cache
     source_dir = artifact_for(model, source, quantization, progress=progress, kv_cache=kv_cache)
     options = describe(source_dir)["options"]
     target_dir = bundle or ensure_compiled(model, target, quantization, options["max_context"],

@@ -63,7 +63,6 @@ def forward(
     def cached(x: np.ndarray) -> np.ndarray:
         return x.astype(kv_cache).astype(np.float64)
 
-
     def w(name: str) -> np.ndarray:
         return np.asarray(weights[name], dtype=np.float64)
 
