@@ -54,8 +54,9 @@ def decode_kv_bytes(plan: Plan, first_pos: int, steps: int) -> float:
     reads every layer's keys and values of the positions up to its own."""
     per_position = 0
     for name in plan.names("state"):
-        b = plan.buffers[name]  # [kv_heads, max_context, head_dim]
-        per_position += plan.nbytes(name) // b["shape"][1]
+        # keys [kv_heads, tiles, head_dim, tile], values [kv_heads, max_context, head_dim]
+        b = plan.buffers[name]
+        per_position += b["shape"][0] * b["shape"][2] * np.dtype(b["dtype"]).itemsize
     mean_positions = first_pos + (steps + 1) / 2
     return per_position * mean_positions
 

@@ -181,9 +181,9 @@ class RotaryTables(nn.Module):
 
         qkv [s, heads + 2 * kv_heads, head_dim] holds rows at positions pos..pos+s-1: the
         query heads, then the key heads, then the value heads. Returns the rotated queries
-        [s, heads, head_dim] and the caches [kv_heads, max_context, head_dim] with rows
-        [0, n_valid) of the rotated keys and of the values written at pos.. in place. One
-        kernel, so that a decode step does not pay three launches for a few hundred values.
+        [s, heads, head_dim] and the caches (see `key_cache_shape`) with rows [0, n_valid)
+        of the rotated keys and of the values written at pos.. in place. One kernel, so that
+        a decode step does not pay three launches for a few hundred values.
         """
         return _rope_kv_write(qkv, self.cos, self.sin, heads, k_cache, v_cache, pos, n_valid)
 
@@ -192,9 +192,10 @@ def _rope_kv_write(qkv: nn.Tensor, cos: nn.Tensor, sin: nn.Tensor, heads: int,
                    k_cache: nn.Tensor, v_cache: nn.Tensor, pos: tirx.Var, n_valid
                    ) -> tuple[nn.Tensor, nn.Tensor, nn.Tensor]:  # fmt: skip
     rows, all_heads, dim = (int(x) for x in qkv.shape)
-    kv_heads, max_ctx = int(k_cache.shape[0]), int(k_cache.shape[1])
+    kv_heads, max_ctx = int(v_cache.shape[0]), int(v_cache.shape[1])
     tables, dtype, i64 = (int(cos.shape[0]), dim // 2), qkv.dtype, T.int64
-    cache = (i64(kv_heads), i64(max_ctx), i64(dim))
+    k_shape = [int(x) for x in k_cache.shape]
+    tile = k_shape[3]
 
     def rotated(x, cos_t, sin_t, p, i, h, d):
         """Element d of head h of row i, rotated with its pair partner (adjacent pairs)."""
@@ -208,8 +209,8 @@ def _rope_kv_write(qkv: nn.Tensor, cos: nn.Tensor, sin: nn.Tensor, heads: int,
         x: T.Buffer((i64(rows), i64(all_heads), i64(dim)), dtype),
         cos_t: T.Buffer((i64(tables[0]), i64(tables[1])), "float32"),
         sin_t: T.Buffer((i64(tables[0]), i64(tables[1])), "float32"),
-        kc: T.Buffer(cache, k_cache.dtype),
-        vc: T.Buffer(cache, v_cache.dtype),
+        kc: T.Buffer([i64(x) for x in k_shape], k_cache.dtype),
+        vc: T.Buffer((i64(kv_heads), i64(max_ctx), i64(dim)), v_cache.dtype),
         p: T.int64,
         valid: T.int64,
         q: T.Buffer((i64(rows), i64(heads), i64(dim)), dtype),
@@ -221,8 +222,9 @@ def _rope_kv_write(qkv: nn.Tensor, cos: nn.Tensor, sin: nn.Tensor, heads: int,
         for i, h, d in T.grid(valid, i64(kv_heads), i64(dim)):
             with T.sblock("rope_k"):
                 vi, vh, vd = T.axis.remap("SSS", [i, h, d])
-                kc[vh, p + vi, vd] = T.Cast(kc.dtype, rotated(x, cos_t, sin_t, p, vi, heads + vh,
-                                                              vd))
+                kc[vh, (p + vi) // tile, vd, (p + vi) % tile] = T.Cast(
+                    kc.dtype, rotated(x, cos_t, sin_t, p, vi, heads + vh, vd)
+                )
         for i, h, d in T.grid(valid, i64(kv_heads), i64(dim)):
             with T.sblock("write_v"):
                 vi, vh, vd = T.axis.remap("SSS", [i, h, d])
@@ -232,7 +234,7 @@ def _rope_kv_write(qkv: nn.Tensor, cos: nn.Tensor, sin: nn.Tensor, heads: int,
         n_valid = tirx.IntImm("int64", n_valid)
     out = [
         nn.Tensor.placeholder([rows, heads, dim], dtype),
-        nn.Tensor.placeholder([kv_heads, max_ctx, dim], k_cache.dtype),
+        nn.Tensor.placeholder(k_shape, k_cache.dtype),
         nn.Tensor.placeholder([kv_heads, max_ctx, dim], v_cache.dtype),
     ]
     args = [qkv, cos, sin, k_cache, v_cache, pos, n_valid]
@@ -248,23 +250,33 @@ def rotary_tables(max_context: int, head_dim: int, theta: float):
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-# Attention visits cache positions in tiles of TILE (one softmax rescale per tile) and sums a
-# dot product in PART partial sums: fixed-width loops with no loop-carried dependency, which a
-# CPU schedule turns into vector instructions and a GPU thread runs as plain loops. A task
-# serves all the query heads that share a KV head, so each cache row is read once, and a
-# decode row splits its positions into SPLITS parts, attended separately and then combined,
-# so that the few KV heads of one row still make enough tasks for every thread. Queries and
-# cache rows are read where they lie rather than copied into per-task arrays: a GPU thread's
-# private memory must stay small (lavapipe left invocations of a 256-wide workgroup unrun).
+# Attention visits cache positions in tiles of TILE (one softmax rescale per tile). The key
+# cache is stored in those tiles, transposed: [KV heads, tiles, D, TILE], so that a tile's
+# scores are TILE-wide vector multiply-adds over D, with no sum across a vector per position
+# (on a CPU that sum was two thirds of attention's instructions); the value cache stays
+# [KV heads, max_context, D], rows of D. The tile's max and sum are trees over its 16 lanes.
+# Loops have fixed widths and no loop-carried dependency, which a CPU schedule turns into
+# vector instructions and a GPU thread runs as plain loops. A task serves all the query heads
+# that share a KV head, so each cache row is read once, and a decode row splits its positions
+# into SPLITS parts, attended separately and then combined, so that the few KV heads of one
+# row still make enough tasks for every thread. Queries and cache rows are read where they
+# lie rather than copied into per-task arrays: a GPU thread's private memory must stay small
+# (lavapipe left invocations of a 256-wide workgroup unrun).
 ATTENTION_TILE = 16
-ATTENTION_PART = 16
 ATTENTION_SPLITS = 4
+
+
+def key_cache_shape(kv_heads: int, max_context: int, head_dim: int) -> list[int]:
+    """The key cache's shape: positions in tiles of ATTENTION_TILE, each stored transposed
+    (the position last); the last tile is padded."""
+    tiles = -(-max_context // ATTENTION_TILE)
+    return [kv_heads, tiles, head_dim, ATTENTION_TILE]
 
 
 def attention(q: nn.Tensor, k_cache: nn.Tensor, v_cache: nn.Tensor, pos: tirx.Var
               ) -> nn.Tensor:  # fmt: skip
-    """Causal attention of the queries q [s, heads, D] (positions pos..) over the caches
-    [KV heads, max_context, D] -> [s, heads*D].
+    """Causal attention of the queries q [s, heads, D] (positions pos..) over the key cache
+    (`key_cache_shape`) and the value cache [KV heads, max_context, D] -> [s, heads*D].
 
     Query row i sees cache rows 0..pos+i; the loops stop there, so the cost grows with the
     context used, not with the cache's size. Softmax is computed online in float32, one tile
@@ -283,18 +295,17 @@ def _attention_parts(q: nn.Tensor, k_cache: nn.Tensor, v_cache: nn.Tensor, pos: 
     their exponentials. A task reads each cache row of its part once for all the query heads
     of one KV head."""
     rows, heads, dim = (int(x) for x in q.shape)
-    kv_heads, max_ctx = int(k_cache.shape[0]), int(k_cache.shape[1])
+    kv_heads, tiles, max_ctx = int(k_cache.shape[0]), int(k_cache.shape[1]), int(v_cache.shape[1])
+    tile = ATTENTION_TILE  # the trees below sum 16 lanes
     group = heads // kv_heads
     scale = 1.0 / math.sqrt(dim)
     dtype = q.dtype
-    tile, part = ATTENTION_TILE, ATTENTION_PART
-    chunks, rest = dim // part, dim % part  # the dot product: whole PART chunks, then the rest
     i64 = T.int64
 
     @T.prim_func(private=True, s_tir=True)
     def attend(
         q_in: T.Buffer((i64(rows), i64(heads), i64(dim)), dtype),
-        kc: T.Buffer((i64(kv_heads), i64(max_ctx), i64(dim)), k_cache.dtype),
+        kc: T.Buffer((i64(kv_heads), i64(tiles), i64(dim), i64(tile)), k_cache.dtype),
         vc: T.Buffer((i64(kv_heads), i64(max_ctx), i64(dim)), v_cache.dtype),
         p: T.int64,
         out: T.Buffer((i64(rows), i64(heads), i64(splits), i64(dim + 2)), "float32"),
@@ -303,18 +314,19 @@ def _attention_parts(q: nn.Tensor, k_cache: nn.Tensor, v_cache: nn.Tensor, pos: 
             with T.sblock("part"):
                 i, kh, sp = T.axis.remap("SSS", [row, kv_head, split])
                 T.reads(q_in[i, kh * group : kh * group + group, 0:dim],
-                        kc[kh, 0:max_ctx, 0:dim], vc[kh, 0:max_ctx, 0:dim])  # fmt: skip
+                        kc[kh, 0:tiles, 0:dim, 0:tile], vc[kh, 0:max_ctx, 0:dim])  # fmt: skip
                 T.writes(out[i, kh * group : kh * group + group, sp, 0 : dim + 2])
                 acc = T.alloc_buffer((group, dim), "float32", scope="local")
-                partial = T.alloc_buffer((part,), "float32", scope="local")
-                half8 = T.alloc_buffer((8,), "float32", scope="local")
-                half4 = T.alloc_buffer((4,), "float32", scope="local")
-                half2 = T.alloc_buffer((2,), "float32", scope="local")
+                # a tile's scores, summed over even and odd dims apart (two chains of
+                # additions in flight), then its softmax weights
                 score = T.alloc_buffer((group, tile), "float32", scope="local")
                 weight = T.alloc_buffer((group, tile), "float32", scope="local")
                 # per query head: [0] running max, [1] running sum, [2] this tile's max,
                 # [3] the old terms' factor
                 run = T.alloc_buffer((group, 4), "float32", scope="local")
+                half8 = T.alloc_buffer((8,), "float32", scope="local")  # a tile's max and sum
+                half4 = T.alloc_buffer((4,), "float32", scope="local")  # as trees
+                half2 = T.alloc_buffer((2,), "float32", scope="local")
                 # this part's `count` positions from `first`: whole tiles, the last part the
                 # rest (int32: WGSL has no 64-bit integers)
                 span: T.int32 = T.Cast("int32", (p + i + splits * tile) // (splits * tile) * tile)
@@ -328,41 +340,50 @@ def _attention_parts(q: nn.Tensor, k_cache: nn.Tensor, v_cache: nn.Tensor, pos: 
                 for t0 in range((T.max(count, 0) + tile - 1) // tile):
                     for g in range(group):
                         for t in range(tile):
-                            score[g, t] = T.float32(-3.0e38)  # past the end: no weight
-                    for t in range(T.min(tile, count - t0 * tile)):
-                        for g in range(group):
-                            for c in range(part):
-                                partial[c] = T.float32(0)
-                            for c0 in range(chunks):
-                                for c in range(part):
-                                    partial[c] = partial[c] + T.Cast(
-                                        "float32", q_in[i, kh * group + g, c0 * part + c]
-                                    ) * T.Cast(
-                                        "float32", kc[kh, first + t0 * tile + t, c0 * part + c]
-                                    )
-                            for c in range(rest):
-                                partial[c] = partial[c] + T.Cast(
-                                    "float32", q_in[i, kh * group + g, chunks * part + c]
-                                ) * T.Cast(
-                                    "float32", kc[kh, first + t0 * tile + t, chunks * part + c]
-                                )
-                            for c in range(8):
-                                half8[c] = partial[c] + partial[c + 8]
-                            for c in range(4):
-                                half4[c] = half8[c] + half8[c + 4]
-                            for c in range(2):
-                                half2[c] = half4[c] + half4[c + 2]
-                            score[g, t] = (half2[0] + half2[1]) * T.float32(scale)
-                    for g in range(group):
-                        run[g, 2] = run[g, 0]
+                            score[g, t] = T.float32(0)
                         for t in range(tile):
-                            run[g, 2] = T.max(run[g, 2], score[g, t])
+                            weight[g, t] = T.float32(0)
+                    for d2 in range(dim // 2):
+                        for g in range(group):
+                            for t in range(tile):
+                                score[g, t] = score[g, t] + T.Cast(
+                                    "float32", q_in[i, kh * group + g, d2 * 2]
+                                ) * T.Cast("float32", kc[kh, first // tile + t0, d2 * 2, t])
+                            for t in range(tile):
+                                weight[g, t] = weight[g, t] + T.Cast(
+                                    "float32", q_in[i, kh * group + g, d2 * 2 + 1]
+                                ) * T.Cast("float32", kc[kh, first // tile + t0, d2 * 2 + 1, t])
+                    for _ in range(dim % 2):  # an odd head dim's last
+                        for g in range(group):
+                            for t in range(tile):
+                                score[g, t] = score[g, t] + T.Cast(
+                                    "float32", q_in[i, kh * group + g, dim - 1]
+                                ) * T.Cast("float32", kc[kh, first // tile + t0, dim - 1, t])
+                    for g in range(group):
+                        for t in range(tile):  # positions past the end get no weight
+                            score[g, t] = T.Select(
+                                t < count - t0 * tile,
+                                (score[g, t] + weight[g, t]) * T.float32(scale),
+                                T.float32(-3.0e38),
+                            )
+                    for g in range(group):
+                        for c in range(8):
+                            half8[c] = T.max(score[g, c], score[g, c + 8])
+                        for c in range(4):
+                            half4[c] = T.max(half8[c], half8[c + 4])
+                        for c in range(2):
+                            half2[c] = T.max(half4[c], half4[c + 2])
+                        run[g, 2] = T.max(run[g, 0], T.max(half2[0], half2[1]))
                         for t in range(tile):
                             weight[g, t] = T.exp(score[g, t] - run[g, 2])
+                        for c in range(8):
+                            half8[c] = weight[g, c] + weight[g, c + 8]
+                        for c in range(4):
+                            half4[c] = half8[c] + half8[c + 4]
+                        for c in range(2):
+                            half2[c] = half4[c] + half4[c + 2]
                         run[g, 3] = T.exp(run[g, 0] - run[g, 2])
-                        run[g, 1] = run[g, 1] * run[g, 3]
-                        for t in range(tile):
-                            run[g, 1] = run[g, 1] + weight[g, t]
+                        run[g, 1] = run[g, 1] * run[g, 3] + (half2[0] + half2[1])
                         for d in range(dim):
                             acc[g, d] = acc[g, d] * run[g, 3]
                         run[g, 0] = run[g, 2]

@@ -71,7 +71,7 @@ def test_decode_bytes_are_the_params_the_decode_function_reads(tiny_artifact):
 def test_kv_bytes_are_the_positions_each_decode_step_reads(tiny_artifact):
     plan = Plan.load(tiny_artifact() / "plan.json")
     caches = plan.names("state")
-    heads, context, dim = plan.buffers[caches[0]]["shape"]
+    heads, context, dim = plan.buffers["v_cache_0"]["shape"]
     per_position = len(caches) * heads * dim * 4  # float32 keys and values of every layer
     # steps at positions 10, 11, 12 read 11, 12 and 13 positions
     assert bench.decode_kv_bytes(plan, 10, 3) == pytest.approx(per_position * 12)

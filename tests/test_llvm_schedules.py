@@ -303,6 +303,17 @@ class RopeKVWrite(nn.Module):
         return self.rope(qkv, 9, k_cache, v_cache, pos, n_valid)
 
 
+def key_tiles(keys: np.ndarray) -> np.ndarray:
+    """Keys [kv_heads, ctx, dim] in the key cache's layout (`tnn.key_cache_shape`)."""
+    kv, ctx, dim = keys.shape
+    tiled = np.zeros(tnn.key_cache_shape(kv, ctx, dim), keys.dtype)
+    tile = tiled.shape[3]
+    padded = np.zeros((kv, tiled.shape[1] * tile, dim), keys.dtype)
+    padded[:, :ctx] = keys
+    tiled[...] = padded.reshape(kv, -1, tile, dim).transpose(0, 1, 3, 2)
+    return tiled
+
+
 def test_rope_kv_write_rotates_queries_and_keys_and_writes_valid_rows_to_the_caches():
     heads, kv, dim, ctx = 9, 3, 64, 128  # the real model's heads
     cache = [kv, ctx, dim]
@@ -310,7 +321,7 @@ def test_rope_kv_write_rotates_queries_and_keys_and_writes_valid_rows_to_the_cac
         RopeKVWrite(ctx, dim),
         lambda rows: {
             "qkv": nn.spec.Tensor([rows, heads + 2 * kv, dim], "float32"),
-            "k_cache": nn.spec.Tensor(cache, "float32"),
+            "k_cache": nn.spec.Tensor(tnn.key_cache_shape(kv, ctx, dim), "float32"),
             "v_cache": nn.spec.Tensor(cache, "float32"),
             "pos": int,
             **({"n_valid": int} if rows > 1 else {}),
@@ -329,10 +340,12 @@ def test_rope_kv_write_rotates_queries_and_keys_and_writes_valid_rows_to_the_cac
         k_ref[:, pos : pos + valid] = rotated[:valid, heads : heads + kv].transpose(1, 0, 2)
         v_ref[:, pos : pos + valid] = qkv[:valid, heads + kv :].transpose(1, 0, 2)
         q = np.zeros((rows, heads, dim), "float32")
-        arrays, rule = run(kernels[entry], [qkv, cos, sin, k_cache, v_cache, pos, valid, q])
+        args = [qkv, cos, sin, key_tiles(k_cache), v_cache, pos, valid, q]
+        arrays, rule = run(kernels[entry], args)
         assert rule == "elementwise"
         assert_close(arrays[-1], rotated[:, :heads], "float32")
-        assert_close(arrays[3], k_ref, "float32")  # rows outside pos..pos+valid untouched
+        # rows outside pos..pos+valid untouched
+        assert_close(arrays[3], key_tiles(k_ref), "float32")
         np.testing.assert_array_equal(arrays[4], v_ref)
 
 
@@ -402,23 +415,25 @@ def numpy_attention(q, kc, vc, pos):
     [
         ("prefill", CHUNK, 64, 64, 5),  # positions end inside the first tile, and further
         ("decode", 1, 64, 1024, 1000),  # a long context: many tiles, the last one partial
-        ("decode", 1, 40, 64, 33),  # a head dim that is no multiple of the partial sums
+        ("decode", 1, 40, 64, 33),  # a head dim that is no multiple of the vector width
+        ("decode", 1, 63, 40, 37),  # an odd head dim; a context that ends inside a tile
         ("decode", 1, 64, 64, 2),  # fewer positions than parts: empty parts weigh nothing
     ],
 )
 def test_attention_parts_run_in_parallel_and_combine_to_numpy(entry, rows, dim, ctx, pos):
-    cache = nn.spec.Tensor([3, ctx, dim], "float32")
+    keys = nn.spec.Tensor(tnn.key_cache_shape(3, ctx, dim), "float32")
+    values = nn.spec.Tensor([3, ctx, dim], "float32")
     parts, combine = entry_calls(
         Attend(),
-        lambda r: {"q": nn.spec.Tensor([r, 9, dim], "float32"), "kc": cache, "vc": cache,
+        lambda r: {"q": nn.spec.Tensor([r, 9, dim], "float32"), "kc": keys, "vc": values,
                    "pos": int},  # fmt: skip
     )[entry]
     splits = tnn.ATTENTION_SPLITS if rows == 1 else 1
     q = rng.standard_normal((rows, 9, dim)).astype("float32")
     kc = rng.standard_normal((3, ctx, dim)).astype("float32")
     vc = rng.standard_normal((3, ctx, dim)).astype("float32")
-    (*_, partial), rule = run(parts, [q, kc, vc, pos, np.zeros((rows, 9, splits, dim + 2),
-                                                                "float32")])  # fmt: skip
+    partial = np.zeros((rows, 9, splits, dim + 2), "float32")
+    (*_, partial), rule = run(parts, [q, key_tiles(kc), vc, pos, partial])
     assert rule == "independent_rows"
     (_, out), rule = run(combine, [partial, np.zeros((rows, 9 * dim), "float32")])
     assert rule == "independent_rows"
@@ -427,10 +442,11 @@ def test_attention_parts_run_in_parallel_and_combine_to_numpy(entry, rows, dim, 
 
 
 def test_attention_lane_loops_are_vectorized():
-    cache = nn.spec.Tensor([3, 64, 64], "float32")
+    keys = nn.spec.Tensor(tnn.key_cache_shape(3, 64, 64), "float32")
+    values = nn.spec.Tensor([3, 64, 64], "float32")
     funcs = entry_calls(
         Attend(),
-        lambda r: {"q": nn.spec.Tensor([r, 9, 64], "float32"), "kc": cache, "vc": cache,
+        lambda r: {"q": nn.spec.Tensor([r, 9, 64], "float32"), "kc": keys, "vc": values,
                    "pos": int},  # fmt: skip
     )["decode"]
     for func in funcs:

@@ -3,8 +3,9 @@
 Entry points (all shapes fixed at compile time; only `pos` and `n_valid` vary at run time):
   decode(token[1], pos, k0, v0, ..., params)            -> logits [1, vocab], caches
   prefill(tokens[C], pos, n_valid, k0, v0, ..., params) -> logits [1, vocab] of row n_valid-1
-Each layer's cache is [kv_heads, max_context, head_dim] in the KV cache dtype (the activations'
-or float16); kernels write new rows in place.
+Each layer has a key cache in tiles of positions (`tapml.nn.key_cache_shape`) and a value cache
+[kv_heads, max_context, head_dim], in the KV cache dtype (the activations' or float16); kernels
+write new rows in place.
 """
 
 from __future__ import annotations
@@ -112,10 +113,11 @@ class LlamaForCausalLM(nn.Module):
         return [f"{kv}_cache_{i}" for i in range(self.config.num_layers) for kv in "kv"]
 
     def export_spec(self) -> dict:
-        cache = nn.spec.Tensor(
-            [self.config.num_kv_heads, self.max_context, self.config.head_dim], self.kv_cache
-        )
-        caches = {name: cache for name in self.cache_names()}
+        kv_heads, dim = self.config.num_kv_heads, self.config.head_dim
+        shapes = {"k": tnn.key_cache_shape(kv_heads, self.max_context, dim),
+                  "v": [kv_heads, self.max_context, dim]}  # fmt: skip
+        caches = {name: nn.spec.Tensor(shapes[name[0]], self.kv_cache)
+                  for name in self.cache_names()}  # fmt: skip
         mode = {"param_mode": "plain", "effect_mode": "none"}
         return {
             "decode": {"token": nn.spec.Tensor([1], "int32"), "pos": int, **caches, "$": mode},
