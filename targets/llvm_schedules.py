@@ -22,6 +22,7 @@ ATTR = "tapml.schedule"
 PARALLEL_MIN_ELEMENTS = 1 << 15
 # Independent accumulators per GEMV row: an FMA's latency spans several issue slots.
 GEMV_CHAINS = 4
+FIELD_CHAINS = 2  # a packed GEMV sums a word's fields in this many independent chains
 PREFETCH_BYTES = 8192  # how far ahead of its current row a GEMV asks memory for weights
 GEMM_COLS = 16  # output columns per parallel task of a GEMM (weight tile rows)
 GEMM_UNROLL = 8  # output columns whose accumulators stay in registers together
@@ -293,8 +294,10 @@ def _packed_gemv_te(x: te.Tensor, w: PackedWeight, words: te.Tensor, scale: te.T
     FMA ports (measured: 15% off a q4 GEMV on one thread). With x scaled by L (exactly),
     sum_f Lx*(1 + q/L) = sum_f x*q + L*sum_f x. The offset and the group scale leave the
     inner loop: sum_f x*(q - offset)*s = s*(sum_f Lx*(1 + q/L) - sum_f Lx*(1 + offset/L)),
-    the last sum once per call. Whole vectors of words, then a tail of fewer words; the lanes
-    are summed as a tree.
+    the last sum once per call. A word's fields are summed in FIELD_CHAINS interleaved
+    chains, so that an FMA need not wait for the one before (measured: 3-5% off the q4 GEMVs
+    on one thread with their weights in cache; 4 chains gain less than 2). Whole vectors of
+    words, then a tail of fewer words; the lanes are summed as a tree.
     """
     f32, pw = "float32", w.per_word
     n_rows, n_words = (int(d) for d in words.shape)
@@ -323,10 +326,15 @@ def _packed_gemv_te(x: te.Tensor, w: PackedWeight, words: te.Tensor, scale: te.T
         f0 = te.reduce_axis((0, pw), name="f0")
         xo = te.compute((whole, lanes), lambda o, i: te.sum(xw[o, f0, i] * offset, axis=f0),
                         name="x_offset")  # fmt: skip
-        f1 = te.reduce_axis((0, pw), name="f1")
+        chains = FIELD_CHAINS if pw % FIELD_CHAINS == 0 else 1
+        per_chain = pw // chains
+        f1 = te.reduce_axis((0, per_chain), name="f1")
         dot = te.compute(
-            (n_rows, whole, lanes),
-            lambda n, o, i: te.sum(xw[o, f1, i] * field(n, o * lanes + i, f1), axis=f1),
+            (n_rows, whole, chains, lanes),
+            lambda n, o, c, i: te.sum(
+                xw[o, c * per_chain + f1, i] * field(n, o * lanes + i, c * per_chain + f1),
+                axis=f1,
+            ),
             name="word_dot",
         )
         per_vector = lanes // per_group
@@ -337,7 +345,10 @@ def _packed_gemv_te(x: te.Tensor, w: PackedWeight, words: te.Tensor, scale: te.T
         )
 
         def vector_sum(n, i, o):
-            return scl[n, o, i // per_group] * (dot[n, o, i] - xo[o, i])
+            fields = dot[n, o, 0, i]
+            for c in range(1, chains):
+                fields = fields + dot[n, o, c, i]
+            return scl[n, o, i // per_group] * (fields - xo[o, i])
 
         if whole == 1:  # no reduction: a block with none is simpler to schedule
             acc = te.compute((n_rows, lanes), lambda n, i: vector_sum(n, i, 0), name="lane_sum")
@@ -441,7 +452,7 @@ def _packed_gemv(kernel: Kernel) -> bool:
                 staged = sch.get_sblock(stage)
                 sch.compute_at(staged, o if o is not None else n)
                 sch.set_scope(staged, 0, "global")
-            _field_steps(sch, sch.get_sblock("word_dot"))
+            _chain_steps(sch, sch.get_sblock("word_dot"))
             if lanes > per_group:  # else one scale per vector, and no loop to vectorize
                 sch.vectorize(sch.get_loops(sch.get_sblock("word_scale"))[-1])
             sch.vectorize(i)
@@ -525,6 +536,17 @@ def _field_steps(sch: s_tir.Schedule, block: SBlockRV) -> None:
         lane = loops[-2]
         sch.reorder(fields, lane)
         sch.vectorize(lane)
+    sch.unroll(fields)
+    sch.decompose_reduction(block, fields)
+
+
+def _chain_steps(sch: s_tir.Schedule, block: SBlockRV) -> None:
+    """A [chains] x [lanes] x [fields] dot block: fields unrolled outside, then the chains
+    unrolled (independent accumulators, interleaved), lanes vectorized inside."""
+    chains, lane, fields = sch.get_loops(block)[-3:]
+    sch.reorder(fields, chains, lane)
+    sch.vectorize(lane)
+    sch.unroll(chains)
     sch.unroll(fields)
     sch.decompose_reduction(block, fields)
 
