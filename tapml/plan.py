@@ -46,6 +46,15 @@ class Plan:
     def names(self, kind: str) -> list[str]:
         return [n for n, b in self.buffers.items() if b["kind"] == kind]
 
+    def owners(self) -> list[str]:
+        """The buffers with memory of their own: not temporaries (views of a storage) nor
+        views of another buffer."""
+        return [n for n, b in self.buffers.items() if b["kind"] not in ("temp", "view")]
+
+    def allocations(self) -> list[int]:
+        """The bytes of each allocation an executor makes: the storages, then the owners."""
+        return [*self.storages.values(), *(self.nbytes(n) for n in self.owners())]
+
     @property
     def uses_float16(self) -> bool:
         """Whether any buffer holds float16 (f16 activations, or only the KV cache): a device

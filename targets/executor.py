@@ -27,12 +27,12 @@ class Executor:
         self.plan = plan
         self.buffers: dict[str, Any] = {}
         storages = {s: self._alloc(n) for s, n in plan.storages.items()}
-        for name, b in plan.buffers.items():
-            if b["kind"] == "temp":
-                self.buffers[name] = self._view(storages[b["storage"]], b["shape"], b["dtype"])
-            elif b["kind"] != "view":
-                self.buffers[name] = self._view(self._alloc(plan.nbytes(name)), b["shape"],
-                                                b["dtype"])  # fmt: skip
+        for name in plan.owners():
+            b = plan.buffers[name]
+            self.buffers[name] = self._view(self._alloc(plan.nbytes(name)), b["shape"], b["dtype"])
+        for name in plan.names("temp"):
+            b = plan.buffers[name]
+            self.buffers[name] = self._view(storages[b["storage"]], b["shape"], b["dtype"])
         for name, b in plan.buffers.items():
             if b["kind"] == "view":
                 base = self.buffers[plan.root(name)]

@@ -9,6 +9,7 @@ with the device code inside it.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import sys
 from collections.abc import Mapping
@@ -116,10 +117,54 @@ class TvmRuntimeExecutor(Executor):
 
 
 class LlvmExecutor(TvmRuntimeExecutor):
-    """The llvm target's executor: the TVM runtime on the CPU."""
+    """The llvm target's executor: the TVM runtime on the CPU, its buffers in one block of
+    `HostMemory`."""
 
     def __init__(self, plan: Plan, library: Path):
+        self._memory = HostMemory(sum(HostMemory.rounded(n) for n in plan.allocations()))
         super().__init__(plan, library, "cpu")
+
+    def _alloc(self, nbytes: int) -> Any:
+        return self._memory.take(nbytes)
+
+
+# -- memory --------------------------------------------------------------------------
+class HostMemory:
+    """A block of this process's memory that CPU tensors are carved from, asked of the OS in
+    2 MiB pages where it gives them on request (Linux's transparent huge pages).
+
+    A decode step streams some 90 MB of weights. In 4 KiB pages that is over 20,000 TLB
+    misses a step, and the hardware prefetchers stop at each page's end (measured on SmolLM2:
+    a decode step 4% faster on 2 threads, 7% on 1). Where the OS gives no huge pages, this is
+    plain anonymous memory.
+    """
+
+    PAGE = 4096  # each tensor starts at a page (the kernels need 64-byte alignment)
+    HUGE_PAGE = 2 << 20
+
+    def __init__(self, nbytes: int):
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS  # private: shared memory gets no THP
+        self._map = mmap.mmap(-1, nbytes + self.HUGE_PAGE, flags=flags)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            self._map.madvise(mmap.MADV_HUGEPAGE)  # before the pages are first touched
+        raw = np.frombuffer(self._map, np.uint8)
+        start = -raw.ctypes.data % self.HUGE_PAGE
+        self._free = raw[start : start + nbytes]
+
+    @classmethod
+    def rounded(cls, nbytes: int) -> int:
+        """What `take(nbytes)` uses of the block."""
+        return -(-max(nbytes, 1) // cls.PAGE) * cls.PAGE
+
+    def take(self, nbytes: int) -> Any:
+        """The next `nbytes` of the block as a uint8 CPU tensor."""
+        import tvm
+
+        size = self.rounded(nbytes)
+        if size > len(self._free):
+            raise ExecutorError(f"host memory block has {len(self._free)} bytes left, not {size}")
+        block, self._free = self._free[:size], self._free[size:]
+        return tvm.runtime.from_dlpack(block[: max(nbytes, 1)])
 
 
 def build(kernels: dict[str, Any], target: Any, path: Path, progress: bool = False) -> None:
