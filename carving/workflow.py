@@ -51,7 +51,8 @@ def artifacts(model: str, target: str, quantization: str | None, source: str = "
               bundle: Path | None = None, progress: bool = True) -> tuple[Path, Path]:  # fmt: skip
     """The source's and the target's compiled artifacts of `model` (the same quantization)."""
     from tapml.api import artifact_for, ensure_compiled
-    from tapml.compiler import CompileOptions, describe
+    from tapml.compiler import describe
+    from tapml.targets import get_target
 
     kv_cache = None
     if bundle is not None:
@@ -62,7 +63,7 @@ def artifacts(model: str, target: str, quantization: str | None, source: str = "
         kv_cache = options.get("kv_cache")
     quantization = quantization or "q4f32_1"
     # the source runs the target's plan, KV cache dtype included
-    kv_cache = kv_cache or CompileOptions(target, quantization).resolved().kv_cache
+    kv_cache = kv_cache or get_target(target).kv_cache(quantization)
     source_dir = artifact_for(model, source, quantization, progress=progress, kv_cache=kv_cache)
     options = describe(source_dir)["options"]
     target_dir = bundle or ensure_compiled(model, target, quantization, options["max_context"],
