@@ -1,11 +1,13 @@
-"""Decode speed per executable target, and where a decode step's time goes (webgpu vs llvm).
+"""Decode speed per executable target and weight scheme, and where a decode step's time goes
+(webgpu vs llvm).
 
-    .venv/bin/python bench/targets.py [--model smollm2-135m] [--quantization q4f32_1]
+    .venv/bin/python bench/targets.py [--model smollm2-135m] [--quantization gguf,q4f32_1]
 
-Every target that executes on this machine runs the same prompt; the table gives decode
-tokens/s and the ratio to llvm, then the 10 kernels that take longest in one decode step on
-webgpu, next to their llvm time. Kernels are timed one call at a time, synchronized, so the
-per-kernel sums exceed a pipelined step's time.
+Every target that executes on this machine runs the same prompt in each scheme; the table
+gives decode tokens/s, the ratio to llvm, and each scheme's ratio to the first's; then the 10
+kernels that take longest in one decode step on webgpu, next to their llvm time (first
+scheme). Kernels are timed one call at a time, synchronized, so the per-kernel sums exceed a
+pipelined step's time.
 """
 
 from __future__ import annotations
@@ -45,23 +47,32 @@ def kernel_times(engine: Engine) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--quantization", default="q4f32_1")
+    parser.add_argument("--quantization", default="gguf,q4f32_1",
+                        help="schemes, comma-separated")  # fmt: skip
     parser.add_argument("--steps", type=int, default=16)
     args = parser.parse_args()
 
-    engines = {}
+    schemes = args.quantization.split(",")
+    targets = []
     for name, spec in TARGETS.items():
         ok, why = executes_here(spec)
-        if not ok:
+        if ok:
+            targets.append(name)
+        else:
             print(f"{name:8} generated, not executed ({why})")
-            continue
-        engines[name] = Engine(ensure_compiled(args.model, name, args.quantization))
-    speeds = {name: decode_speed(e, args.steps) for name, e in engines.items()}
-    print(f"\n{'target':8} {'decode tok/s':>12} {'vs llvm':>8}")
-    for name, speed in speeds.items():
-        print(f"{name:8} {speed:12.1f} {speed / speeds['llvm']:8.2f}x")
-    if "webgpu" in engines:
-        gpu, cpu = kernel_times(engines["webgpu"]), kernel_times(engines["llvm"])
+    speeds = {}
+    for name in targets:
+        for q in schemes:
+            engine = Engine(ensure_compiled(args.model, name, q))
+            speeds[name, q] = decode_speed(engine, args.steps)
+    print(f"\n{'target':8} {'scheme':8} {'decode tok/s':>12} {'vs llvm':>8} "
+          f"{'vs ' + schemes[0]:>12}")  # fmt: skip
+    for (name, q), speed in speeds.items():
+        print(f"{name:8} {q:8} {speed:12.1f} {speed / speeds['llvm', q]:8.2f}x "
+              f"{speed / speeds[name, schemes[0]]:11.2f}x")  # fmt: skip
+    if "webgpu" in targets:
+        gpu, cpu = (kernel_times(Engine(ensure_compiled(args.model, t, schemes[0])))
+                    for t in ("webgpu", "llvm"))  # fmt: skip
         print(f"\n{'kernel (one decode step)':44} {'webgpu ms':>10} {'llvm ms':>9}")
         for kernel, seconds in sorted(gpu.items(), key=lambda kv: -kv[1])[:10]:
             print(f"{kernel:44} {seconds * 1e3:10.2f} {cpu[kernel] * 1e3:9.2f}")

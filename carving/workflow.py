@@ -16,6 +16,7 @@ from typing import Any
 
 from tapml.errors import TapmlError
 from tapml.plan import Plan
+from tapml.quantization import DEFAULT
 
 from .carve import carve, schedule
 from .offload import (
@@ -61,7 +62,7 @@ def artifacts(model: str, target: str, quantization: str | None, source: str = "
             raise TapmlError(f"{bundle} holds {options['target']} kernels, not {target}")
         quantization = quantization or options["quantization"]
         kv_cache = options.get("kv_cache")
-    quantization = quantization or "q4f32_1"
+    quantization = quantization or DEFAULT
     # the source runs the target's plan, KV cache dtype included
     kv_cache = kv_cache or get_target(target).kv_cache(quantization)
     source_dir = artifact_for(model, source, quantization, progress=progress, kv_cache=kv_cache)

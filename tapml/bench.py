@@ -1,7 +1,7 @@
 """Speed of a compiled model: prefill and decode tokens/s, memory, and weight-read bandwidth.
 
-`run` measures tapml's engine; `run_llama_cpp` measures llama.cpp (llama-cpp-python, the
-`bench` extra) on the same GGUF and prompt ids in the same process, for `tapml bench --compare`.
+`run` measures tapml's engine; `run_llama_cpp` measures llama.cpp (llama-cpp-python) on the
+same GGUF and prompt ids in the same process, for `tapml bench --compare`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from tapml.compiler import describe
+from tapml.convert import bits_per_parameter
 from tapml.errors import GenerationError, TapmlError
 from tapml.plan import Plan
 from tapml.runtime.engine import Engine
@@ -27,7 +29,7 @@ BENCH_TEXT = (
     "The history of computing is a story of people who turned ideas into machines, and "
     "machines into tools that changed how everyone works, learns and talks to each other. "
 )
-LLAMA_CPP_INSTALL = "pip install 'tapml[bench]'"
+LLAMA_CPP_INSTALL = "pip install llama-cpp-python (or: bash scripts/setup.sh --test)"
 
 log = logging.getLogger("tapml")
 
@@ -86,6 +88,9 @@ def measure(
                                              "bandwidth_gb_s")}  # fmt: skip
     result["machine_bandwidth_gb_s"] = machine_bandwidth_gb_s(threads)
     result["threads"] = threads
+    config = describe(artifact)
+    result["quantization"] = config["options"]["quantization"]
+    result["bits_per_parameter"] = bits_per_parameter(config)
     result["rss_before_mb"] = rss_before
     result.update(ours)
     if compare_gguf is not None:
@@ -336,3 +341,40 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
+
+
+# -- agreement: which token a model picks, step by step, against another ------------------
+AGREEMENT_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n",
+    "<|im_start|>user\nName three primary colors.<|im_end|>\n<|im_start|>assistant\n",
+    "Water boils at a temperature of",
+    "Die Hauptstadt von Deutschland ist",
+]
+
+
+def forced_logits(engine: Engine, prompt: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
+    """The logits after the prompt and after each of `tokens` but the last, fed in turn
+    (teacher forcing): [len(tokens), vocab], row i the prediction of tokens[i]."""
+    engine.reset()
+    logits = [engine.prefill(list(prompt))]
+    logits += [engine.decode(t) for t in tokens[:-1]]
+    return np.stack(logits)
+
+
+def llama_cpp_logits(gguf_path: Path, ids: Sequence[int], threads: int = 2) -> np.ndarray:
+    """llama.cpp's logits [len(ids), vocab] after each prefix of `ids` (no BOS added)."""
+    llama_cpp = import_llama_cpp()
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=max(256, len(ids) + 1),
+                          logits_all=True, n_threads=threads, verbose=False)  # fmt: skip
+    try:
+        llm.eval(list(ids))
+        return np.array(llm.scores[: len(ids)], np.float32)
+    finally:
+        llm.close()
+
+
+def top2_margin(logits: np.ndarray) -> np.ndarray:
+    """How far the top logit is above the second, per row."""
+    top2 = np.sort(logits, axis=-1)[..., -2:]
+    return top2[..., 1] - top2[..., 0]

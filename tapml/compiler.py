@@ -16,20 +16,18 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from . import __version__
 from .errors import CompileError, TapmlError
 from .fileio import read_document, write_atomic
+from .formats import WeightFormat
 from .gguf import GGUFFile
 from .models.llama.config import LlamaConfig
-from .models.llama.weights import gguf_weights
-from .quantization import Quantization, get_quantization
+from .models.llama.weights import matrix_parts, weight_map
+from .quantization import DEFAULT, Quantization, format_names, get_quantization
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
@@ -48,7 +46,7 @@ class CompileOptions:
     """Everything besides the weights that determines a compiled artifact."""
 
     target: str = "llvm"
-    quantization: str | None = None  # None: the target's default
+    quantization: str | None = None  # None: as stored (gguf)
     max_context: int = DEFAULT_MAX_CONTEXT
     chunk: int = DEFAULT_CHUNK
     target_options: dict[str, str] = field(default_factory=dict)
@@ -59,7 +57,7 @@ class CompileOptions:
         from tapml.targets import get_target
 
         spec = get_target(self.target)
-        quant = self.quantization or spec.default_quantization
+        quant = self.quantization or DEFAULT
         get_quantization(quant)
         kv_cache = self.kv_cache or spec.kv_cache(quant)
         if kv_cache not in KV_CACHE_DTYPES:
@@ -81,6 +79,7 @@ def compile_model(
     gguf_path: Path, output: Path, options: CompileOptions, progress: bool = True
 ) -> Path:
     """Compile the GGUF model at `gguf_path` into the artifact directory `output`."""
+    from tapml.convert import convert, gguf_sources, stored_types, weight_summary
     from tapml.tokenizer import Tokenizer
 
     options = options.resolved()
@@ -92,13 +91,15 @@ def compile_model(
             "max_context %d is beyond the model's trained context of %d",
             options.max_context, config.context_length,
         )  # fmt: skip
+    sources = gguf_sources(gguf, weight_map(config))
+    formats = quant.formats(stored_types(sources))
     output = Path(output)
     work = output.with_name(output.name + ".partial")
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
 
     log.info("building the %s plan for %s (%s)", options.target, gguf_path.name, quant.name)
-    model, plan, fused = build_plan(config, quant, options)
+    model, plan, fused = build_plan(config, quant, options, formats)
     plan.save(work / "plan.json")
     tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
     tokenizer.save(work / "tokenizer")
@@ -106,11 +107,9 @@ def compile_model(
         from tapml.weights import save_shards
 
         log.info("converting weights to %s", quant.name)
-        weights = dict(gguf_weights(gguf))
-        importance = calibrate(weights, config, tokenizer) if quant.quantized else {}
-        params = convert_weights(
-            weights.items(), quant, plan.names("param"), config, options.max_context, importance
-        )
+        importance = calibrate(sources, config, tokenizer) if quant.calibrated else {}
+        params = _with_tables(convert(sources, quant, formats, importance), plan.names("param"),
+                              config, options.max_context)  # fmt: skip
         save_shards(params, work / "weights", progress=progress)
     from tapml.targets import get_target
 
@@ -130,6 +129,7 @@ def compile_model(
                 "tapml_version": __version__,
                 "model": {"source": gguf_path.name, "architecture": "llama", **config.asdict()},
                 "options": asdict(options),
+                "weights": weight_summary(sources, formats),
             },
             indent=1,
         ).encode(),
@@ -141,13 +141,27 @@ def compile_model(
     return output
 
 
-def build_plan(config: LlamaConfig, quant: Quantization, options: CompileOptions):
-    """(model, plan, fused Relax module) for the given config and compile options."""
+def model_formats(config: LlamaConfig, quant: Quantization,
+                  stored: dict[str, tuple[str, ...]] | None = None
+                  ) -> dict[str, tuple[WeightFormat, ...]]:  # fmt: skip
+    """Each matrix's formats under `quant`, its parts stored as `stored` says (float32 where
+    not given: what re-quantizing schemes and float sources see)."""
+    if stored is None:
+        stored = {name: ("F32",) * parts for name, parts in matrix_parts(config).items()}
+    return quant.formats(stored)
+
+
+def build_plan(config: LlamaConfig, quant: Quantization, options: CompileOptions,
+               formats: dict[str, tuple[WeightFormat, ...]] | None = None):  # fmt: skip
+    """(model, plan, fused Relax module) for the given config and compile options; `formats`
+    (see `model_formats`) by default as re-quantized from float weights."""
     from tapml.lower import extract_plan, fuse
     from tapml.models.llama.model import LlamaForCausalLM
 
     options = options.resolved()
-    model = LlamaForCausalLM(config, quant, options.max_context, options.chunk, options.kv_cache)
+    formats = formats if formats is not None else model_formats(config, quant)
+    model = LlamaForCausalLM(config, quant.dtype, formats, options.max_context, options.chunk,
+                             options.kv_cache)  # fmt: skip
     mod, named = model.export_tvm(spec=model.export_spec())
     fused = fuse(mod)
     meta = {
@@ -158,55 +172,39 @@ def build_plan(config: LlamaConfig, quant: Quantization, options: CompileOptions
         "kv_cache": options.kv_cache,
         "max_context": options.max_context,
         "chunk": options.chunk,
+        "weight_formats": format_names(formats),
     }
     plan = extract_plan(fused, [n for n, _ in named], model.cache_names(), meta)
     return model, plan, fused
 
 
-def convert_weights(
-    source: Iterable[tuple[str, np.ndarray]],
-    quant: Quantization,
-    param_names: list[str],
-    config: LlamaConfig,
-    max_context: int,
-    importance: dict[str, np.ndarray] | None = None,
-) -> Iterator[tuple[str, np.ndarray]]:
-    """Float32 weights by name -> the parameters the plan needs, in the scheme's layout.
-
-    `importance` (weight name -> per-input-channel weights) steers 4-bit scale choice.
-    """
+def _with_tables(params, param_names: list[str], config: LlamaConfig, max_context: int):
+    """The converted weights, then RoPE's tables; every parameter the plan names must come."""
     from tapml.nn import rotary_tables
 
-    wanted = set(param_names)
     produced = set()
-    for name, w in source:
-        base = name.removesuffix(".weight")
-        if f"{base}.q_weight" in wanted:
-            words, scale = quant.quantize(w, (importance or {}).get(name))
-            yield f"{base}.q_weight", words
-            yield f"{base}.q_scale", scale
-            produced |= {f"{base}.q_weight", f"{base}.q_scale"}
-        elif name in wanted:
-            yield name, w.astype(quant.dtype)
-            produced.add(name)
+    for name, array in params:
+        produced.add(name)
+        yield name, array
     cos, sin = rotary_tables(max_context, config.head_dim, config.rope_theta)
     yield "rope.cos", cos
     yield "rope.sin", sin
-    missing = wanted - produced - {"rope.cos", "rope.sin"}
+    missing = set(param_names) - produced - {"rope.cos", "rope.sin"}
     if missing:
         raise CompileError(
             f"the weights lack {len(missing)} parameters the model needs: {sorted(missing)[:5]}"
         )
 
 
-def calibrate(weights: dict[str, np.ndarray], config: LlamaConfig, tokenizer: Tokenizer):
+def calibrate(sources, config: LlamaConfig, tokenizer: Tokenizer):
     """Activation importance of every weight matrix, from the float model on calibration text."""
     from tapml.calibration import CALIBRATION_TEXT, activation_importance
+    from tapml.convert import float_weights
     from tapml.models.llama.reference import forward
 
     tokens = tokenizer.encode(CALIBRATION_TEXT)
     log.info("calibrating quantization on %d tokens", len(tokens))
-    return activation_importance(forward, weights, config, tokens)
+    return activation_importance(forward, float_weights(sources), config, tokens)
 
 
 def describe(artifact: Path) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Read GGUF files: metadata as plain Python values, tensors dequantized to float32."""
+"""Read GGUF files: metadata as plain Python values, tensors as stored or as float32."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ModelNotFound
+from .source import SourceTensor
 
 
 class GGUFFile:
@@ -42,10 +43,27 @@ class GGUFFile:
         """The tensor as float32 in PyTorch layout ([out, in] for matrices)."""
         from gguf.quants import dequantize
 
+        t = self._get(name)
+        return np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+
+    def stored_type(self, name: str) -> str:
+        """The tensor's GGUF type name ("F32", "Q4_1", "Q8_0", ...)."""
+        return self._get(name).tensor_type.name
+
+    def source(self, name: str) -> SourceTensor:
+        """The tensor as stored (read lazily): its type, shape and raw bytes per row."""
+        t = self._get(name)
+        shape = tuple(int(d) for d in reversed(t.shape))
+        return SourceTensor(
+            name, t.tensor_type.name, shape,
+            raw=lambda: np.asarray(t.data).view(np.uint8).reshape(shape[0] if shape else 1, -1),
+            float32=lambda: self.tensor(name),
+        )  # fmt: skip
+
+    def _get(self, name: str):
         if name not in self._tensors:
             raise ModelNotFound(f"{self.path} has no tensor {name!r}")
-        t = self._tensors[name]
-        return np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        return self._tensors[name]
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         for name in self._tensors:

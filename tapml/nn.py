@@ -9,66 +9,74 @@ sin/cos is imprecise on some GPUs), and attention only visits the positions writ
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 from tvm.script import tirx as T
 
-from .quantization import Quantization
+from .formats import Float, WeightFormat
 
 ACC = "float32"
 
 
-def _dequantize(quant: Quantization, words: te.Tensor, scale: te.Tensor):
-    """(row, col) -> the float32 weight, read from packed words and group scales."""
-    bits, per_word, mask = quant.bits, quant.per_word, (1 << quant.bits) - 1
-
-    def weight(n, k):
-        shift = tirx.Cast("uint32", k % per_word) * tirx.const(bits, "uint32")
-        q = (words[n, k // per_word] >> shift) & tirx.const(mask, "uint32")
-        offset = tirx.const(quant.max_int, ACC)
-        return (q.astype(ACC) - offset) * scale[n, k // quant.group_size].astype(ACC)
-
-    return weight
+def _add_planes(module: nn.Module, fmt: WeightFormat, shape: tuple[int, ...]) -> list[str]:
+    """Give `module` one parameter per plane of a weight of `shape` stored in `fmt`."""
+    planes = fmt.planes(shape)
+    for plane, (plane_shape, dtype) in planes.items():
+        setattr(module, plane, nn.Parameter(list(plane_shape), dtype))
+    return list(planes)
 
 
 class Linear(nn.Module):
-    """y = x @ W^T, W stored [out, in] in the activation dtype or group-quantized."""
+    """y = x @ W^T for a weight W [out, in] stored in a weight format, which the matmul
+    kernel reads itself (dequantization fused into the matmul).
 
-    def __init__(self, in_features: int, out_features: int, quant: Quantization):
-        self.in_features, self.out_features, self.quant = in_features, out_features, quant
-        if quant.quantized:
-            self.q_weight = nn.Parameter((out_features, in_features // quant.per_word), "uint32")
-            self.q_scale = nn.Parameter(
-                (out_features, in_features // quant.group_size), quant.dtype
-            )
+    `out_features` may list the rows of several projections of the same input, stacked in
+    that order (Q, K and V): in one format they are one matrix and one matmul; in different
+    formats (a GGUF may store them so) each part is a Linear of its own (`parts`, see
+    `tapml.quantization.part_prefixes`) and their outputs are concatenated.
+    """
+
+    def __init__(self, in_features: int, out_features: int | Sequence[int],
+                 formats: WeightFormat | Sequence[WeightFormat]):  # fmt: skip
+        outs = [out_features] if isinstance(out_features, int) else list(out_features)
+        fmts = [formats] * len(outs) if isinstance(formats, WeightFormat) else list(formats)
+        if len(fmts) != len(outs):
+            raise ValueError(f"{len(outs)} stacked projections but {len(fmts)} formats")
+        self.in_features, self.out_features = in_features, sum(outs)
+        self.parts = None
+        if len(set(fmts)) == 1:
+            self.format = fmts[0]
+            self._planes = _add_planes(self, self.format, (self.out_features, in_features))
         else:
-            self.weight = nn.Parameter((out_features, in_features), quant.dtype)
+            self.parts = nn.ModuleList([Linear(in_features, o, f)
+                                        for o, f in zip(outs, fmts, strict=True)])  # fmt: skip
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
-        if self.quant.quantized:
-            return matmul_quantized(x, self.q_weight, self.q_scale, self.quant)
-        return matmul(x, self.weight)
+        if self.parts is not None:
+            return op.concat([part(x) for part in self.parts], dim=1)
+        return matmul(x, self.format, _planes_of(self))
 
 
-def matmul(x: nn.Tensor, weight: nn.Tensor) -> nn.Tensor:
-    def compute(x_te: te.Tensor, w_te: te.Tensor):
-        w = te.compute(w_te.shape, lambda n, k: w_te[n, k].astype(ACC), name="weight")
-        return _matmul(x_te, w, "matmul")
-
-    return op.tensor_expr_op(compute, "matmul", [x, weight])
+def _planes_of(module: nn.Module) -> dict[str, nn.Tensor]:
+    return {plane: getattr(module, plane) for plane in module._planes}
 
 
-def matmul_quantized(
-    x: nn.Tensor, words: nn.Tensor, scale: nn.Tensor, quant: Quantization
-) -> nn.Tensor:
-    def compute(x_te: te.Tensor, w_te: te.Tensor, s_te: te.Tensor):
-        shape = (w_te.shape[0], x_te.shape[1])
-        w = te.compute(shape, _dequantize(quant, w_te, s_te), name="dequantize")
-        return _matmul(x_te, w, "dequantize_matmul")
+def matmul(x: nn.Tensor, fmt: WeightFormat, planes: dict[str, nn.Tensor]) -> nn.Tensor:
+    """x @ W^T [s, out], W [out, in] read from its planes in `fmt` by the kernel: "matmul"
+    for float weights, "dequantize_matmul" for quantized ones."""
+    name = "dequantize_matmul" if fmt.quantized else "matmul"
 
-    return op.tensor_expr_op(compute, "dequantize_matmul", [x, words, scale])
+    def compute(x_te: te.Tensor, *plane_tes: te.Tensor):
+        weight = fmt.weight(dict(zip(planes, plane_tes, strict=True)))
+        rows = int(planes[next(iter(planes))].shape[0])
+        w = te.compute((rows, x_te.shape[1]), weight,
+                       name="dequantize" if fmt.quantized else "weight")  # fmt: skip
+        return _matmul(x_te, w, name)
+
+    return op.tensor_expr_op(compute, name, [x, *planes.values()])
 
 
 def _matmul(x_te: te.Tensor, w: te.Tensor, name: str) -> te.Tensor:
@@ -108,37 +116,32 @@ def silu_multiply(gate_up: nn.Tensor) -> nn.Tensor:
 
 
 class Embedding(nn.Module):
-    """Token embedding; with tied weights it is also the output layer (`project`)."""
+    """Token embedding [vocab, dim] in a weight format, read by the lookup kernel itself; with
+    tied weights it is also the output layer (`project`). `dtype`: the activations'."""
 
-    def __init__(self, vocab_size: int, dim: int, quant: Quantization):
-        self.vocab_size, self.dim, self.quant = vocab_size, dim, quant
-        if quant.quantized:
-            self.q_weight = nn.Parameter((vocab_size, dim // quant.per_word), "uint32")
-            self.q_scale = nn.Parameter((vocab_size, dim // quant.group_size), quant.dtype)
-        else:
-            self.weight = nn.Parameter((vocab_size, dim), quant.dtype)
+    def __init__(self, vocab_size: int, dim: int, fmt: WeightFormat, dtype: str):
+        self.vocab_size, self.dim, self.format, self.dtype = vocab_size, dim, fmt, dtype
+        self._planes = _add_planes(self, fmt, (vocab_size, dim))
 
     def forward(self, ids: nn.Tensor) -> nn.Tensor:
-        if not self.quant.quantized:
-            return op.take(self.weight, ids, axis=0)
-        quant, dtype = self.quant, self.quant.dtype
+        planes = _planes_of(self)
+        if isinstance(self.format, Float) and self.format.dtype == self.dtype:
+            return op.take(planes["weight"], ids, axis=0)
+        fmt, dtype = self.format, self.dtype
 
-        def compute(ids_te: te.Tensor, w_te: te.Tensor, s_te: te.Tensor):
-            weight = _dequantize(quant, w_te, s_te)
+        def compute(ids_te: te.Tensor, *plane_tes: te.Tensor):
+            weight = fmt.weight(dict(zip(planes, plane_tes, strict=True)))
             return te.compute(
                 (ids_te.shape[0], self.dim),
                 lambda i, k: weight(ids_te[i], k).astype(dtype),
                 name="dequantize_take",
             )
 
-        return op.tensor_expr_op(compute, "dequantize_take", [ids, self.q_weight, self.q_scale])
+        return op.tensor_expr_op(compute, "dequantize_take", [ids, *planes.values()])
 
     def project(self, x: nn.Tensor) -> nn.Tensor:
         """Logits from hidden states, computed in float32."""
-        if self.quant.quantized:
-            logits = matmul_quantized(x, self.q_weight, self.q_scale, self.quant)
-        else:
-            logits = matmul(x, self.weight)
+        logits = matmul(x, self.format, _planes_of(self))
         return logits.astype("float32") if logits.dtype != "float32" else logits
 
 

@@ -15,7 +15,6 @@ import json
 import logging
 import shutil
 import sys
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,6 +212,7 @@ def _manifest(config: dict, platform: str, name: str, artifact: Path, files: lis
         "model": name,
         "source": config["model"].get("source", ""),
         "quantization": options["quantization"],
+        "weights": config["weights"],  # each matrix's format, and totals per format
         "max_context": options["max_context"],
         "chunk": options["chunk"],
         "requirements": requirements,
@@ -386,22 +386,3 @@ def _sha256(path: Path, advance=lambda n: None) -> str:
             sha.update(block)
             advance(len(block))
     return sha.hexdigest()
-
-
-def bits_per_parameter(directory: Path, names: Iterable[str] | None = None) -> float:
-    """Weight bits per model parameter: the bytes of the quantized linear layers and the
-    embedding (scales included) over the parameters they encode. The rotary tables and norms
-    (not quantized, under 0.1% of the parameters) are left out."""
-    index = json.loads((Path(directory) / "weights" / "index.json").read_text())
-    tensors = {t["name"]: t for t in index["tensors"]}
-    bits = params = 0
-    for name in names or tensors:
-        if not name.endswith(".q_weight"):
-            continue
-        scale = tensors[name.removesuffix(".q_weight") + ".q_scale"]
-        rows, words = tensors[name]["shape"]
-        params += rows * words * 8
-        bits += 8 * (tensors[name]["nbytes"] + scale["nbytes"])
-    if not params:
-        raise BundleError(f"{directory} has no quantized weights (no .q_weight tensors)")
-    return bits / params

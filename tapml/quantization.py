@@ -1,110 +1,79 @@
-"""Quantization schemes by name: how weights are stored and how kernels read them.
+"""Quantization schemes by name: the activations' dtype and the format of every weight matrix.
 
-`q{bits}f{act}`: q0 keeps weights in the activation dtype; q4 is 4-bit symmetric group
-quantization (group 32, eight 4-bit values per uint32, NK layout: [out, in/8] words and
-[out, in/32] scales), dequantized inside the matmul kernel that reads it.
+    gguf      every matrix as the GGUF stores it: its own blocks (Q4_0, Q4_1, Q5_0, Q8_0,
+              Q4_K, Q5_K, Q6_K) read losslessly, F16 as halves, F32/BF16 as float32
+              (the default for a GGUF model); float32 activations
+    q4f32_1   tapml's 4-bit groups of 32 with float32 scales, re-quantized from the weights
+    q4f16_1   the same with float16 scales and activations
+    q0f32     every weight as float32 (a GGUF's blocks dequantized exactly)
+    q0f16     every weight as float16
+
+Norms and other vectors are always kept in the activations' dtype. A scheme resolves to
+one format per matrix (`formats`); fused projections (Q, K and V stacked by rows) get one
+format per part, so that parts a GGUF stores in different types stay as stored.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from .errors import TapmlError
+from .formats import FLOAT16, FLOAT32, GroupQ4, WeightFormat
+from .gguf_formats import BLOCK_FORMATS
+
+DEFAULT = "gguf"
 
 
 @dataclass(frozen=True)
 class Quantization:
     name: str
-    dtype: str  # activation dtype, and the dtype of unquantized weights and of the scales
-    bits: int = 0  # 0: weights are not quantized
-    group_size: int = 32
+    dtype: str  # the activations', and that of norms and other vectors
+    matrix: WeightFormat | None  # the format of every matrix; None: each as stored
+    description: str
+
+    def format_for(self, stored: str, tensor: str = "a weight") -> WeightFormat:
+        """The format a matrix stored as `stored` (a GGUF type name) is kept in."""
+        if self.matrix is not None:
+            return self.matrix
+        if stored in BLOCK_FORMATS:
+            return BLOCK_FORMATS[stored]
+        if stored in ("F32", "BF16"):
+            return FLOAT32  # bfloat16 widens to float32 exactly
+        raise TapmlError(
+            f"{tensor} is stored as {stored}, which tapml cannot keep as stored (it keeps "
+            f"{', '.join(BLOCK_FORMATS)}, F32 and BF16); compile with --quantization q4f32_1 "
+            "(re-quantized) or q0f32 (float32)"
+        )
+
+    def formats(self, stored: Mapping[str, Sequence[str]]) -> dict[str, tuple[WeightFormat, ...]]:
+        """Per matrix (tapml's name, without the plane suffix): the format of each stored part."""
+        return {name: tuple(self.format_for(t, name) for t in types)
+                for name, types in stored.items()}  # fmt: skip
 
     @property
-    def quantized(self) -> bool:
-        return self.bits > 0
+    def calibrated(self) -> bool:
+        """Whether quantizing needs activation statistics (tapml's own 4-bit groups)."""
+        return isinstance(self.matrix, GroupQ4)
 
-    @property
-    def per_word(self) -> int:
-        return 32 // self.bits
-
-    @property
-    def max_int(self) -> int:
-        return 2 ** (self.bits - 1) - 1
-
-    def quantize(
-        self, w: np.ndarray, importance: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """[N, K] float weights -> (uint32 words [N, K/8], scales [N, K/32]).
-
-        Each group's scale minimizes the squared error weighted by `importance` (one value per
-        input channel, e.g. the mean squared activation it sees; uniform when None): a few
-        candidate scales around the group's signed peak are each refined by least squares.
-        Using the signed peak lets it reach the code 15 (+8 steps), so all 16 codes serve.
-        """
-        n, k = w.shape
-        if k % self.group_size:
-            raise TapmlError(
-                f"{self.name} needs the input dimension to be a multiple of {self.group_size}, "
-                f"got a [{n}, {k}] weight"
-            )
-        groups = w.astype(np.float32).reshape(n, k // self.group_size, self.group_size)
-        if importance is None:
-            weight = np.ones((1, 1, self.group_size), np.float32)
-        else:
-            imp = np.asarray(importance, np.float32).reshape(1, k // self.group_size, -1)
-            weight = imp / max(float(imp.mean()), 1e-30) + 1e-3  # no channel counts for nothing
-        peak = np.take_along_axis(groups, np.abs(groups).argmax(-1)[..., None], axis=-1)
-        zero = peak == 0
-        peak = np.where(zero, 1.0, peak)
-        best_scale, best_error = peak / self.max_int, None
-        top = 2**self.bits - 1
-        for divisor in _SCALE_DIVISORS:
-            scale = peak / divisor
-            codes = np.clip(np.round(groups / scale) + self.max_int, 0, top) - self.max_int
-            num = (weight * groups * codes).sum(-1, keepdims=True)
-            den = (weight * codes * codes).sum(-1, keepdims=True)
-            scale = np.where(den > 0, num / np.maximum(den, 1e-30), scale)
-            scale = np.where(scale == 0, peak / divisor, scale)
-            codes = np.clip(np.round(groups / scale) + self.max_int, 0, top) - self.max_int
-            error = (weight * (groups - codes * scale) ** 2).sum(-1, keepdims=True)
-            if best_error is None:
-                best_scale, best_error = scale, error
-            else:
-                better = error < best_error
-                best_scale = np.where(better, scale, best_scale)
-                best_error = np.where(better, error, best_error)
-        scale = np.where(zero, 0.0, best_scale).astype(self.dtype)
-        s = scale.astype(np.float32)
-        safe = np.where(s == 0, 1.0, s)
-        q = np.clip(np.round(groups / safe) + self.max_int, 0, top)
-        q = np.where(s == 0, self.max_int, q).astype(np.uint32)
-        q = q.reshape(n, k // self.per_word, self.per_word)
-        shifts = np.arange(self.per_word, dtype=np.uint32) * np.uint32(self.bits)
-        words = np.bitwise_or.reduce(q << shifts, axis=-1).astype(np.uint32)
-        return words, scale[..., 0]
-
-    def dequantize(self, words: np.ndarray, scale: np.ndarray) -> np.ndarray:
-        """The float32 weights [N, K] that the kernels compute with."""
-        n = words.shape[0]
-        shifts = np.arange(self.per_word, dtype=np.uint32) * np.uint32(self.bits)
-        q = (words[..., None] >> shifts) & np.uint32(2**self.bits - 1)
-        q = q.reshape(n, -1).astype(np.float32) - self.max_int
-        return q * np.repeat(scale.astype(np.float32), self.group_size, axis=1)
-
-
-# Candidate scales are the group's signed peak divided by these (8 lets the peak take code 15).
-_SCALE_DIVISORS = (6.5, 7.0, 7.5, 8.0, 8.5, 9.0)
 
 QUANTIZATION: dict[str, Quantization] = {
     q.name: q
     for q in [
-        Quantization("q0f32", "float32"),
-        Quantization("q0f16", "float16"),
-        Quantization("q4f32_1", "float32", bits=4),
-        Quantization("q4f16_1", "float16", bits=4),
+        Quantization("gguf", "float32", None, "each weight as the GGUF stores it (its blocks)"),
+        Quantization("q4f32_1", "float32", GroupQ4("float32"), "4-bit groups, float32 scales"),
+        Quantization("q4f16_1", "float16", GroupQ4("float16"), "4-bit groups, float16 scales"),
+        Quantization("q0f32", "float32", FLOAT32, "float32 weights"),
+        Quantization("q0f16", "float16", FLOAT16, "float16 weights"),
     ]
+}
+
+FORMATS: dict[str, WeightFormat] = {
+    f.name: f for f in (FLOAT32, FLOAT16, GroupQ4("float32"), GroupQ4("float16"),
+                        *BLOCK_FORMATS.values())  # fmt: skip
 }
 
 
@@ -114,17 +83,52 @@ def get_quantization(name: str) -> Quantization:
     return QUANTIZATION[name]
 
 
-def dequantize_params(params: dict[str, np.ndarray], quant: Quantization) -> dict[str, np.ndarray]:
-    """The float32 weights, under their unquantized names, that a model's kernels compute with.
+def get_format(name: str) -> WeightFormat:
+    if name not in FORMATS:
+        raise TapmlError(f"unknown weight format {name!r}; known: {', '.join(FORMATS)}")
+    return FORMATS[name]
+
+
+def format_names(formats: Mapping[str, Sequence[WeightFormat]]) -> dict[str, list[str]]:
+    """The formats as the plan and the config record them: matrix -> format name per part."""
+    return {name: [f.name for f in parts] for name, parts in formats.items()}
+
+
+def part_prefixes(name: str, formats: Sequence[WeightFormat]) -> list[str]:
+    """Where the planes of a matrix's parts live: `{name}.{plane}` for parts stacked into one
+    matrix (one format), `{name}.parts.{i}.{plane}` for each part in a format of its own."""
+    if len(set(formats)) <= 1:
+        return [name]
+    return [f"{name}.parts.{i}" for i in range(len(formats))]
+
+
+def dequantize_params(params: Mapping[str, np.ndarray], formats: Mapping[str, Sequence[str]]
+                      ) -> dict[str, np.ndarray]:  # fmt: skip
+    """The float32 weights, under their unquantized names (`{matrix}.weight`), that a model's
+    kernels compute with; `formats` as `format_names` records them.
 
     The independent numpy forward pass runs on these, so it sees exactly the values the
     compiled kernels see (quantization error included).
     """
-    out = {}
+    out: dict[str, Any] = {}
+    taken: set[str] = set()
+    for name, parts in formats.items():
+        fmts = [get_format(p) for p in parts]
+        prefixes = part_prefixes(name, fmts)
+        matrices = []
+        for prefix, fmt in zip(prefixes, fmts, strict=False):
+            planes = _planes_under(params, prefix)
+            taken |= {f"{prefix}.{plane}" for plane in planes}
+            matrices.append(fmt.dequantize(planes))
+        out[f"{name}.weight"] = np.concatenate(matrices) if len(matrices) > 1 else matrices[0]
     for name, value in params.items():
-        if name.endswith(".q_weight"):
-            base = name.removesuffix(".q_weight")
-            out[f"{base}.weight"] = quant.dequantize(value, params[f"{base}.q_scale"])
-        elif not name.endswith(".q_scale"):
+        if name not in taken:
             out[name] = np.asarray(value, dtype=np.float32)
     return out
+
+
+def _planes_under(params: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """`{prefix}.{plane}` parameters by plane name."""
+    head = prefix + "."
+    return {name[len(head) :]: array for name, array in params.items()
+            if name.startswith(head) and "." not in name[len(head) :]}  # fmt: skip

@@ -33,7 +33,7 @@ class TargetSpec:
     name: str
     description: str
     kind: str  # TVM target kind
-    f16: bool  # f16 is native everywhere the target runs: f16 quantizations are the default
+    f16: bool  # f16 is native everywhere the target runs
     kernels: str  # file name of the compiled kernels inside an artifact
     executor: str | None  # module under tapml.targets that runs them; None: generated only
     limits: Limits | None = None
@@ -41,10 +41,6 @@ class TargetSpec:
     # the KV cache's dtype where it is not the activations': float16 halves what attention
     # reads, but every target that replays a suite or takes offloaded kernels must hold it too
     kv_dtype: str | None = None
-
-    @property
-    def default_quantization(self) -> str:
-        return "q4f16_1" if self.f16 else "q4f32_1"
 
     def kv_cache(self, quantization: str) -> str:
         """The KV cache dtype this target compiles `quantization` with by default."""

@@ -43,8 +43,11 @@ SKIP = {"metal": ("matmul+gemv+reduction",)}
 
 
 def schedule(name: str, func: tirx.PrimFunc, target: tvm.target.Target) -> tuple[str, Any]:
-    """(rule set name, scheduled IRModule) for one kernel."""
+    """(rule set name, scheduled IRModule) for one kernel: the first rule set whose schedule
+    lowers, with every launch reading only the kernel's own buffers (a rule that leaves an
+    intermediate in device memory between launches does not count)."""
     errors = []
+    params = [p.name for p in func.params]
     for label, rules in RULE_SETS:
         if label in SKIP.get(target.kind.name, ()):
             continue
@@ -52,7 +55,8 @@ def schedule(name: str, func: tirx.PrimFunc, target: tvm.target.Target) -> tuple
         try:
             with target:
                 mod = dl.ApplyDefaultSchedule(*rules())(mod)
-            _lower(mod, target)  # fail here, not in the executor, if it does not lower
+            host, _, _ = _lower(mod, target)  # fail here, not in the executor
+            _launch_buffers(host, params)
             return label, mod
         except Exception as e:  # noqa: BLE001 - any failure moves on to the next rule set
             errors.append(
@@ -140,6 +144,15 @@ def _function_info(device: tvm.IRModule, runtime_mod) -> dict[str, dict]:
             info[name]["launch_param_tags"] = fi["launch_param_tags"]
             info[name]["arg_types"] = fi["arg_types"]
     return info
+
+
+def _launch_buffers(host: tvm.IRModule, params: list[str]) -> None:
+    """Check that every buffer a launch passes is one of the kernel's parameters."""
+    launches, _ = _kernel_launches(host, set())
+    for call in launches:
+        for value in call.args[1:]:
+            if isinstance(getattr(value, "ty", None), tvm.ir.PointerType):
+                _buffer_param(value, params)
 
 
 def _kernel_launches(host: tvm.IRModule, scalars: set[str]) -> tuple[list, dict]:

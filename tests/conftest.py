@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random GGUF for fast tests, and the real SmolLM2 compiled once per run.
+"""Shared fixtures: tiny random GGUFs for fast tests (float32 weights, and every GGUF block type
+kept as stored), and the real SmolLM2 compiled once per run.
 
 Real-model artifacts go through the same compile cache as `tapml run` (~/.cache/tapml, or
 $TAPML_CACHE_DIR), keyed by everything that determines them, so a second run reuses them.
@@ -14,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_gguf import write_tiny_gguf  # noqa: E402
+from tiny_gguf import write_tiny_gguf, write_tiny_stored_gguf  # noqa: E402
 
 from tapml.compiler import CompileOptions, compile_model  # noqa: E402
 from tapml.quantization import QUANTIZATION  # noqa: E402
@@ -47,6 +48,27 @@ def tiny_artifact(tiny_gguf, tmp_path_factory):
                                      kv_cache=kv_cache_dtype)  # fmt: skip
             built[key] = compile_model(tiny_gguf, out, options, progress=False)
         return built[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_stored_gguf(tmp_path_factory) -> Path:
+    return write_tiny_stored_gguf(tmp_path_factory.mktemp("gguf") / "tiny-stored.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_stored_artifact(tiny_stored_gguf, tmp_path_factory):
+    """tiny_stored_artifact(target) -> the tiny model of every block type, kept as stored
+    (gguf), float32 KV cache, compiled once per target per run."""
+    built: dict[str, Path] = {}
+
+    def get(target: str = "llvm") -> Path:
+        if target not in built:
+            options = CompileOptions(target, "gguf", TINY_CONTEXT, TINY_CHUNK, kv_cache="float32")
+            out = tmp_path_factory.mktemp(target) / "stored"
+            built[target] = compile_model(tiny_stored_gguf, out, options, progress=False)
+        return built[target]
 
     return get
 

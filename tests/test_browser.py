@@ -37,11 +37,12 @@ ENGINE = "(await window.tapml.ready)"
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
-    """good/: the real model's q4f32_1 web bundle; bad/: the same with shard 0 corrupted."""
+    """good/: the real model's web bundle (the GGUF's own blocks); bad/: the same with shard 0
+    corrupted."""
     from tapml.package import package
 
     root = tmp_path_factory.mktemp("site")
-    good = package("smollm2-135m", "webgpu", root / "good", "q4f32_1", progress=False).path
+    good = package("smollm2-135m", "webgpu", root / "good", progress=False).path
     for path in good.rglob("*"):
         if path.is_file():
             twin = root / "bad" / path.relative_to(good)
@@ -71,13 +72,13 @@ def page(site):
 def cpu_trace(real_artifact):
     from tapml.runtime.engine import Engine
 
-    return greedy_trace(Engine(real_artifact("q4f32_1")), PROMPT_IDS, STEPS)
+    return greedy_trace(Engine(real_artifact("gguf")), PROMPT_IDS, STEPS)
 
 
 def test_page_tokenizes_like_python(page, real_artifact):
     from tapml.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer.load(real_artifact("q4f32_1") / "tokenizer")
+    tokenizer = Tokenizer.load(real_artifact("gguf") / "tokenizer")
     texts = [PROMPT, "In 1969, 12345 people  walked\n\non   the Moon!", "Café ☕ — 日本語 ok?"]
     texts.append(tokenizer.apply_chat_template([{"role": "user", "content": texts[1]}]))
     got = page.evaluate(f"(async () => {{ const e = {ENGINE}; "

@@ -238,7 +238,7 @@ def test_a_broken_kernel_is_named_and_no_other(tiny_suite, tiny_artifact, tmp_pa
 @pytest.fixture(scope="session")
 def real_suite(real_artifact, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("suite") / "smollm2"
-    carving.carve(real_artifact("q4f32_1"), out, select(), "smollm2-135m", progress=False)
+    carving.carve(real_artifact("gguf"), out, select(), "smollm2-135m", progress=False)
     return out
 
 
@@ -252,7 +252,7 @@ def test_real_suite_passes_on_webgpu_and_opencl_and_replays_exactly_on_llvm(
     suite = Suite.load(real_suite)
     assert len(report["calls"]) == len(suite.calls) and report["passed"]
     assert {k["kernel"] for k in report["kernels"]} == set(suite.manifest["kernels"])
-    plan = Plan.load(real_artifact("q4f32_1") / "plan.json")
+    plan = Plan.load(real_artifact("gguf") / "plan.json")
     assert set(suite.manifest["kernels"]) == set(plan.kernels)  # every distinct kernel
     assert (report["suite"]["scenarios"] == ["chat", "long", "json", "multilingual"])
     assert (Path(real_suite) / "reports" / target / "report.html").is_file()
@@ -262,7 +262,7 @@ def test_real_suite_passes_on_webgpu_and_opencl_and_replays_exactly_on_llvm(
 def test_real_suite_names_a_broken_rope_kernel_on_webgpu(real_suite, tmp_path):
     from tapml.api import ensure_compiled
 
-    artifact = ensure_compiled("smollm2-135m", "webgpu", "q4f32_1")
+    artifact = ensure_compiled("smollm2-135m", "webgpu")
     broken = break_kernel(artifact, "rope_kv_write", tmp_path / "broken")
     code, output, report = tapml_test([str(real_suite), "--bundle", str(broken)])
     assert code == 1

@@ -71,7 +71,7 @@ def test_ctrl_c_ends_the_session_cleanly(tiny_artifact, monkeypatch, where):
 
 @pytest.mark.real_model
 def test_smollm2_knows_the_capital_of_france(real_artifact):
-    artifact = real_artifact("q4f32_1")
+    artifact = real_artifact("gguf")
     result = chat(artifact, "-n", 32, input="What is the capital of France?\n")
     assert result.exit_code == 0, result.output
     assert "Paris" in result.stdout
@@ -84,7 +84,7 @@ def test_smollm2_knows_the_capital_of_france(real_artifact):
 def test_smollm2_sampling_is_reproducible_and_stops_at_a_stop_string(real_artifact):
     from tapml.runtime.sampling import SamplingParams
 
-    engine = Engine(real_artifact("q4f32_1"))
+    engine = Engine(real_artifact("gguf"))
     params = SamplingParams(temperature=0.8, top_p=0.95, min_p=0.05, seed=11, max_tokens=24)
     prompt = "Write one sentence about rivers."
     text = "".join(engine.generate(prompt, params, chat=True))

@@ -50,7 +50,7 @@ def test_run_compiles_into_the_cache_on_first_use(tiny_gguf, tmp_path):
     first = invoke("-q", *args, env=env)
     assert first.exit_code == 0, first.output
     listing = invoke("cache", "list", env=env)
-    assert listing.stdout.count("tiny-q4f32_1-llvm-") == 1
+    assert listing.stdout.count("tiny-gguf-llvm-") == 1  # the GGUF's own weights by default
     second = invoke(*args, env=env)
     assert second.stdout == first.stdout
     assert "cached build" in second.stderr

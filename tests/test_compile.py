@@ -83,7 +83,8 @@ def test_llvm_keeps_the_kv_cache_in_float16_and_gpu_targets_in_the_activation_dt
     assert CompileOptions("llvm", "q4f32_1", kv_cache="float32").resolved().kv_cache == "float32"
     assert CompileOptions("webgpu", "q4f32_1").resolved().kv_cache == "float32"
     assert CompileOptions("opencl", "q4f32_1").resolved().kv_cache == "float32"
-    assert CompileOptions("cuda").resolved().kv_cache == "float16"  # q4f16_1
+    assert CompileOptions("cuda", "q4f16_1").resolved().kv_cache == "float16"
+    assert CompileOptions("cuda").resolved().kv_cache == "float32"  # gguf: float32 activations
 
 
 def test_unreadable_or_non_llama_gguf_is_refused(tmp_path):

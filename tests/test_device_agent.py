@@ -118,7 +118,7 @@ def test_opencl_backend_equals_the_local_run(tiny_artifact):
 def test_real_smollm2_decode_through_the_agent_equals_the_local_run(wgpu_agent):
     from tapml.api import artifact_for
 
-    artifact = artifact_for("smollm2-135m", "webgpu", "q4f32_1", progress=False)
+    artifact = artifact_for("smollm2-135m", "webgpu", progress=False)
     assert_same_run(wgpu_agent, "webgpu", artifact, ids=PROMPT_IDS, steps=2)
 
 

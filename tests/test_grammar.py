@@ -254,7 +254,7 @@ GBNF_PYTHON = r"The answer is [1-9][0-9]{0,2}\."
 def engine(real_artifact):
     from tapml.runtime.engine import Engine
 
-    return Engine(real_artifact("q4f32_1"))
+    return Engine(real_artifact("gguf"))
 
 
 def constrained_greedy(engine, prompt: str, constraint) -> tuple[str, bool]:

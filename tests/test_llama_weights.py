@@ -1,29 +1,17 @@
-"""GGUF tensors -> the Llama model's parameters: names, and the fused projections' stacking."""
+"""GGUF tensors -> the Llama model's weights: names, and the fused projections' stacking."""
 
 import numpy as np
-import pytest
 
-from tapml.errors import WeightsError
+from tapml.convert import float_weights, gguf_sources
 from tapml.gguf import GGUFFile
-from tapml.models.llama.weights import gguf_weights
-
-
-class FakeGGUF:
-    """The two methods gguf_weights reads, over a dict of arrays."""
-
-    def __init__(self, tensors: dict[str, np.ndarray]):
-        self.tensors = tensors
-
-    def tensor_names(self) -> list[str]:
-        return list(self.tensors)
-
-    def tensor(self, name: str) -> np.ndarray:
-        return self.tensors[name]
+from tapml.models.llama.config import LlamaConfig
+from tapml.models.llama.weights import matrix_parts, weight_map
 
 
 def test_projections_are_stacked_by_rows_in_order(tiny_gguf):
     g = GGUFFile(tiny_gguf)
-    weights = dict(gguf_weights(g))
+    config = LlamaConfig.from_gguf(g.metadata, g.tensor_names())
+    weights = float_weights(gguf_sources(g, weight_map(config)))
     for i in range(2):
         qkv = [g.tensor(f"blk.{i}.attn_{p}.weight") for p in "qkv"]
         gate_up = [g.tensor(f"blk.{i}.ffn_{p}.weight") for p in ("gate", "up")]
@@ -39,15 +27,11 @@ def test_projections_are_stacked_by_rows_in_order(tiny_gguf):
                      "mlp.gate_up_proj.weight", "mlp.down_proj.weight"}  # fmt: skip
 
 
-def test_parts_in_any_order_stack_the_same():
-    rows = {p: np.full((2, 4), i, np.float32) for i, p in enumerate("qkv")}
-    shuffled = FakeGGUF({f"blk.0.attn_{p}.weight": rows[p] for p in "vqk"})
-    (name, stacked), = gguf_weights(shuffled)
-    assert name == "layers.0.self_attn.qkv_proj.weight"
-    np.testing.assert_array_equal(stacked[:, 0], [0, 0, 1, 1, 2, 2])
-
-
-def test_a_missing_part_is_named():
-    g = FakeGGUF({"blk.3.ffn_gate.weight": np.zeros((2, 4), np.float32)})
-    with pytest.raises(WeightsError, match="layers.3.mlp.gate_up_proj"):
-        dict(gguf_weights(g))
+def test_matrices_are_every_weight_but_the_norms(tiny_gguf):
+    g = GGUFFile(tiny_gguf)
+    config = LlamaConfig.from_gguf(g.metadata, g.tensor_names())
+    parts = matrix_parts(config)
+    assert parts["layers.1.self_attn.qkv_proj"] == 3 and parts["embed_tokens"] == 1
+    vectors = set(weight_map(config)) - set(parts)
+    assert vectors == {"norm"} | {f"layers.{i}.{n}" for i in range(2)
+                                  for n in ("input_layernorm", "post_attention_layernorm")}

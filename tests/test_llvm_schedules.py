@@ -81,7 +81,7 @@ def assert_close(out: np.ndarray, ref: np.ndarray, dtype: str) -> None:
 # -- matmuls (Linear), with the epilogues the model fuses into them ----------------------
 class Linear(nn.Module):
     def __init__(self, k: int, n: int, quant, epilogue: str | None):
-        self.lin = tnn.Linear(k, n, quant)
+        self.lin = tnn.Linear(k, n, quant.matrix)
         self.epilogue = epilogue
 
     def decode(self, x, r):
@@ -98,9 +98,9 @@ class Linear(nn.Module):
 def weights(quant, n: int, k: int) -> tuple[list[np.ndarray], np.ndarray]:
     """(the kernel's weight arguments, the float32 weight they stand for)."""
     w = (0.1 * rng.standard_normal((n, k))).astype("float32")
-    if quant.quantized:
-        words, scale = quant.quantize(w)
-        return [words, scale], quant.dequantize(words, scale)
+    if quant.matrix.quantized:
+        words, scale = quant.matrix.quantize(w)
+        return [words, scale], quant.matrix.dequantize({"q_weight": words, "q_scale": scale})
     w = w.astype(quant.dtype)
     return [w], w.astype("float32")
 
@@ -132,7 +132,7 @@ def test_matmul(quantization, n, k, epilogue):
         lambda rows: {"x": nn.spec.Tensor([rows, k], dt), "r": nn.spec.Tensor([rows, n], dt)},
     )
     params, w = weights(quant, n, k)
-    decode_rule = "packed_gemv" if quant.quantized else "gemv"
+    decode_rule = "packed_gemv" if quant.matrix.quantized else "gemv"
     for entry, rows, rule in (("decode", 1, decode_rule), ("prefill", CHUNK, "gemm")):
         x = rng.standard_normal((rows, k)).astype(dt)
         r = rng.standard_normal((rows, n)).astype(dt)
@@ -196,6 +196,51 @@ def test_packed_gemv_unpacks_fields_without_int_to_float_conversions():
 
     tvm_ffi.structural_walk(qkv_gemv().body, (tvm.tirx.Cast, visit))
     assert casts == []
+
+
+# GGUF blocks kept as stored, at the shapes of SmolLM2 (Q4_1 gate and up; its Q8_0 embedding
+# as the output layer, fewer rows) and of Qwen2.5's and Gemma-3's K-quants
+GGUF_MATMULS = [("Q4_1", 3072, 576), ("Q8_0", 4096, 576), ("Q4_0", 37, 800), ("Q5_0", 96, 896),
+                ("Q4_K", 64, 768), ("Q5_K", 37, 512), ("Q6_K", 896, 1024)]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind,n,k", GGUF_MATMULS)
+def test_gguf_blocks_get_the_packed_gemv_and_the_cpus_half_conversions(kind, n, k):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+    from gguf_blocks import random_blocks
+
+    from tapml.gguf_formats import BLOCK_FORMATS
+    from tapml.source import SourceTensor
+
+    fmt = BLOCK_FORMATS[kind]
+
+    class Lin(nn.Module):
+        def __init__(self):
+            self.lin = tnn.Linear(k, n, fmt)
+
+        def decode(self, x):
+            return self.lin(x)
+
+        prefill = decode
+
+    kernels = entry_kernels(Lin(), lambda rows: {"x": nn.spec.Tensor([rows, k], "float32")})
+    raw = random_blocks(kind, n, k, 1 / np.sqrt(k))
+    planes = fmt.encode(SourceTensor("w", kind, (n, k), lambda: raw, None))
+    w = dequantize(raw, GGMLQuantizationType[kind]).astype(np.float64)
+    for entry, rows, rule in (("decode", 1, "packed_gemv"), ("prefill", CHUNK, "gemm")):
+        x = rng.standard_normal((rows, k)).astype("float32")
+        arrays, used = run(kernels[entry], [x, *planes.values(), np.zeros((rows, n), "float32")])
+        assert used == rule
+        assert_close(arrays[-1], x @ w.T, "float32")
+        assert "float16" in cast_sources(schedule_func(kernels[entry], TARGET))  # F16C's
+
+
+def cast_sources(func: tvm.tirx.PrimFunc) -> set[str]:
+    """The types a function's casts convert from."""
+    found = set()
+    tvm_ffi.structural_walk(func.body, (tvm.tirx.Cast, lambda c: found.add(str(c.value.ty))))
+    return found
 
 
 @pytest.mark.parametrize("lanes", [4, 8])
@@ -267,7 +312,7 @@ def test_rms_norm(dtype, dim):
 # -- elementwise: embedding lookups, RoPE, KV writes, the last valid row -------------------
 class Embed(nn.Module):
     def __init__(self, vocab: int, dim: int, quant):
-        self.embed = tnn.Embedding(vocab, dim, quant)
+        self.embed = tnn.Embedding(vocab, dim, quant.matrix, quant.dtype)
 
     def decode(self, ids):
         return self.embed(ids)
@@ -286,7 +331,7 @@ def test_embedding(quantization, dim):
         ids = rng.integers(0, vocab, rows).astype("int32")
         out = np.zeros((rows, dim), quant.dtype)
         # take's arguments are (weight, ids); dequantize_take's are (ids, words, scale)
-        args = [ids, *params, out] if quant.quantized else [*params, ids, out]
+        args = [ids, *params, out] if quant.matrix.quantized else [*params, ids, out]
         arrays, rule = run(kernels[entry], args)
         assert rule == "elementwise"
         assert_close(arrays[-1], w[ids], quant.dtype)

@@ -111,7 +111,7 @@ def test_migrate_smollm2_to_webgpu_through_a_local_agent(tmp_path):
     from tapml.carving.workflow import artifacts, migrate_model
 
     report = migrate_model("smollm2-135m", "webgpu", None, tmp_path, [SCENARIOS["chat"]])
-    source_dir, _ = artifacts("smollm2-135m", "webgpu", "q4f32_1")
+    source_dir, _ = artifacts("smollm2-135m", "webgpu", None)
     kernels = len(Plan.load(source_dir / "plan.json").kernels)
     assert report["migrated"], report
     assert report["test"]["failed_calls"] == 0 and report["test"]["kernels"] == kernels
@@ -128,7 +128,7 @@ def test_a_broken_kernel_of_smollm2_is_localized_over_the_agent(tmp_path):
     from tapml.carving.workflow import artifacts, offload_model
     from tapml.targets.remote import start_local_agent
 
-    source_dir, target_dir = artifacts("smollm2-135m", "webgpu", "q4f32_1")
+    source_dir, target_dir = artifacts("smollm2-135m", "webgpu", None)
     broken = broken_copy(target_dir, "rope_kv_write1", tmp_path / "broken")
     kernels = len(Plan.load(source_dir / "plan.json").kernels)
     with start_local_agent("wgpu") as url:  # the broken WGSL goes through the normal load

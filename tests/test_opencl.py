@@ -56,6 +56,13 @@ def test_logits_and_greedy_ids_match_llvm(cl_artifact, tiny_artifact):
     assert_close(cl_logits, llvm_logits, RTOL)
 
 
+def test_every_gguf_block_type_kept_as_stored_matches_llvm(device, tiny_stored_artifact):
+    cl_logits, cl_ids = trace(tiny_stored_artifact("opencl"))
+    llvm_logits, llvm_ids = trace(tiny_stored_artifact("llvm"))
+    assert cl_ids == llvm_ids
+    assert_close(cl_logits, llvm_logits, RTOL)
+
+
 def test_prepared_run_equals_per_call_launches(cl_artifact):
     engine = Engine(cl_artifact("q4f32_1"))
     engine.prefill(PROMPT_IDS)

@@ -14,7 +14,6 @@ from tapml.cli import main
 from tapml.errors import BundleError, ExecutorError
 from tapml.package import (
     MANIFEST,
-    bits_per_parameter,
     chat_format,
     package,
     read_manifest,
@@ -217,12 +216,6 @@ def test_f16_android_bundle_packages_but_pocl_cannot_run_it(bundles):
         Engine(bundle)
 
 
-def test_bits_per_parameter(tiny_artifact):
-    # 4 bits per weight plus one scale per 32: f32 scales give 5 bits, f16 ones 4.5
-    assert bits_per_parameter(tiny_artifact("q4f32_1", "opencl")) == pytest.approx(5.0)
-    assert bits_per_parameter(tiny_artifact("q4f16_1", "opencl")) == pytest.approx(4.5)
-
-
 def test_chat_format_renders_like_the_template(tiny_artifact):
     tokenizer = Tokenizer.load(tiny_artifact("q4f32_1", "opencl") / "tokenizer")
     chat = chat_format(tokenizer)
@@ -253,8 +246,8 @@ def test_smollm2_android_bundle_runs_on_opencl_like_the_cpu(real_artifact, tmp_p
     ok, why = executes_here(TARGETS["opencl"])
     if not ok:
         pytest.skip(f"opencl does not execute here: {why}")
-    bundle = package("smollm2-135m", "android", tmp_path / "android", "q4f32_1", progress=False)
+    bundle = package("smollm2-135m", "android", tmp_path / "android", progress=False)
     assert verify(bundle.path) == []
     got = list(Engine(bundle.path).generate_ids(PROMPT_IDS, max_tokens=4))
-    want = list(Engine(real_artifact("q4f32_1")).generate_ids(PROMPT_IDS, max_tokens=4))
+    want = list(Engine(real_artifact("gguf")).generate_ids(PROMPT_IDS, max_tokens=4))
     assert got == want

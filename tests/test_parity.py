@@ -1,4 +1,4 @@
-"""SmolLM2 on webgpu, vulkan and opencl gives llvm's tokens and logits (q4f32_1).
+"""SmolLM2 on webgpu, vulkan and opencl gives llvm's tokens and logits (the GGUF's own blocks).
 
 The kernels and weights are the same; only float rounding differs (GPU-style reductions
 sum in another order). Each target is fed llvm's greedy tokens (teacher forcing), so one
@@ -24,7 +24,7 @@ TOLERANCE = 2e-3  # max |difference| / max |llvm logit|, float32 activations
 @pytest.fixture(scope="module")
 def llvm_run():
     # the plan the other targets run: the KV cache in float32 (llvm's default is float16)
-    engine = Engine(ensure_compiled("smollm2-135m", "llvm", "q4f32_1", kv_cache="float32"))
+    engine = Engine(ensure_compiled("smollm2-135m", "llvm", kv_cache="float32"))
     logits = [engine.prefill(PROMPT_IDS)]
     tokens = []
     for _ in range(STEPS):
@@ -39,7 +39,7 @@ def test_first_16_greedy_tokens_and_logits_match_llvm(llvm_run, target):
     if not ok:
         pytest.skip(f"{target} cannot execute here: {why}")
     tokens, expected = llvm_run
-    engine = Engine(ensure_compiled("smollm2-135m", target, "q4f32_1"))
+    engine = Engine(ensure_compiled("smollm2-135m", target, kv_cache="float32"))
     got = [engine.prefill(PROMPT_IDS)] + [engine.decode(t) for t in tokens]
     for step, (g, e) in enumerate(zip(got[:STEPS], expected[:STEPS], strict=True)):
         scale = np.abs(e).max()

@@ -28,10 +28,10 @@ def tiny_config(tiny_gguf):
     return LlamaConfig.from_gguf(g.metadata, g.tensor_names())
 
 
-def tiny_plan(config, quantization, kv_cache=None):
+def tiny_plan(config, quantization, kv_cache=None, formats=None):
     kv_cache = kv_cache or QUANTIZATION[quantization].dtype  # as the tiny_artifact fixture's
     options = CompileOptions("llvm", quantization, TINY_CONTEXT, TINY_CHUNK, kv_cache=kv_cache)
-    return build_plan(config, QUANTIZATION[quantization], options.resolved())
+    return build_plan(config, QUANTIZATION[quantization], options.resolved(), formats)
 
 
 def test_plan_is_a_straight_line_of_kernel_calls(tiny_config):
@@ -91,17 +91,38 @@ def test_scalar_expressions():
                          [(q, None) for q in QUANTIZATION] + [("q4f32_1", "float16")])  # fmt: skip
 def test_plan_matches_relax_vm_and_numpy(tiny_config, tiny_artifact, quantization, kv_cache):
     artifact = tiny_artifact(quantization, "llvm", kv_cache)
-    engine = Engine(artifact)
-    quant = QUANTIZATION[quantization]
     _, plan, fused = tiny_plan(tiny_config, quantization, kv_cache)
-    assert plan.buffers["k_cache_0"]["dtype"] == plan.model["kv_cache"] == (kv_cache or quant.dtype)
+    assert plan.model["kv_cache"] == (kv_cache or QUANTIZATION[quantization].dtype)
+    check_against_vm_and_numpy(artifact, tiny_config, plan, fused)
+    assert describe(artifact)["options"]["quantization"] == quantization
+
+
+def test_stored_blocks_plan_matches_relax_vm_and_numpy(tiny_stored_gguf, tiny_stored_artifact):
+    """Every GGUF block type, and Q, K, V parts in different types (kept apart)."""
+    from tapml.convert import gguf_sources, stored_types
+    from tapml.models.llama.weights import weight_map
+
+    g = GGUFFile(tiny_stored_gguf)
+    config = LlamaConfig.from_gguf(g.metadata, g.tensor_names())
+    formats = QUANTIZATION["gguf"].formats(stored_types(gguf_sources(g, weight_map(config))))
+    _, plan, fused = tiny_plan(config, "gguf", "float32", formats)
+    assert "layers.0.self_attn.qkv_proj.parts.2.q_high" in plan.names("param")  # Q6_K's V
+    check_against_vm_and_numpy(tiny_stored_artifact(), config, plan, fused)
+
+
+def check_against_vm_and_numpy(artifact, config, plan, fused) -> None:
+    """The artifact's engine against the Relax VM on the same module (`plan`, `fused`) and
+    the numpy reference on the weights as the kernels read them."""
+    engine = Engine(artifact)
+    dtype = plan.model["dtype"]
+    assert plan.buffers["k_cache_0"]["dtype"] == plan.model["kv_cache"]
     assert plan.to_dict() == engine.plan.to_dict()  # the artifact holds this very plan
     params = load_shards(artifact / "weights")
     vm = RelaxVM(fused, plan, params)
-    weights = dequantize_params(params, quant)
+    weights = dequantize_params(params, plan.model["weight_formats"])
 
-    tokens = [int(t) for t in np.random.default_rng(0).integers(0, tiny_config.vocab_size, 14)]
-    expected = reference.forward(weights, tiny_config, tokens, kv_cache=plan.model["kv_cache"])
+    tokens = [int(t) for t in np.random.default_rng(0).integers(0, config.vocab_size, 14)]
+    expected = reference.forward(weights, config, tokens, kv_cache=plan.model["kv_cache"])
     n_prompt = 11  # two prefill chunks of 8, the second padded
     got = [engine.prefill(tokens[:n_prompt])]
     vm_logits = [vm.run("prefill", {"pos": 0, "n_valid": 8},
@@ -117,6 +138,5 @@ def test_plan_matches_relax_vm_and_numpy(tiny_config, tiny_artifact, quantizatio
         ref = expected[n_prompt - 1 + step]
         scale = np.abs(ref).max()
         assert np.isfinite(g).all()
-        assert np.abs(g - v).max() / scale < VM_TOLERANCE[quant.dtype], f"step {step} vs VM"
-        assert np.abs(g - ref).max() / scale < NUMPY_TOLERANCE[quant.dtype], f"step {step} vs np"
-    assert describe(artifact)["options"]["quantization"] == quantization
+        assert np.abs(g - v).max() / scale < VM_TOLERANCE[dtype], f"step {step} vs VM"
+        assert np.abs(g - ref).max() / scale < NUMPY_TOLERANCE[dtype], f"step {step} vs np"

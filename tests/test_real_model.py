@@ -48,9 +48,8 @@ def test_q4f32_1_says_paris(engines, build):
 def test_logits_match_numpy_forward_pass(engines, build):
     engine = engines[build]
     config = LlamaConfig.from_dict(describe(engine.artifact)["model"])
-    quantization = engine.plan.model["quantization"]
     weights = dequantize_params(load_shards(engine.artifact / "weights"),
-                                QUANTIZATION[quantization])  # fmt: skip
+                                engine.plan.model["weight_formats"])  # fmt: skip
     tokens = PROMPT_IDS + LLAMA_CPP_GREEDY[:3]
     # the reference rounds keys and values as the artifact's KV cache stores them
     expected = reference.forward(weights, config, tokens, kv_cache=engine.plan.model["kv_cache"])

@@ -3,12 +3,13 @@
 import numpy as np
 import pytest
 
+from tapml.convert import float_weights, gguf_sources
 from tapml.errors import ModelNotFound
 from tapml.gguf import GGUFFile
 from tapml.models import DEFAULT_MODEL, MODELS
 from tapml.models.llama.config import LlamaConfig
 from tapml.models.llama.reference import forward, greedy, rope
-from tapml.models.llama.weights import gguf_weights
+from tapml.models.llama.weights import weight_map
 
 TINY = LlamaConfig(
     vocab_size=64,
@@ -81,7 +82,8 @@ def smollm2():
     except ModelNotFound as e:
         pytest.skip(str(e))
     g = GGUFFile(path)
-    return dict(gguf_weights(g)), LlamaConfig.from_gguf(g.metadata, g.tensor_names())
+    config = LlamaConfig.from_gguf(g.metadata, g.tensor_names())
+    return float_weights(gguf_sources(g, weight_map(config))), config
 
 
 @pytest.mark.real_model

@@ -60,6 +60,19 @@ def test_logits_and_greedy_ids_match_llvm(gpu_artifact, tiny_artifact, target):
     assert_close(gpu_logits, llvm_logits, RTOL)
 
 
+@pytest.mark.parametrize("target", ["webgpu", "vulkan"])
+def test_every_gguf_block_type_kept_as_stored_matches_llvm(adapter, tiny_stored_artifact, target):
+    from tapml.targets.webgpu import available
+
+    ok, why = available(TARGETS[target])
+    if not ok:
+        pytest.skip(f"no {target} adapter: {why}")
+    gpu_logits, gpu_ids = trace(tiny_stored_artifact(target))
+    llvm_logits, llvm_ids = trace(tiny_stored_artifact("llvm"))
+    assert gpu_ids == llvm_ids
+    assert_close(gpu_logits, llvm_logits, RTOL)
+
+
 def test_f16_logits_match_llvm(adapter, gpu_artifact, tiny_artifact):
     if "shader-f16" not in adapter.features:
         pytest.skip("the adapter has no shader-f16")

@@ -1,4 +1,5 @@
-"""A tiny random-weight Llama GGUF (SmolLM2's tokenizer, 2 small layers) for fast tests."""
+"""Tiny random-weight Llama GGUFs (SmolLM2's tokenizer, 2 small layers) for fast tests: float32
+weights, or (`write_tiny_stored_gguf`) matrices in every GGUF block type tapml keeps."""
 
 from __future__ import annotations
 
@@ -12,20 +13,39 @@ from tapml.models import MODELS
 HIDDEN, INTER, LAYERS, HEADS, KV_HEADS = 64, 128, 2, 4, 2
 HEAD_DIM = HIDDEN // HEADS
 
+# The stored model: every block type and F16, and Q, K, V (and gate, up) parts of different types,
+# which tapml keeps apart, next to parts of one type, which it stacks. K-quants need rows of
+# a multiple of 256 values.
+STORED_HIDDEN, STORED_INTER = 256, 512
+STORED_TYPES = {
+    "token_embd": "Q8_0",
+    "blk.0.attn_q": "Q4_K", "blk.0.attn_k": "Q4_K", "blk.0.attn_v": "Q6_K",
+    "blk.0.attn_output": "Q5_K", "blk.0.ffn_gate": "Q4_0", "blk.0.ffn_up": "Q4_0",
+    "blk.0.ffn_down": "Q5_0",
+    "blk.1.attn_q": "Q4_1", "blk.1.attn_k": "Q4_1", "blk.1.attn_v": "Q4_1",
+    "blk.1.attn_output": "F16", "blk.1.ffn_gate": "Q4_K", "blk.1.ffn_up": "Q5_K",
+    "blk.1.ffn_down": "Q6_K",
+}  # fmt: skip
 
-def write_tiny_gguf(path: Path, seed: int = 0, tied: bool = True) -> Path:
+
+def write_tiny_gguf(path: Path, seed: int = 0, tied: bool = True, hidden: int = HIDDEN,
+                    inter: int = INTER, types: dict[str, str] | None = None) -> Path:  # fmt: skip
+    """A tiny Llama GGUF; `types` stores the named matrices (GGUF names without ".weight") in
+    those block types (random blocks), the rest as float32."""
     import gguf
+    from gguf_blocks import random_blocks
 
     source = GGUFFile(MODELS["smollm2-135m"].gguf_path()).metadata
     vocab = len(source["tokenizer.ggml.tokens"])
+    head_dim = hidden // HEADS
     w = gguf.GGUFWriter(str(path), arch="llama")
     w.add_block_count(LAYERS)
     w.add_context_length(256)
-    w.add_embedding_length(HIDDEN)
-    w.add_feed_forward_length(INTER)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(inter)
     w.add_head_count(HEADS)
     w.add_head_count_kv(KV_HEADS)
-    w.add_rope_dimension_count(HEAD_DIM)
+    w.add_rope_dimension_count(head_dim)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_tokenizer_model(source["tokenizer.ggml.model"])
@@ -40,28 +60,45 @@ def write_tiny_gguf(path: Path, seed: int = 0, tied: bool = True) -> Path:
     rng = np.random.default_rng(seed)
 
     def add(name: str, *shape: int, norm: bool = False) -> None:
+        kind = (types or {}).get(name)
+        if kind == "F16":
+            data = rng.standard_normal(shape) / np.sqrt(shape[-1])
+            w.add_tensor(f"{name}.weight", data.astype(np.float16))
+            return
+        if kind is not None:
+            raw = random_blocks(kind, shape[0], shape[1], 2 / np.sqrt(shape[-1]),
+                                seed=int(rng.integers(1 << 31)))  # fmt: skip
+            w.add_tensor(f"{name}.weight", raw, raw_shape=raw.shape,
+                         raw_dtype=gguf.GGMLQuantizationType[kind])  # fmt: skip
+            return
         if norm:
             data = 1.0 + 0.1 * rng.standard_normal(shape)
         else:
             data = rng.standard_normal(shape) / np.sqrt(shape[-1])
-        w.add_tensor(name, data.astype(np.float32))
+        w.add_tensor(f"{name}.weight", data.astype(np.float32))
 
-    add("token_embd.weight", vocab, HIDDEN)
+    add("token_embd", vocab, hidden)
     for i in range(LAYERS):
-        add(f"blk.{i}.attn_norm.weight", HIDDEN, norm=True)
-        add(f"blk.{i}.attn_q.weight", HEADS * HEAD_DIM, HIDDEN)
-        add(f"blk.{i}.attn_k.weight", KV_HEADS * HEAD_DIM, HIDDEN)
-        add(f"blk.{i}.attn_v.weight", KV_HEADS * HEAD_DIM, HIDDEN)
-        add(f"blk.{i}.attn_output.weight", HIDDEN, HEADS * HEAD_DIM)
-        add(f"blk.{i}.ffn_norm.weight", HIDDEN, norm=True)
-        add(f"blk.{i}.ffn_gate.weight", INTER, HIDDEN)
-        add(f"blk.{i}.ffn_up.weight", INTER, HIDDEN)
-        add(f"blk.{i}.ffn_down.weight", HIDDEN, INTER)
-    add("output_norm.weight", HIDDEN, norm=True)
+        add(f"blk.{i}.attn_norm", hidden, norm=True)
+        add(f"blk.{i}.attn_q", HEADS * head_dim, hidden)
+        add(f"blk.{i}.attn_k", KV_HEADS * head_dim, hidden)
+        add(f"blk.{i}.attn_v", KV_HEADS * head_dim, hidden)
+        add(f"blk.{i}.attn_output", hidden, HEADS * head_dim)
+        add(f"blk.{i}.ffn_norm", hidden, norm=True)
+        add(f"blk.{i}.ffn_gate", inter, hidden)
+        add(f"blk.{i}.ffn_up", inter, hidden)
+        add(f"blk.{i}.ffn_down", hidden, inter)
+    add("output_norm", hidden, norm=True)
     if not tied:
-        add("output.weight", vocab, HIDDEN)
+        add("output", vocab, hidden)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def write_tiny_stored_gguf(path: Path, seed: int = 0) -> Path:
+    """The tiny model with its matrices in every block type (`STORED_TYPES`)."""
+    return write_tiny_gguf(path, seed, hidden=STORED_HIDDEN, inter=STORED_INTER,
+                           types=STORED_TYPES)  # fmt: skip

@@ -18,22 +18,25 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
 from tapml import nn as tnn
-from tapml.quantization import Quantization
+from tapml.formats import WeightFormat
 
 from .config import LlamaConfig
 
+Formats = dict[str, tuple[WeightFormat, ...]]  # matrix name -> the format of each part
+
 
 class Attention(nn.Module):
-    def __init__(self, config: LlamaConfig, quant: Quantization):
+    def __init__(self, config: LlamaConfig, formats: Formats, prefix: str):
         self.heads, self.kv_heads, self.head_dim = (
             config.num_heads,
             config.num_kv_heads,
             config.head_dim,
         )
         hidden, q_dim = config.hidden_size, self.heads * self.head_dim
-        # Q, K and V in one matrix (rows in that order): one pass over x for all three
-        self.qkv_proj = tnn.Linear(hidden, q_dim + 2 * self.kv_heads * self.head_dim, quant)
-        self.o_proj = tnn.Linear(q_dim, hidden, quant)
+        kv_dim = self.kv_heads * self.head_dim
+        # Q, K and V stacked (rows in that order): one pass over x for all three
+        self.qkv_proj = tnn.Linear(hidden, [q_dim, kv_dim, kv_dim], formats[prefix + "qkv_proj"])
+        self.o_proj = tnn.Linear(q_dim, hidden, formats[prefix + "o_proj"])
 
     def forward(self, x, k_cache, v_cache, rope, pos, n_valid):
         h, kv = self.heads, self.kv_heads
@@ -43,22 +46,23 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: LlamaConfig, quant: Quantization):
+    def __init__(self, config: LlamaConfig, formats: Formats, prefix: str):
         hidden, inter = config.hidden_size, config.intermediate_size
-        self.gate_up_proj = tnn.Linear(hidden, 2 * inter, quant)  # gate rows, then up rows
-        self.down_proj = tnn.Linear(inter, hidden, quant)
+        # gate rows, then up rows
+        self.gate_up_proj = tnn.Linear(hidden, [inter, inter], formats[prefix + "gate_up_proj"])
+        self.down_proj = tnn.Linear(inter, hidden, formats[prefix + "down_proj"])
 
     def forward(self, x):
         return self.down_proj(tnn.silu_multiply(self.gate_up_proj(x)))
 
 
 class Block(nn.Module):
-    def __init__(self, config: LlamaConfig, quant: Quantization):
-        eps, dtype = config.rms_norm_eps, quant.dtype
+    def __init__(self, config: LlamaConfig, dtype: str, formats: Formats, index: int):
+        eps, prefix = config.rms_norm_eps, f"layers.{index}."
         self.input_layernorm = tnn.RMSNorm(config.hidden_size, eps, dtype)
-        self.self_attn = Attention(config, quant)
+        self.self_attn = Attention(config, formats, prefix + "self_attn.")
         self.post_attention_layernorm = tnn.RMSNorm(config.hidden_size, eps, dtype)
-        self.mlp = MLP(config, quant)
+        self.mlp = MLP(config, formats, prefix + "mlp.")
 
     def forward(self, x, k_cache, v_cache, rope, pos, n_valid):
         a, k_cache, v_cache = self.self_attn(
@@ -69,17 +73,23 @@ class Block(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: LlamaConfig, quant: Quantization, max_context: int, chunk: int,
-                 kv_cache: str | None = None):  # fmt: skip
-        self.config, self.quant = config, quant
+    """`dtype`: the activations' (and the norms'); `formats`: each matrix's weight formats
+    (`tapml.quantization.Quantization.formats`)."""
+
+    def __init__(self, config: LlamaConfig, dtype: str, formats: Formats, max_context: int,
+                 chunk: int, kv_cache: str | None = None):  # fmt: skip
+        self.config, self.dtype = config, dtype
         self.max_context, self.chunk = max_context, chunk
-        self.kv_cache = kv_cache or quant.dtype
-        self.embed_tokens = tnn.Embedding(config.vocab_size, config.hidden_size, quant)
+        self.kv_cache = kv_cache or dtype
+        (embed_format,) = formats["embed_tokens"]
+        self.embed_tokens = tnn.Embedding(config.vocab_size, config.hidden_size, embed_format,
+                                          dtype)  # fmt: skip
         self.rope = tnn.RotaryTables(max_context, config.head_dim)
-        self.layers = nn.ModuleList([Block(config, quant) for _ in range(config.num_layers)])
-        self.norm = tnn.RMSNorm(config.hidden_size, config.rms_norm_eps, quant.dtype)
+        self.layers = nn.ModuleList([Block(config, dtype, formats, i)
+                                     for i in range(config.num_layers)])  # fmt: skip
+        self.norm = tnn.RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         if not config.tie_word_embeddings:
-            self.lm_head = tnn.Linear(config.hidden_size, config.vocab_size, quant)
+            self.lm_head = tnn.Linear(config.hidden_size, config.vocab_size, formats["lm_head"])
         # The exporter names each function argument after the method's parameters, and
         # the number of caches depends on the config: give the entry points real names.
         caches = self.cache_names()

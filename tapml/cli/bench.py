@@ -19,7 +19,7 @@ from .options import compile_options
 @click.option("--decode-tokens", type=click.IntRange(1), default=128, show_default=True)
 @click.option("--compare", type=click.Choice(["llama.cpp"]), default=None,
               help="Also run llama.cpp on the same GGUF, prompt and threads "
-                   "(pip install 'tapml[bench]').")  # fmt: skip
+                   "(pip install llama-cpp-python).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_obj
 def command(
@@ -66,7 +66,8 @@ def command(
         )
     click.echo(
         f"{prompt_tokens}-token prompt, {decode_tokens} decode tokens, {result['threads']} "
-        f"threads; memory bandwidth {result['machine_bandwidth_gb_s']:.1f} GB/s"
+        f"threads; memory bandwidth {result['machine_bandwidth_gb_s']:.1f} GB/s; weights "
+        f"{result['quantization']}, {result['bits_per_parameter']:.2f} bits per parameter"
     )
     machine = result["machine_bandwidth_gb_s"]
     click.echo(

@@ -7,9 +7,8 @@ from pathlib import Path
 import click
 
 from tapml.carving.scenarios import SCENARIOS
-from tapml.quantization import QUANTIZATION
 
-from .options import threads_option
+from .options import quantization_option, threads_option
 
 
 @click.command("carve")
@@ -18,10 +17,7 @@ from .options import threads_option
     "--source", type=click.Choice(["llvm", "cuda"]), default="llvm", show_default=True,
     help="The mature platform whose kernel calls become the reference (cuda needs a GPU).",
 )
-@click.option(
-    "--quantization", type=click.Choice(list(QUANTIZATION)), default=None,
-    help="Weight format [default: the source's default, q4f32_1 on llvm].",
-)
+@quantization_option
 @click.option(
     "--scenario", "scenarios", multiple=True, type=click.Choice(list(SCENARIOS)),
     help="A built-in scenario (repeatable) [default: all of them].",
@@ -59,7 +55,7 @@ def command(obj, model, source, quantization, scenarios, prompts, prompt_files,
     from tapml.carving.carve import carve
     from tapml.carving.scenarios import select
     from tapml.compiler import describe
-    from tapml.quantization import get_quantization
+    from tapml.quantization import DEFAULT, get_quantization
     from tapml.targets import executes_here, get_target
     from tapml.targets.llvm import use_threads
 
@@ -69,7 +65,7 @@ def command(obj, model, source, quantization, scenarios, prompts, prompt_files,
     use_threads(threads)
     texts = list(prompts) + [p.read_text() for p in prompt_files]
     chosen = select(tuple(scenarios), tuple(texts))
-    quantization = quantization or get_target(source).default_quantization
+    quantization = quantization or DEFAULT
     # a suite replays on any target: carve the plan with the KV cache every target holds
     portable = get_quantization(quantization).dtype
     artifact = artifact_for(model, source, quantization, progress=obj["progress"],

@@ -8,8 +8,9 @@ from pathlib import Path
 import click
 
 from tapml.carving.scenarios import SCENARIOS
-from tapml.quantization import QUANTIZATION
 from tapml.targets import TARGETS
+
+from .options import quantization_option
 
 
 def migration_options(f):
@@ -23,8 +24,7 @@ def migration_options(f):
                 help="The target device: tapml://HOST:PORT (a `tapml device serve` agent) "
                 "[default: start an agent on this machine].",
             ),
-            click.option("--quantization", type=click.Choice(list(QUANTIZATION)),
-                         default=None, help="Weight format [default: q4f32_1]."),
+            quantization_option,
             click.option(
                 "--order", type=click.Choice(["plan", "kind"]), default="plan",
                 show_default=True,

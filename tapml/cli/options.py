@@ -19,6 +19,15 @@ def _parse_target_options(ctx, param, values: tuple[str, ...]) -> dict[str, str 
     return options
 
 
+quantization_option = click.option(
+    "--quantization", type=click.Choice(list(QUANTIZATION)), default=None,
+    help="How weights are kept [default: gguf]. gguf: each matrix in the blocks its GGUF "
+    "stores (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K; F16), read losslessly; q4f32_1, "
+    "q4f16_1: re-quantized to tapml's 4-bit groups; q0f32, q0f16: floats. The artifact's "
+    "tapml-config.json lists each matrix's format.",
+)  # fmt: skip
+
+
 def compile_options(f):
     """--target, --quantization, --max-context, --chunk, --target-option, --kv-cache."""
     for decorator in reversed(
@@ -27,10 +36,7 @@ def compile_options(f):
                 "--target", type=click.Choice(list(TARGETS)), default="llvm", show_default=True,
                 help="Where the kernels run.",
             ),
-            click.option(
-                "--quantization", type=click.Choice(list(QUANTIZATION)), default=None,
-                help="Weight format [default: q4f32_1, or q4f16_1 on targets with native f16].",
-            ),
+            quantization_option,
             click.option(
                 "--max-context", type=click.IntRange(1), default=DEFAULT_MAX_CONTEXT,
                 show_default=True, help="Tokens the KV cache holds (prompt + completion).",

@@ -8,7 +8,8 @@ import click
 
 from tapml.compiler import DEFAULT_CHUNK, DEFAULT_MAX_CONTEXT
 from tapml.package import PLATFORMS
-from tapml.quantization import QUANTIZATION
+
+from .options import quantization_option
 
 
 @click.command("package")
@@ -17,10 +18,7 @@ from tapml.quantization import QUANTIZATION
     "--target", type=click.Choice(list(PLATFORMS)), required=True,
     help="webgpu: a web page that runs the model offline; android: OpenCL kernels for phones.",
 )
-@click.option(
-    "--quantization", type=click.Choice(list(QUANTIZATION)), default=None,
-    help="Weight format [default: q4f32_1 (webgpu, android)].",
-)
+@quantization_option
 @click.option(
     "--max-context", type=click.IntRange(1), default=DEFAULT_MAX_CONTEXT, show_default=True,
     help="Tokens the KV cache holds (prompt + completion).",

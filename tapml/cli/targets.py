@@ -23,8 +23,7 @@ def command(as_json: bool) -> None:
         limits = spec.limits.__dict__ if spec.limits else None
         rows.append({
             "name": spec.name, "description": spec.description, "compiles": True,
-            "executes": executes, "why": why, "f16": spec.f16,
-            "default_quantization": spec.default_quantization, "limits": limits,
+            "executes": executes, "why": why, "f16": spec.f16, "limits": limits,
         })  # fmt: skip
     if as_json:
         click.echo(json.dumps(rows, indent=1))

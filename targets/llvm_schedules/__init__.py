@@ -1,0 +1,68 @@
+"""CPU schedules for the plan's kernels, picked by pattern (block structure, iter kinds, shapes).
+
+Like dlight's rules, but for the kernels tapml.nn produces: a matmul with one output row
+(decode GEMV; `packed.py` for quantized weights), a matmul with many rows (prefill GEMM), a
+row reduction followed by elementwise blocks (RMSNorm), elementwise kernels, and independent
+rows with bodies of their own (the hand-written attention). Kernels that match no rule are
+left as they are.
+"""
+
+from __future__ import annotations
+
+import tvm
+import tvm_ffi
+from tvm import s_tir, tirx
+
+from .base import PREFETCH_BYTES, Kernel, Rule
+from .fast_math import fast_exp, fast_math
+from .matmul import gemm, gemv
+from .packed import packed_gemv, prefetch, prefetch_rows
+from .rows import elementwise, finish_rows, independent_rows, row_reduction
+
+__all__ = ["ATTR", "PREFETCH_BYTES", "RULES", "Kernel", "fast_exp", "prefetch", "schedule",
+           "schedule_func"]  # fmt: skip
+
+ATTR = "tapml.schedule"
+RULES: list[Rule] = [
+    Rule("packed_gemv", packed_gemv, prefetch_rows),
+    Rule("gemv", gemv),
+    Rule("gemm", gemm),
+    Rule("row_reduction", row_reduction),
+    Rule("elementwise", elementwise),
+    Rule("independent_rows", independent_rows, finish_rows),
+]
+
+
+def _already_scheduled(func: tirx.PrimFunc) -> bool:
+    found = []
+    tvm_ffi.structural_walk(
+        func.body, (tirx.For, lambda f: found.append(f.kind != tirx.ForKind.SERIAL))
+    )
+    return any(found)
+
+
+def schedule_func(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
+    """The PrimFunc scheduled by the first rule that matches it, tagged with the rule's name."""
+    if _already_scheduled(func):
+        return func
+    for rule in RULES:
+        sch = s_tir.Schedule(func)
+        root = sch.get_sblock("root")
+        kernel = Kernel(sch, list(sch.get_child_blocks(root)), target)
+        if rule.apply(kernel):
+            scheduled = kernel.sch.mod["main"]  # a rule may have rebuilt the kernel
+            if rule.finish is not None:
+                scheduled = rule.finish(scheduled, kernel)
+            return fast_math(scheduled).with_attr(ATTR, rule.name)
+    return fast_math(func)
+
+
+def schedule(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Schedule each PrimFunc of `mod` for the llvm `target`; others are left unchanged."""
+    funcs = {}
+    for gv, func in mod.functions_items():
+        if isinstance(func, tirx.PrimFunc):
+            func = schedule_func(func, target)
+        funcs[gv] = func
+    return tvm.IRModule(funcs, attrs=mod.attrs)
+

@@ -1,0 +1,152 @@
+"""Matmul rules: [weight stages], C[m, n] = sum_k x[m, k] * w[n, k], [elementwise epilogue].
+
+One output row (decode) is a GEMV, many rows (prefill) a GEMM; a GEMV over a quantized
+weight gets the packed rule (`packed.py`) first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm.s_tir.schedule import SBlockRV
+
+from .base import (
+    GEMM_COLS,
+    GEMM_UNROLL,
+    GEMV_CHAINS,
+    PARALLEL_MIN_ELEMENTS,
+    Kernel,
+    divisor,
+    extent,
+    inline_chain,
+    is_elementwise,
+    vector_lanes,
+    vectorize_inner,
+)
+
+
+@dataclass
+class Matmul:
+    producers: list[SBlockRV]
+    reduction: SBlockRV
+    epilogue: list[SBlockRV]
+    rows: int  # M
+
+
+def match_matmul(kernel: Kernel) -> Matmul | None:
+    """One static [M, N, K] reduction reading x[m, k], with only elementwise blocks around."""
+    reductions = [i for i, b in enumerate(kernel.blocks) if "R" in kernel.kinds(b)]
+    if len(reductions) != 1:
+        return None
+    i = reductions[0]
+    block = kernel.blocks[i]
+    if not kernel.is_simple(block) or kernel.kinds(block) != "SSR":
+        return None
+    others = kernel.blocks[:i] + kernel.blocks[i + 1 :]
+    if not all(kernel.is_injective(b) for b in others):
+        return None
+    extents = [extent(kernel.sch, loop) for loop in kernel.sch.get_loops(block)]
+    if None in extents or x_read(kernel, block) is None:
+        return None
+    return Matmul(kernel.blocks[:i], block, kernel.blocks[i + 1 :], extents[0])
+
+
+def x_read(kernel: Kernel, block: SBlockRV) -> int | None:
+    """Index (in the block's reads) of the activations x[m, k] of a matmul block."""
+    m, _, k = (v.var for v in kernel.get(block).iter_vars)
+    for i, read in enumerate(kernel.get(block).reads):
+        mins = [r.min for r in read.region]
+        if len(mins) == 2 and mins[0].same_as(m) and mins[1].same_as(k):
+            return i
+    return None
+
+
+def gemv(kernel: Kernel) -> bool:
+    """One output row: each task reduces whole rows of the weight, vectorized along K.
+
+    The reduction is split into GEMV_CHAINS independent vector accumulators (rfactor),
+    summed at the end of each row; with packed weights a vector covers whole words (see
+    `_lanes`).
+    """
+    match = match_matmul(kernel)
+    if match is None or match.rows != 1:
+        return False
+    sch = kernel.sch
+    for block in match.producers:
+        sch.compute_inline(block)
+    block = match.reduction
+    _, n, k = sch.get_loops(block)
+    lanes = vector_lanes(kernel, block, kernel.get(block).iter_vars[2].var, extent(sch, k))
+    chains = divisor(extent(sch, k) // lanes, GEMV_CHAINS)
+    _, k_chain, k_lane = sch.split(k, [None, chains, lanes])
+    rf = sch.rfactor(sch.fuse(k_chain, k_lane), factor_axis=0)
+    _, n, k_outer, k_inner = sch.get_loops(rf)
+    k_chain, k_lane = sch.split(k_inner, [chains, lanes])
+    sch.unroll(k_chain)
+    sch.vectorize(k_lane)
+    # Sum the chains as vectors first: a scalar sum of all chains * lanes is a long
+    # dependent chain at the end of every row.
+    partial = None
+    if chains > 1:
+        r_chain, r_lane = sch.split(sch.get_loops(block)[-1], [chains, lanes])
+        partial = sch.rfactor(r_lane, factor_axis=0)
+        sch.reverse_compute_at(partial, n)
+        r_lane, r_chain = sch.get_loops(partial)[-2:]
+        sch.reorder(r_chain, r_lane)
+        sch.vectorize(r_lane)
+    sch.reverse_compute_at(block, n)
+    if match.epilogue:
+        sch.reverse_compute_at(inline_chain(kernel, match.epilogue), n)
+    if extent(sch, n) * extent(sch, k_outer) * lanes >= PARALLEL_MIN_ELEMENTS:
+        sch.parallel(n)
+    sch.decompose_reduction(rf, k_outer)
+    if partial is not None:
+        sch.decompose_reduction(partial, r_chain)
+    return True
+
+
+
+def gemm(kernel: Kernel) -> bool:
+    """Many output rows: vectorized along the rows, each weight element read once.
+
+    x is transposed once per call so that a weight element multiplies a contiguous vector
+    of rows; weight stages that do work (dequantization) fill a tile per task, vectorized
+    along K, while plain casts are read in place. GEMM_UNROLL output columns times up to
+    two vectors of rows accumulate in registers over all of K.
+    """
+    match = match_matmul(kernel)
+    if match is None or match.rows == 1:
+        return False
+    sch = kernel.sch
+    block = match.reduction
+    staged = []
+    for producer in match.producers:
+        if is_elementwise(kernel, producer):
+            sch.compute_inline(producer)
+        else:
+            staged.append(producer)
+    x_t = sch.cache_read(block, x_read(kernel, block), "global")
+    sch.transform_layout(x_t, ("write", 0), lambda m, k: (k, m))
+    acc = sch.cache_write(block, 0, "global")
+    sch.transform_layout(block, ("write", 0), lambda m, n: (n, m))
+
+    m, n, k = sch.get_loops(block)
+    cols = divisor(extent(sch, n), GEMM_COLS)
+    unroll = divisor(cols, GEMM_UNROLL)
+    n_task, n_group, n_unroll = sch.split(n, [None, cols // unroll, unroll])
+    m_outer, m_inner = sch.split(m, [None, divisor(match.rows, 2 * kernel.lanes())])
+    sch.reorder(n_task, n_group, m_outer, k, n_unroll, m_inner)
+    sch.vectorize(m_inner)
+    sch.unroll(n_unroll)
+    sch.reverse_compute_at(acc, n_group)
+    if match.epilogue:
+        last = inline_chain(kernel, match.epilogue)
+        sch.reverse_compute_at(last, n_group)
+    for producer in reversed(staged):  # consumers first
+        sch.compute_at(producer, n_task)
+        vectorize_inner(kernel, producer)
+    sch.parallel(n_task)
+    sch.decompose_reduction(block, k)
+    return True
+
+
