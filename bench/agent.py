@@ -16,13 +16,11 @@ import argparse
 import statistics
 import time
 
-import numpy as np
-
 from tapml.api import artifact_for
-from tapml.plan import Plan
-from tapml.targets import load_executor
-from tapml.targets.remote import BACKENDS, open_executor, start_local_agent
-from tapml.weights import load_shards
+from tapml.artifact import Artifact
+from tapml.plan import CausalLM
+from tapml.targets import backend_for, load_executor
+from tapml.targets.remote import open_executor, start_local_agent
 
 
 def seconds(fn, repeat: int) -> float:
@@ -37,25 +35,23 @@ def seconds(fn, repeat: int) -> float:
 
 def decode_step(executor, steps: int) -> float:
     executor.reset_state()
-    token = {"decode.token": np.array([42], "int32")}
-    pos = iter(range(10**6))
-    return seconds(lambda: executor.run("decode", {"pos": next(pos)}, token), steps)
+    task, pos = CausalLM(executor.plan), iter(range(10**6))
+    return seconds(lambda: executor.run(*task.decode(next(pos), 42)), steps)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--target", default="webgpu")
-    parser.add_argument("--quantization", default="q4f32_1")
+    parser.add_argument("--quantization", default=None, help="default: as stored (gguf)")
     parser.add_argument("--steps", type=int, default=16)
     args = parser.parse_args()
 
     artifact = artifact_for(args.model, args.target, args.quantization)
-    plan = Plan.load(artifact / "plan.json")
-    params = load_shards(artifact / "weights")
+    plan, params = Artifact(artifact).plan(), Artifact(artifact).weights()
     local = load_executor(args.target, plan, artifact)
     local.load_params(params)
-    backend = BACKENDS[args.target]
+    backend = backend_for(args.target).name
     with start_local_agent(backend, trust_native_code=backend == "llvm") as url:
         start = time.perf_counter()
         remote = open_executor(url, args.target, plan, artifact)
@@ -65,12 +61,12 @@ def main() -> None:
             upload_s = seconds(lambda: remote.load_params(params), 1)
             cache = plan.names("state")[0]
             download_s = seconds(lambda: remote.download(cache), 5)
-            calls = plan.functions["decode"]["calls"]
-            scalars = {"pos": 1}
-            cheapest = min(range(len(calls)), key=lambda i: remote.time_call("decode", i, scalars))
-            device_s = statistics.median(remote.time_call("decode", cheapest, scalars)
+            function, scalars, _ = CausalLM(plan).decode(1, 42)
+            calls = plan.functions[function]["calls"]
+            cheapest = min(range(len(calls)), key=lambda i: remote.time_call(function, i, scalars))
+            device_s = statistics.median(remote.time_call(function, cheapest, scalars)
                                          for _ in range(20))  # fmt: skip
-            launch_s = seconds(lambda: remote.launch("decode", cheapest, scalars), 200)
+            launch_s = seconds(lambda: remote.launch(function, cheapest, scalars), 200)
             request_s = seconds(remote.device_info, 200)  # a request that touches no device
             local_step = decode_step(local, args.steps)
             remote_step = decode_step(remote, args.steps)

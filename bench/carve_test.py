@@ -1,6 +1,6 @@
 """Carving and testing cost: carve every scenario on llvm, replay the suite on webgpu and opencl.
 
-    .venv/bin/python bench/carve_test.py [--model smollm2-135m] [--quantization q4f32_1]
+    .venv/bin/python bench/carve_test.py [--model smollm2-135m] [--quantization Q]
 
 Compiles first (cached), so the times are carving and replay alone: time to carve all
 scenarios, calls made vs kept, suite size on disk, and time to replay every kept call on each
@@ -25,7 +25,7 @@ from tapml.targets import load_executor
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--quantization", default="q4f32_1")
+    parser.add_argument("--quantization", default=None, help="default: as stored (gguf)")
     parser.add_argument("--targets", nargs="+", default=["webgpu", "opencl"])
     args = parser.parse_args()
     source = ensure_compiled(args.model, "llvm", args.quantization)

@@ -16,8 +16,6 @@ import statistics
 import time
 from collections import defaultdict
 
-import numpy as np
-
 from tapml.api import ensure_compiled
 from tapml.bench import prompt_ids
 from tapml.runtime.engine import Engine
@@ -27,7 +25,7 @@ from tapml.targets.llvm import use_threads
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--quantization", default="q4f32_1")
+    parser.add_argument("--quantization", default=None, help="default: as stored (gguf)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--pos", type=int, default=256, help="context already in the cache")
     parser.add_argument("--function", default="decode", choices=["decode", "prefill"])
@@ -39,21 +37,19 @@ def main() -> None:
     engine = Engine(ensure_compiled(args.model, "llvm", args.quantization))
     engine.reset()
     engine.prefill(prompt_ids(engine.tokenizer, args.pos))
-    scalars = {"pos": engine.pos, "n_valid": engine.chunk}
-    executor, calls = engine.executor, engine.plan.functions[args.function]["calls"]
-    inputs = (
-        {"decode.token": np.array([1], "int32")}
-        if args.function == "decode"
-        else {"prefill.tokens": np.ones(engine.chunk, "int32")}
-    )
+    if args.function == "decode":
+        function, scalars, inputs = engine.task.decode(engine.pos, 1)
+    else:
+        function, scalars, inputs = engine.task.prefill(engine.pos, [1] * engine.chunk)
+    executor, calls = engine.executor, engine.plan.functions[function]["calls"]
 
     steps = []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        executor.run(args.function, scalars, inputs)
+        executor.run(function, scalars, inputs)
         steps.append(time.perf_counter() - start)
     samples = [
-        [executor.time_call(args.function, i, scalars) for i in range(len(calls))]
+        [executor.time_call(function, i, scalars) for i in range(len(calls))]
         for _ in range(args.repeats)
     ]
     per_call = [statistics.median(s) for s in zip(*samples, strict=True)]

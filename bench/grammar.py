@@ -1,6 +1,6 @@
 """Grammar-constrained decoding: per-token mask time per backend, and the slowdown it costs.
 
-    .venv/bin/python bench/grammar.py [--model smollm2-135m] [--quantization q4f32_1]
+    .venv/bin/python bench/grammar.py [--model smollm2-135m] [--quantization Q]
 
 For each JSON schema, the real model answers a chat prompt greedily three ways: unconstrained
 (as many tokens as the longer constrained reply, stop tokens ignored) and under each backend's
@@ -113,7 +113,7 @@ def us(seconds: list[float], q: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--quantization", default="q4f32_1")
+    parser.add_argument("--quantization", default=None, help="default: as stored (gguf)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 

@@ -23,13 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
+from tapml.artifact import Artifact
 from tapml.carving.carve import schedule
 from tapml.carving.offload import Offloader, SplitRun, kernel_order
 from tapml.carving.scenarios import SCENARIOS
 from tapml.carving.workflow import artifacts
+from tapml.plan import CausalLM
 from tapml.runtime.engine import Engine
 from tapml.targets.remote import open_executor, start_local_agent
-from tapml.weights import load_shards
 
 
 def break_kernel(artifact: Path, kernel: str, out: Path) -> Path:
@@ -52,10 +53,10 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[4, 8, 16, 26])
     parser.add_argument("--calls", type=int, default=200, help="launches timed for overhead")
     args = parser.parse_args()
-    source_dir, target_dir = artifacts(args.model, "webgpu", "q4f32_1", progress=False)
+    source_dir, target_dir = artifacts(args.model, "webgpu", None, progress=False)
     source = Engine(source_dir)
     plan, scenario = source.plan, SCENARIOS["chat"]
-    runs = schedule(scenario.prompt_ids(source.tokenizer), scenario, source.chunk)
+    runs = schedule(scenario.prompt_ids(source.tokenizer), scenario, source.task)
     order = kernel_order(plan, "plan")
     with start_local_agent("wgpu") as url, tempfile.TemporaryDirectory() as tmp:
         print(f"{'N':>3} {'bad kernel':<40} {'runs':>4} {'bound':>5} {'wall s':>7} "
@@ -64,7 +65,7 @@ def main() -> None:
             bad = order[n - 1]
             broken = break_kernel(target_dir, bad, Path(tmp) / f"broken{n}")
             with open_executor(url, "webgpu", plan, broken) as target:
-                target.load_params(load_shards(broken / "weights"))
+                target.load_params(Artifact(broken).weights())
                 split = SplitRun(plan, source.executor, target)
                 start = time.perf_counter()
                 result = Offloader(split, runs, order[:n], 2e-3).offload()
@@ -73,15 +74,17 @@ def main() -> None:
             print(f"{n:>3} {bad:<40} {result.runs:>4} {math.ceil(math.log2(n)) + 2:>5} "
                   f"{wall:>7.1f} {wall / result.runs:>6.1f} {split.moves:>6}")
         with open_executor(url, "webgpu", plan, target_dir) as target:
-            target.upload("decode.token", np.array([7], "int32"))
-            index = next(i for i, c in enumerate(plan.functions["decode"]["calls"])
-                         if c["kernel"].startswith("rms_norm"))  # a cheap kernel
+            function, scalars, inputs = CausalLM(plan).decode(0, 7)
+            for name, array in inputs.items():
+                target.upload(name, array)
+            index = next(i for i, c in enumerate(plan.functions[function]["calls"])
+                         if plan.kernel_kinds[c["kernel"]] == "reduction")  # a cheap kernel
             launches = []
             for _ in range(args.calls):
                 start = time.perf_counter()
-                target.launch("decode", index, {"pos": 0})
+                target.launch(function, index, scalars)
                 launches.append(time.perf_counter() - start)
-            device = statistics.median(target.time_call("decode", index, {"pos": 0})
+            device = statistics.median(target.time_call(function, index, scalars)
                                        for _ in range(20))  # fmt: skip
             name = max(plan.names("param"), key=plan.nbytes)
             array = np.zeros(plan.buffers[name]["shape"], plan.buffers[name]["dtype"])

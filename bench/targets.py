@@ -37,10 +37,11 @@ def kernel_times(engine: Engine) -> dict[str, float]:
     """Seconds per kernel name, summed over the calls of one decode step."""
     engine.reset()
     engine.prefill(engine.tokenizer.encode(PROMPT))
-    scalars = {"pos": engine.pos}
+    function, scalars, inputs = engine.task.decode(engine.pos, 1)
+    engine.executor.begin_run(function, scalars, inputs)
     totals: dict[str, float] = defaultdict(float)
-    for index, call in enumerate(engine.plan.functions["decode"]["calls"]):
-        totals[call["kernel"]] += engine.executor.time_call("decode", index, scalars)
+    for index, call in enumerate(engine.plan.functions[function]["calls"]):
+        totals[call["kernel"]] += engine.executor.time_call(function, index, scalars)
     return totals
 
 

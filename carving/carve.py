@@ -15,7 +15,8 @@ import logging
 import re
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import numpy as np
 
 from tapml.errors import SuiteError
 from tapml.fileio import write_atomic
-from tapml.plan import Plan, evaluate
+from tapml.plan import CausalLM, Plan, evaluate
 
 from .scenarios import Scenario
 from .suite import FORMAT, VERSION, ArrayStore, Suite, tolerance
@@ -34,18 +35,38 @@ LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 @dataclass(frozen=True)
 class Run:
-    """One entry-point run of a scenario: its step number, scalars and input tokens."""
+    """One entry-point run of a scenario: its step number, its position, and its prefill
+    chunk's ids (a decode step feeds the last token generated), run as the plan's task
+    says."""
 
     step: int
-    function: str
-    scalars: dict[str, int]
-    tokens: np.ndarray | None  # prefill's padded chunk; decode feeds the last greedy token
+    task: CausalLM = field(repr=False)
+    pos: int
+    ids: tuple[int, ...] | None
+
+    @property
+    def decodes(self) -> bool:
+        return self.ids is None
+
+    @cached_property
+    def _call(self) -> tuple[str, dict[str, int], dict[str, np.ndarray]]:
+        if self.decodes:
+            return self.task.decode(self.pos, 0)
+        return self.task.prefill(self.pos, list(self.ids))
+
+    @property
+    def function(self) -> str:
+        return self._call[0]
+
+    @property
+    def scalars(self) -> dict[str, int]:
+        return self._call[1]
 
     def inputs(self, token: int | None = None) -> dict[str, np.ndarray]:
         """The run's input: its prefill chunk, or `token` for a decode step."""
-        if self.tokens is not None:
-            return {"prefill.tokens": self.tokens}
-        return {"decode.token": np.array([token], "int32")}
+        if self.decodes:
+            return self.task.decode(self.pos, token)[2]
+        return self._call[2]
 
 
 @dataclass(frozen=True)
@@ -60,16 +81,13 @@ class Event:
     layer: int | None
 
 
-def schedule(prompt_ids: list[int], scenario: Scenario, chunk: int) -> list[Run]:
+def schedule(prompt_ids: list[int], scenario: Scenario, task: CausalLM) -> list[Run]:
     """The runs of a scenario: prefill chunks (the last one padded), then decode steps."""
     runs = []
-    for start in range(0, len(prompt_ids), chunk):
-        part = prompt_ids[start : start + chunk]
-        tokens = np.zeros(chunk, "int32")
-        tokens[: len(part)] = part
-        runs.append(Run(len(runs), "prefill", {"pos": start, "n_valid": len(part)}, tokens))
+    for start in range(0, len(prompt_ids), task.chunk):
+        runs.append(Run(len(runs), task, start, tuple(prompt_ids[start : start + task.chunk])))
     for i in range(scenario.decode_steps):
-        runs.append(Run(len(runs), "decode", {"pos": len(prompt_ids) + i}, None))
+        runs.append(Run(len(runs), task, len(prompt_ids) + i, None))
     return runs
 
 
@@ -136,13 +154,13 @@ class Carver:
                 f"{scenario.decode_steps} decode steps do not fit the compiled context of "
                 f"{engine.max_context}"
             )
-        runs = schedule(ids, scenario, engine.chunk)
+        runs = schedule(ids, scenario, engine.task)
         keep, counts = select(engine.plan, runs, self.limit)
         engine.reset()
         calls, seen, generated = [], set(), []
         logits = None
         for run in runs:
-            if run.function == "decode":
+            if run.decodes:
                 generated.append(int(np.argmax(logits)))
             inputs = run.inputs(generated[-1] if generated else None)
             logits = self._run(scenario, run, inputs, keep, calls, seen)[0]
@@ -227,7 +245,7 @@ def carve(
     """
     from tqdm import tqdm
 
-    from tapml.compiler import describe
+    from tapml.artifact import Artifact, describe
     from tapml.runtime.engine import Engine
 
     out = Path(out)
@@ -244,13 +262,13 @@ def carve(
     if todo:
         engine = Engine(artifact)
         carver = Carver(engine, ArrayStore(out / "arrays"), max_calls)
-        total = sum(len(schedule(s.prompt_ids(engine.tokenizer), s, engine.chunk)) for s in todo)
+        total = sum(len(schedule(s.prompt_ids(engine.tokenizer), s, engine.task)) for s in todo)
         with tqdm(total=total, desc="carving", unit="run", disable=not progress) as bar:
             for s in todo:
                 bar.set_postfix_str(s.name)
                 done[s.name] = carver.scenario(s, bar)
                 write_atomic(_scenario_path(out, s.name), json.dumps(done[s.name]).encode())
-    plan_model = Plan.load(Path(artifact) / "plan.json").model
+    plan_model = Artifact(artifact).plan().model
     suite = Suite(out, {"format": FORMAT, "version": VERSION, **settings,
                         "plan_model": plan_model, **_merge(list(done.values()))})
     suite.save()

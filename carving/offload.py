@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -25,7 +24,7 @@ import numpy as np
 
 from tapml.errors import TapmlError
 from tapml.fileio import write_atomic
-from tapml.plan import Plan
+from tapml.plan import KERNEL_KINDS, Plan
 
 from .carve import Run
 
@@ -33,8 +32,6 @@ log = logging.getLogger("tapml")
 FORMAT, VERSION = "tapml-offload", 1
 # max |logit - source logit| / max |source logit| over every run of an evaluation
 TOLERANCES = {"float32": 2e-3, "float16": 2e-2}
-# --order kind: kernels grouped by what they do, the simplest first
-KINDS = ("take", "norm", "rope", "kv_write", "attention", "silu", "last_valid_row", "matmul")
 SOURCE, TARGET = "source", "target"
 
 
@@ -128,8 +125,7 @@ def kernel_order(plan: Plan, order: str) -> list[str]:
         raise TapmlError(f"unknown offload order {order!r}; choose plan or kind")
 
     def kind(kernel: str) -> int:
-        base = re.sub(r"\d+", "", kernel)
-        return next((i for i, k in enumerate(KINDS) if k in base), len(KINDS))
+        return KERNEL_KINDS.index(plan.kernel_kinds[kernel])
 
     return sorted(kernels, key=lambda k: (kind(k), kernels.index(k)))
 
@@ -142,7 +138,7 @@ def forward(split: SplitRun, runs: list[Run], offloaded: frozenset[str],
     logits: list[np.ndarray] = []
     fed: list[int] = []
     for run in runs:
-        if run.function == "decode":
+        if run.decodes:
             fed.append(tokens[len(fed)] if tokens is not None else int(np.argmax(logits[-1])))
         inputs = run.inputs(fed[-1] if fed else None)
         logits.append(split.run(run.function, run.scalars, inputs, offloaded)[0])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -201,3 +202,15 @@ def _suite_info(suite: Suite) -> dict[str, Any]:
     return {"path": str(suite.root), "model": m["model"], "quantization": m["quantization"],
             "source": m["source"], "scenarios": [s["name"] for s in m["scenarios"]],
             "calls": len(m["calls"]), "kernels": len(m["kernels"])}  # fmt: skip
+
+
+def compiled_for(suite: Suite, target: str, progress: bool = True) -> Path:
+    """The suite's model compiled for `target` with the suite's settings (cached)."""
+    from tapml.api import ensure_compiled
+
+    m = suite.manifest
+    options = m["options"]
+    # the source's own CPU options must match for a bit-exact replay; other targets' defaults
+    same = options["target_options"] if target == m["source"] else None
+    return ensure_compiled(m["model"], target, m["quantization"], options["max_context"],
+                           options["chunk"], same, progress, options["kv_cache"])  # fmt: skip

@@ -14,9 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tapml.artifact import Artifact
 from tapml.errors import TapmlError
-from tapml.plan import Plan
-from tapml.quantization import DEFAULT
 
 from .carve import carve, schedule
 from .offload import (
@@ -40,9 +39,10 @@ def device_for(target: str, url: str | None) -> Iterator[str]:
     if url is not None:
         yield url
         return
-    from tapml.targets.remote import BACKENDS, start_local_agent
+    from tapml.targets import backend_for
+    from tapml.targets.remote import start_local_agent
 
-    backend = BACKENDS[target]
+    backend = backend_for(target).name
     log.info("starting a local device agent (%s backend)", backend)
     with start_local_agent(backend, trust_native_code=backend == "llvm") as local:
         yield local
@@ -52,26 +52,24 @@ def artifacts(model: str, target: str, quantization: str | None, source: str = "
               bundle: Path | None = None, progress: bool = True) -> tuple[Path, Path]:  # fmt: skip
     """The source's and the target's compiled artifacts of `model` (the same quantization)."""
     from tapml.api import artifact_for, ensure_compiled
-    from tapml.compiler import describe
-    from tapml.targets import get_target
+    from tapml.compiler import CompileOptions
 
     kv_cache = None
     if bundle is not None:
-        options = describe(bundle)["options"]
+        options = Artifact(bundle).options
         if options["target"] != target:
             raise TapmlError(f"{bundle} holds {options['target']} kernels, not {target}")
         quantization = quantization or options["quantization"]
-        kv_cache = options.get("kv_cache")
-    quantization = quantization or DEFAULT
+        kv_cache = options["kv_cache"]
     # the source runs the target's plan, KV cache dtype included
-    kv_cache = kv_cache or get_target(target).kv_cache(quantization)
+    kv_cache = kv_cache or CompileOptions.resolve(target, quantization).kv_cache
     source_dir = artifact_for(model, source, quantization, progress=progress, kv_cache=kv_cache)
-    options = describe(source_dir)["options"]
+    options = Artifact(source_dir).options
     target_dir = bundle or ensure_compiled(model, target, quantization, options["max_context"],
                                            options["chunk"], progress=progress,
                                            kv_cache=kv_cache)  # fmt: skip
-    source_plan = Plan.load(source_dir / "plan.json")
-    target_plan = Plan.load(Path(target_dir) / "plan.json")
+    source_plan = Artifact(source_dir).plan()
+    target_plan = Artifact(target_dir).plan()
     if source_plan.functions != target_plan.functions:
         raise TapmlError(f"{target_dir} was compiled from another plan than {source_dir}; "
                          "compile both from the same model, quantization and options")
@@ -101,7 +99,6 @@ def offload_model(
     """
     from tapml.runtime.engine import Engine
     from tapml.targets.remote import open_executor
-    from tapml.weights import load_shards
 
     from . import report as reports
 
@@ -113,11 +110,11 @@ def offload_model(
         if target_executor is None:
             target_executor = stack.enter_context(
                 open_executor(device_url, target, plan, target_dir))
-            target_executor.load_params(load_shards(target_dir / "weights"))
-        runs = schedule(scenario.prompt_ids(source.tokenizer), scenario, source.chunk)
+            target_executor.load_params(Artifact(target_dir).weights())
+        runs = schedule(scenario.prompt_ids(source.tokenizer), scenario, source.task)
         order_list = kernel_order(plan, order)
         tolerance = TOLERANCES[plan.model.get("dtype", "float32")]
-        spec_kernels = _kernels_file(target_dir, target)
+        spec_kernels = Artifact(target_dir).kernels_file(target)
         key = state_key(str(source_dir), file_digest(spec_kernels), target, order_list,
                         scenario.to_dict(), tolerance)  # fmt: skip
         offloader = Offloader(SplitRun(plan, source.executor, target_executor), runs,
@@ -146,12 +143,6 @@ def offload_model(
             report["completion"] = _complete(engine, scenario)
     reports.write_offload(report, Path(out))
     return report
-
-
-def _kernels_file(artifact: Path, target: str) -> Path:
-    from tapml.targets import get_target
-
-    return Path(artifact) / get_target(target).kernels
 
 
 def _complete(engine: Any, scenario: Scenario) -> str:
@@ -209,7 +200,6 @@ def migrate_model(
     `out/offload` and the combined `out/report.json` / `report.html`.
     """
     from tapml.targets.remote import open_executor
-    from tapml.weights import load_shards
 
     from . import report as reports
     from .replay import replay
@@ -226,9 +216,9 @@ def migrate_model(
                         str(url), progress=progress)  # fmt: skip
         reports.write(tested, out / "suite" / "reports" / target)
         log.info("step 4/4: offloading kernel by kernel, then running on %s alone", target)
-        plan = Plan.load(target_dir / "plan.json")
+        plan = Artifact(target_dir).plan()
         with open_executor(url, target, plan, target_dir) as executor:
-            executor.load_params(load_shards(target_dir / "weights"))
+            executor.load_params(Artifact(target_dir).weights())
             offload = offload_model(model, target, str(url), scenarios[0], out / "offload",
                                     order=order, suite_dir=out / "suite", progress=progress,
                                     target_executor=executor,

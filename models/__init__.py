@@ -1,4 +1,6 @@
-"""The model zoo: model cards, and where each model's weights come from."""
+"""The model zoo: architectures (one folder each, see architecture.py) and model cards (a
+model tapml knows by name, and where its weights come from). These two registries are the
+only places that list them."""
 
 from __future__ import annotations
 
@@ -7,6 +9,31 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tapml.errors import ModelNotFound
+
+from . import llama
+from .architecture import Architecture
+
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (llama.ARCHITECTURE,)}
+
+
+def get_architecture(name: str) -> Architecture:
+    if name not in ARCHITECTURES:
+        raise ModelNotFound(
+            f"unknown architecture {name!r}; tapml has: {', '.join(ARCHITECTURES)}"
+        )
+    return ARCHITECTURES[name]
+
+
+def gguf_architecture(gguf_name: str, where: str = "this GGUF") -> Architecture:
+    """The architecture that reads GGUF files of `general.architecture` = `gguf_name`."""
+    for arch in ARCHITECTURES.values():
+        if gguf_name in arch.gguf_names:
+            return arch
+    known = ", ".join(n for a in ARCHITECTURES.values() for n in a.gguf_names)
+    raise ModelNotFound(
+        f"{where} is a {gguf_name!r} model, an architecture tapml does not have (it reads "
+        f"{known})"
+    )
 
 
 @dataclass(frozen=True)
@@ -66,5 +93,5 @@ def resolve_gguf(model: str) -> tuple[str, Path]:
         return path.stem, path
     raise ModelNotFound(
         f"unknown model {model!r}; known models: {', '.join(sorted(MODELS))} "
-        "(or pass the path of a llama-architecture .gguf file)"
+        f"(or pass the path of a .gguf file of one of the architectures {', '.join(ARCHITECTURES)})"
     )

@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from tapml.compiler import describe
+from tapml.artifact import Artifact
 from tapml.errors import GenerationError
-from tapml.plan import Plan
-from tapml.tokenizer import StreamDecoder, Tokenizer
+from tapml.plan import CausalLM
+from tapml.tokenizer import StreamDecoder
 
 from .constraint import Constraint
 from .sampling import Sampler, SamplingParams
@@ -44,18 +44,18 @@ class Engine:
         """`executor`: one that already holds this artifact's kernels and weights (a remote
         device's, say); by default the artifact's target executor here, weights loaded."""
         from tapml.targets import load_executor
-        from tapml.weights import load_shards
 
-        self.artifact = Path(artifact)
-        self.config = describe(self.artifact)
-        options = self.config["options"]
-        self.target = options["target"]
-        self.max_context, self.chunk = options["max_context"], options["chunk"]
-        self.plan = Plan.load(self.artifact / "plan.json")
-        self.tokenizer = Tokenizer.load(self.artifact / "tokenizer")
+        artifact = Artifact(artifact)
+        self.artifact = artifact.path
+        self.config = artifact.config
+        self.target = artifact.target
+        self.plan = artifact.plan()
+        self.task = CausalLM(self.plan)
+        self.max_context, self.chunk = self.task.max_context, self.task.chunk
+        self.tokenizer = artifact.tokenizer()
         if executor is None:
-            executor = load_executor(self.target, self.plan, self.artifact)
-            executor.load_params(load_shards(self.artifact / "weights", verify=verify_weights))
+            executor = load_executor(self.target, self.plan, artifact.path)
+            executor.load_params(artifact.weights(verify=verify_weights))
         self.executor = executor
         self.pos = 0
         self.stats = Stats()
@@ -74,18 +74,14 @@ class Engine:
         logits = None
         for start in range(0, len(ids), self.chunk):
             part = list(ids[start : start + self.chunk])
-            tokens = np.zeros(self.chunk, "int32")
-            tokens[: len(part)] = part
-            scalars = {"pos": self.pos, "n_valid": len(part)}
-            logits = self.executor.run("prefill", scalars, {"prefill.tokens": tokens})
+            logits = self.executor.run(*self.task.prefill(self.pos, part))
             self.pos += len(part)
         return logits[0]
 
     def decode(self, token: int) -> np.ndarray:
         """Feed one token at the current position; returns the next token's logits."""
         self._check_room(1)
-        token_input = {"decode.token": np.array([token], "int32")}
-        logits = self.executor.run("decode", {"pos": self.pos}, token_input)
+        logits = self.executor.run(*self.task.decode(self.pos, token))
         self.pos += 1
         return logits[0]
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .compiler import CONFIG_FILE, CompileOptions, compile_model
+from .artifact import Artifact
+from .compiler import CompileOptions, compile_model
 
 log = logging.getLogger("tapml")
 
@@ -40,7 +41,7 @@ def artifact_for(
     kv_cache: str | None = None,
 ) -> Path:
     """`model` itself if it is a compiled artifact directory, else its cached build."""
-    if (Path(model) / CONFIG_FILE).is_file():
+    if Artifact.is_artifact(model):
         return Path(model)
     return ensure_compiled(
         model, target, quantization, max_context, chunk, target_options, progress, kv_cache
@@ -58,32 +59,26 @@ def ensure_compiled(
     kv_cache: str | None = None,
 ) -> Path:
     """The cached artifact for these settings, compiling it first if the cache lacks it."""
-    from tapml.cache import entry_dir, entry_lock
     from tapml.models import resolve_gguf
 
     name, gguf_path = resolve_gguf(model)
-    options = CompileOptions(
-        target=target,
-        quantization=quantization,
-        target_options=dict(target_options or {}),
-        kv_cache=kv_cache,
-        **{k: v for k, v in {"max_context": max_context, "chunk": chunk}.items() if v},
-    ).resolved()
+    options = CompileOptions.resolve(target, quantization, max_context, chunk, target_options,
+                                     kv_cache)  # fmt: skip
+    return compiled(name, gguf_path, options, progress)
+
+
+def compiled(name: str, gguf_path: Path, options: CompileOptions, progress: bool = True) -> Path:
+    """The cached artifact of `gguf_path` (shown as `name`) for `options`, compiled first if
+    the cache lacks it."""
+    from tapml.cache import entry_dir, entry_lock
+
     artifact = entry_dir(name, gguf_path, options)
     with entry_lock(artifact):  # another process may be compiling the same entry
-        if _complete(artifact, target):
+        if Artifact(artifact).complete(options.target):
             log.info("using the cached build %s", artifact)
             return artifact
         if artifact.exists():
             log.warning("the cached build %s is incomplete: compiling it again", artifact)
-        log.info("compiling %s for %s (%s); cached in %s", name, target, options.quantization,
-                 artifact)  # fmt: skip
+        log.info("compiling %s for %s (%s); cached in %s", name, options.target,
+                 options.quantization, artifact)  # fmt: skip
         return compile_model(gguf_path, artifact, options, progress=progress)
-
-
-def _complete(artifact: Path, target: str) -> bool:
-    from tapml.targets import get_target
-
-    needed = [CONFIG_FILE, "plan.json", "weights/index.json", "tokenizer/tokenizer.json",
-              get_target(target).kernels]  # fmt: skip
-    return all((artifact / name).is_file() for name in needed)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from tapml.compiler import describe
+from tapml.artifact import describe
 from tapml.convert import bits_per_parameter
 from tapml.errors import GenerationError, TapmlError
 from tapml.plan import Plan
@@ -42,9 +42,10 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
 
 def decode_param_bytes(plan: Plan) -> int:
     """Bytes of the parameters the plan's decode function reads (each buffer counted once)."""
+    decode = plan.task["decode"]["function"]
     used = {
         plan.root(arg["buffer"])
-        for call in plan.functions["decode"]["calls"]
+        for call in plan.functions[decode]["calls"]
         for arg in call["args"]
         if "buffer" in arg
     }
@@ -130,10 +131,10 @@ def busy_cores(seconds: float = 0.25) -> float | None:
 
 def source_gguf(model: str) -> Path:
     """The GGUF file behind `model`: a model name, a .gguf path or a compiled artifact."""
-    from tapml.compiler import CONFIG_FILE, describe
+    from tapml.artifact import Artifact, describe
     from tapml.models import MODELS, resolve_gguf
 
-    if not (Path(model) / CONFIG_FILE).is_file():
+    if not Artifact.is_artifact(model):
         return resolve_gguf(model)[1]
     source = describe(Path(model))["model"]["source"]
     for card in MODELS.values():

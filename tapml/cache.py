@@ -13,7 +13,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import __version__
-from .compiler import CONFIG_FILE, CompileOptions
+from .artifact import Artifact
+from .compiler import CompileOptions
 
 
 def cache_root() -> Path:
@@ -56,7 +57,7 @@ def cache_key(gguf_path: Path, options: CompileOptions) -> str:
 
     inputs = {
         "weights": file_sha256(gguf_path),
-        "options": asdict(options.resolved()),
+        "options": asdict(options),
         "tapml": __version__,
         "tapml_source": _source_digest(),
         "tvm": tvm.__version__,
@@ -65,7 +66,6 @@ def cache_key(gguf_path: Path, options: CompileOptions) -> str:
 
 
 def entry_dir(name: str, gguf_path: Path, options: CompileOptions) -> Path:
-    options = options.resolved()
     key = cache_key(gguf_path, options)[:16]
     return cache_root() / f"{name}-{options.quantization}-{options.target}-{key}"
 
@@ -92,7 +92,7 @@ def entries() -> list[tuple[Path, int]]:
         return []
     found = []
     for d in sorted(root.iterdir()):
-        if (d / CONFIG_FILE).is_file():
+        if Artifact.is_artifact(d):
             found.append((d, sum(f.stat().st_size for f in d.rglob("*") if f.is_file())))
     return found
 

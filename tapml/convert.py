@@ -1,9 +1,9 @@
 """A model's weights, from its source file into the formats its plan reads.
 
-An architecture's weight map names, for each of tapml's weights (planes left out), the
-source tensors it is made of, stacked by rows. Matrices (2-D) are stored in the format the
-quantization scheme gives each part (`Quantization.formats`); vectors (norms) in the
-activations' dtype.
+An architecture's weight map (`tapml.models.architecture.WeightMap`) names, for each of
+tapml's weights, the source tensors it is made of, stacked by rows. Matrices are stored in
+the format the quantization scheme gives each part (`Quantization.formats`); vectors (norms,
+biases) in the activations' dtype.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 from .errors import WeightsError
 from .formats import WeightFormat
 from .gguf import GGUFFile
+from .models.architecture import WeightMap
 from .quantization import Quantization, format_names, part_prefixes
 from .source import SourceTensor
 
@@ -34,19 +35,23 @@ def gguf_sources(gguf: GGUFFile, weight_map: Mapping[str, Sequence[str]]) -> Sou
     return {ours: [gguf.source(t) for t in parts] for ours, parts in weight_map.items()}
 
 
-def stored_types(sources: Sources) -> dict[str, tuple[str, ...]]:
+def stored_types(matrices: Sources) -> dict[str, tuple[str, ...]]:
     """Per matrix: the stored type of each part (what `Quantization.formats` resolves)."""
-    return {name: tuple(p.stored for p in parts)
-            for name, parts in sources.items() if len(parts[0].shape) == 2}  # fmt: skip
+    return {name: tuple(p.stored for p in parts) for name, parts in matrices.items()}
 
 
-def float_weights(sources: Sources) -> dict[str, np.ndarray]:
-    """`{name}.weight` -> the weight as float32 (parts stacked): what the reference reads."""
-    return {f"{name}.weight": _stacked(name, parts).float32() for name, parts in sources.items()}
+def float_weights(sources: Sources, weight_map: WeightMap) -> dict[str, np.ndarray]:
+    """Every weight as float32 (parts stacked), matrices as `{name}.weight`: what the
+    architecture's reference forward pass reads."""
+    out = {f"{name}.weight": _stacked(name, sources[name]).float32()
+           for name in weight_map.matrices}  # fmt: skip
+    out.update({name: _stacked(name, sources[name]).float32() for name in weight_map.vectors})
+    return out
 
 
 def convert(
     sources: Sources,
+    weight_map: WeightMap,
     quant: Quantization,
     formats: Mapping[str, Sequence[WeightFormat]],
     importance: Mapping[str, np.ndarray] | None = None,
@@ -55,10 +60,10 @@ def convert(
 
     `importance` (`{name}.weight` -> per-input-channel weights) steers tapml's own 4-bit scales.
     """
-    for name, parts in sources.items():
-        if name not in formats:  # a vector
-            yield f"{name}.weight", _stacked(name, parts).float32().astype(quant.dtype)
-            continue
+    for name in weight_map.vectors:
+        yield name, _stacked(name, sources[name]).float32().astype(quant.dtype)
+    for name in weight_map.matrices:
+        parts = sources[name]
         fmts = formats[name]
         prefixes = part_prefixes(name, fmts)
         groups = [parts] if len(prefixes) == 1 else [[p] for p in parts]

@@ -179,6 +179,10 @@ class WeightFormat:
         """plane name -> (shape, dtype) of the arrays a weight of `shape` is stored in."""
         raise NotImplementedError
 
+    def plane_names(self) -> tuple[str, ...]:
+        """The names of the planes, whatever the shape."""
+        raise NotImplementedError
+
     def affine(self, t: Mapping[str, Any]) -> Affine:
         """The formula over the planes' TE tensors `t` (quantized formats)."""
         raise NotImplementedError(f"{self.name} has no affine formula")
@@ -213,6 +217,9 @@ class Float(WeightFormat):
 
     def planes(self, shape):
         return {"weight": (tuple(shape), self.dtype)}
+
+    def plane_names(self):
+        return ("weight",)
 
     def weight(self, t):
         return lambda *i: t["weight"][i].astype(F32)
@@ -258,6 +265,9 @@ class GroupQ4(WeightFormat):
     def planes(self, shape):
         n, k = check_matrix(self, shape, self.group)
         return {"q_weight": ((n, k // 8), U32), "q_scale": ((n, k // self.group), self.dtype)}
+
+    def plane_names(self):
+        return ("q_weight", "q_scale")
 
     def affine(self, t):
         return Affine(t["q_weight"], self.bits, None, 0, self.group,

@@ -60,6 +60,9 @@ class GGUFBlocks(WeightFormat):
         planes.update(self._scale_planes(n, k // self.block))
         return planes
 
+    def plane_names(self):
+        return ("q_weight", *(("q_high",) if self.high_bits else ()), *self._scale_planes(1, 1))
+
     def encode(self, source, importance=None):
         if source.stored != self.ggml:
             raise TapmlError(f"{source.name} is stored as {source.stored}, not {self.ggml}")
@@ -297,6 +300,9 @@ class F16(WeightFormat):
     def planes(self, shape):
         n, k = check_matrix(self, shape, 2)
         return {"q_halves": ((n, k // 2), U32)}
+
+    def plane_names(self):
+        return ("q_halves",)
 
     def weight(self, t):
         return lambda n, k: half(t["q_halves"], n, k)

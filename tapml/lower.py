@@ -10,10 +10,8 @@ from tvm import relax
 from .errors import CompileError
 from .plan import Plan
 
-ENTRY_POINTS = ("decode", "prefill")
 
-
-def fuse(mod: tvm.IRModule) -> tvm.IRModule:
+def fuse(mod: tvm.IRModule, entry_points: list[str]) -> tvm.IRModule:
     """The target-independent Relax pipeline: every op becomes a call to a fused PrimFunc.
 
     It stops before the VM-specific passes, so each entry point is still a straight line of
@@ -26,7 +24,7 @@ def fuse(mod: tvm.IRModule) -> tvm.IRModule:
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),
             relax.transform.FuseTIR(),
-            relax.transform.DeadCodeElimination(list(ENTRY_POINTS)),
+            relax.transform.DeadCodeElimination(list(entry_points)),
             relax.transform.RewriteDataflowReshape(),
         ]
     )(mod)
@@ -179,17 +177,71 @@ class _Extractor:
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
-def extract_plan(
-    mod: tvm.IRModule, param_names: list[str], state_names: list[str], model: dict[str, Any]
-) -> Plan:
-    """Read the plan off a fused module (see `fuse`), then place temporaries in storages."""
+def extract_plan(mod: tvm.IRModule, param_names: list[str], state_names: list[str],
+                 model: dict[str, Any], task: dict[str, Any]) -> Plan:  # fmt: skip
+    """Read the plan off a fused module (see `fuse`), then place temporaries in storages.
+
+    `task` says how a runtime drives the entry points (docs/formats.md): each entry point it
+    names becomes a function of the plan, with the scalar requirements the task gives it.
+    """
     ex = _Extractor(param_names, state_names)
-    for fname in ENTRY_POINTS:
+    task = dict(task)
+    for role in [r for r, entry in task.items() if isinstance(entry, dict)]:
+        entry = dict(task[role])
+        fname = entry["function"]
         ex.function(fname, mod[fname])
-    plan = Plan(ex.buffers, {}, ex.functions, model)
+        ex.functions[fname]["requires"] = entry.pop("requires", [])
+        task[role] = entry
+    kinds = {name: kernel_kind(func) for name, func in kernel_functions(mod).items()}
+    used = {call["kernel"] for f in ex.functions.values() for call in f["calls"]}
+    plan = Plan(ex.buffers, {}, ex.functions, model, task,
+                {k: kind for k, kind in kinds.items() if k in used})  # fmt: skip
     plan.storages = _plan_memory(plan)
     plan.validate()
     return plan
+
+
+def kernel_kind(func: tvm.tirx.PrimFunc) -> str:
+    """What a kernel does (one of `tapml.plan.KERNEL_KINDS`), told from its blocks rather than
+    its name: "opaque" (a block with code of its own, e.g. attention), "lookup" (a read at an index
+    read from another buffer: an embedding), "matmul" (a reduction of products of two
+    buffers' elements), "reduction" (other reductions: norms) or "elementwise"."""
+    import tvm_ffi
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    blocks = [sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    if any(not isinstance(b.body, tvm.tirx.BufferStore) for b in blocks):
+        return "opaque"
+    gathers = []
+
+    def visit(load):
+        for index in load.indices:
+            tvm_ffi.structural_walk(index, (tvm.ir.expr.TensorLoad, gathers.append))
+
+    tvm_ffi.structural_walk(func.body, (tvm.ir.expr.TensorLoad, visit))
+    if gathers:
+        return "lookup"
+    reduce = tvm.tirx.IterVar.CommReduce
+    reductions = [b for b in blocks if any(int(v.iter_type) == reduce for v in b.iter_vars)]
+    if not reductions:
+        return "elementwise"
+    return "matmul" if any(_sums_products(b) for b in reductions) else "reduction"
+
+
+def _sums_products(block) -> bool:
+    """Whether a reduction block adds products of elements of two different buffers."""
+    import tvm_ffi
+
+    products = []
+
+    def visit(mul):
+        loads = []
+        tvm_ffi.structural_walk(mul, (tvm.ir.expr.TensorLoad, loads.append))
+        products.append(len({load.source.name for load in loads}) >= 2)
+
+    tvm_ffi.structural_walk(block.body.value, (tvm.tirx.Mul, visit))
+    return any(products) and len(block.reads) >= 2
 
 
 def _plan_memory(plan: Plan) -> dict[str, int]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .artifact import Artifact
 from .errors import BundleError
 from .fileio import read_document, write_atomic
 
@@ -29,8 +30,6 @@ MANIFEST = "bundle.json"
 FORMAT, VERSION = "tapml-bundle", 1
 # what `tapml package --target` offers, and the compile target whose kernels each one ships
 PLATFORMS = {"webgpu": "webgpu", "android": "opencl"}
-ARTIFACT_FILES = ("tapml-config.json", "plan.json")
-ARTIFACT_DIRS = ("weights", "tokenizer")
 # npm packages the web runtime imports: bundle file name -> (package, file inside it)
 VENDOR = {
     "web-tokenizers.js": ("@mlc-ai/web-tokenizers", "lib/index.js"),
@@ -74,7 +73,6 @@ def package(
     existing `output` is replaced only when it is a bundle itself.
     """
     from tapml.api import artifact_for
-    from tapml.compiler import describe
 
     if platform not in PLATFORMS:
         raise BundleError(f"unknown platform {platform!r}; choose one of: {', '.join(PLATFORMS)}")
@@ -83,34 +81,32 @@ def package(
     if output.exists() and not (output / MANIFEST).is_file() and any(output.iterdir()):
         raise BundleError(f"{output} exists and is not a bundle; choose another -o directory")
     vendor = _vendor_files() if platform == "webgpu" else {}  # fail before compiling
-    artifact = artifact_for(model, target, quantization, max_context, chunk, progress=progress)
-    config = describe(artifact)
-    options = config["options"]
+    artifact = Artifact(artifact_for(model, target, quantization, max_context, chunk,
+                                     progress=progress))  # fmt: skip
+    config, options = artifact.config, artifact.options
     if options["target"] != target:
         raise BundleError(
-            f"{artifact} was compiled for {options['target']}; a {platform} bundle needs "
+            f"{artifact.path} was compiled for {options['target']}; a {platform} bundle needs "
             f"{target} kernels: pass the model's name or compile it with --target {target}"
         )
     if quantization and options["quantization"] != quantization:
         raise BundleError(
-            f"{artifact} holds {options['quantization']} weights, not {quantization}: pass the "
-            "model's name to compile it anew"
+            f"{artifact.path} holds {options['quantization']} weights, not {quantization}: pass "
+            "the model's name to compile it anew"
         )
 
     work = output.with_name(output.name + ".partial")
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    from tapml.targets import get_target
-
-    sources = _artifact_files(artifact, get_target(target).kernels)
+    sources = _artifact_files(artifact, target)
     if platform == "webgpu":
         sources += [(f"runtime/{p.name}", p) for p in _runtime_sources()]
         sources += [(f"runtime/vendor/{name}", path) for name, (path, _) in vendor.items()]
         sources.append(("index.html", runtime_web_dir() / "index.html"))
     files = _copy_all(sources, work, progress)
     name = config["model"].get("source", "")
-    if artifact != Path(model):  # a model name or a GGUF, not an artifact directory
+    if artifact.path != Path(model):  # a model name or a GGUF, not an artifact directory
         from tapml.models import resolve_gguf
 
         name = resolve_gguf(model)[0]
@@ -127,16 +123,15 @@ def package(
     return Packaged(output, manifest)
 
 
-def _artifact_files(artifact: Path, kernels: str) -> list[tuple[str, Path]]:
-    names = [*ARTIFACT_FILES, kernels]
-    for name in names:
-        if not (artifact / name).is_file():
-            raise BundleError(f"{artifact} has no {name}: compile the model again")
-    found = [(name, artifact / name) for name in names]
-    for directory in ARTIFACT_DIRS:
-        paths = sorted(p for p in (artifact / directory).rglob("*") if p.is_file())
-        found += [(p.relative_to(artifact).as_posix(), p) for p in paths]
-    return found
+def _artifact_files(artifact: Artifact, target: str) -> list[tuple[str, Path]]:
+    """(path in the bundle, file) of everything a compiled artifact for `target` holds."""
+    for path in artifact.files(target):
+        if not path.is_file():
+            raise BundleError(f"{artifact.path} has no {path.name}: compile the model again")
+    paths = [artifact.config_file, artifact.plan_file, artifact.kernels_file(target)]
+    for directory in (artifact.weights_dir, artifact.tokenizer_dir):
+        paths += sorted(p for p in directory.rglob("*") if p.is_file())
+    return [(p.relative_to(artifact.path).as_posix(), p) for p in paths]
 
 
 def _runtime_sources() -> list[Path]:
@@ -188,21 +183,19 @@ def _copy_hashed(source: Path, destination: Path, name: str, advance) -> dict[st
     return {"path": name, "nbytes": nbytes, "sha256": sha.hexdigest()}
 
 
-def _manifest(config: dict, platform: str, name: str, artifact: Path, files: list[dict],
+def _manifest(config: dict, platform: str, name: str, artifact: Artifact, files: list[dict],
               vendor: dict) -> dict[str, Any]:  # fmt: skip
-    from tapml.plan import Plan
     from tapml.targets import get_target
-    from tapml.tokenizer import Tokenizer
 
     options = config["options"]
-    plan = Plan.load(artifact / "plan.json")
+    plan = artifact.plan()
     spec = get_target(options["target"])
     if platform == "webgpu":
         from tapml.targets.records import load_records
 
-        requirements = webgpu_requirements(plan, load_records(artifact / spec.kernels), spec)
+        requirements = webgpu_requirements(plan, load_records(artifact.kernels_file()), spec)
     else:
-        requirements = opencl_requirements(plan, artifact / spec.kernels)
+        requirements = opencl_requirements(plan, artifact.kernels_file())
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -216,7 +209,7 @@ def _manifest(config: dict, platform: str, name: str, artifact: Path, files: lis
         "max_context": options["max_context"],
         "chunk": options["chunk"],
         "requirements": requirements,
-        "chat": chat_format(Tokenizer.load(artifact / "tokenizer")),
+        "chat": chat_format(artifact.tokenizer()),
         "third_party": [meta for _, meta in vendor.values()],
         "files": files,
     }
@@ -373,7 +366,8 @@ def verify(directory: Path, progress: bool = False) -> list[str]:
         for f in present:
             if _sha256(directory / f["path"], bar.update) != f["sha256"]:
                 problems.append(f"{f['path']}: fails its sha256 check (corrupted)")
-    required = [*ARTIFACT_FILES, "weights/index.json", "tokenizer/tokenizer.json"]
+    bundle = Artifact(directory)
+    required = [p.relative_to(directory).as_posix() for p in bundle.files(manifest["target"])]
     listed = {f["path"] for f in manifest["files"]}
     problems += [f"{name}: not in {MANIFEST}" for name in required if name not in listed]
     return problems

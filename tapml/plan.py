@@ -2,16 +2,19 @@
 
 A plan names every buffer (parameters, KV state, inputs, outputs, temporaries placed in
 shared storages, and views of other buffers) and, per entry point, the calls that run in
-order. The only run-time values are a few scalars (`pos`, `n_valid`); a scalar argument of a
-call is a small expression of them. This module has no TVM dependency: it is what every
-executor, in any language, interprets. The format is documented in docs/formats.md.
+order. The only run-time values are a few scalars (a causal LM's `pos` and `n_valid`); a
+scalar argument of a call is a small expression of them, and each entry point lists what
+its scalars must satisfy (`requires`). The `task` says how a runtime drives the entry points:
+which is which, and which inputs take the tokens. This module has no TVM dependency: it is
+what every executor, in any language, interprets. The format is documented in
+docs/formats.md.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +24,11 @@ from .errors import PlanError
 from .fileio import check_document, read_document, write_atomic
 
 FORMAT = "tapml-plan"
-VERSION = 1
+VERSION = 2  # 2: the task, and each function's scalar requirements
 BUFFER_KINDS = ("param", "state", "input", "output", "temp", "view")
+# what a kernel does (tapml.lower.kernel_kind), simplest first: offloading moves kernels in
+# this order when asked to group them by kind
+KERNEL_KINDS = ("lookup", "reduction", "elementwise", "opaque", "matmul")
 
 
 @dataclass
@@ -31,6 +37,8 @@ class Plan:
     storages: dict[str, int]
     functions: dict[str, dict[str, Any]]
     model: dict[str, Any]
+    task: dict[str, Any] = field(default_factory=dict)
+    kernel_kinds: dict[str, str] = field(default_factory=dict)  # tapml.lower.kernel_kind
 
     # -- buffers -----------------------------------------------------------------
     def root(self, name: str) -> str:
@@ -79,6 +87,8 @@ class Plan:
             "buffers": self.buffers,
             "storages": self.storages,
             "functions": self.functions,
+            "task": self.task,
+            "kernel_kinds": self.kernel_kinds,
         }
 
     def save(self, path: Path) -> None:
@@ -94,7 +104,8 @@ class Plan:
     def from_dict(cls, d: Any, where: str = "plan") -> Plan:
         """A plan from its JSON document (`where` names it in errors), checked."""
         check_document(d, where, FORMAT, VERSION, PlanError, "compile the model again")
-        plan = cls(d["buffers"], d["storages"], d["functions"], d["model"])
+        plan = cls(d["buffers"], d["storages"], d["functions"], d["model"], d["task"],
+                   d["kernel_kinds"])  # fmt: skip
         plan.validate(where)
         return plan
 
@@ -107,6 +118,14 @@ class Plan:
                 raise PlanError(f"{where}: view {name!r} has no base buffer {b.get('base')!r}")
             if b["kind"] == "temp" and b.get("storage") not in self.storages:
                 raise PlanError(f"{where}: temp {name!r} has no storage {b.get('storage')!r}")
+        for role, entry in self.task.items():
+            if not isinstance(entry, dict):
+                continue
+            if entry.get("function") not in self.functions:
+                raise PlanError(f"{where}: task {role!r} names no function of the plan")
+            inputs = self.functions[entry["function"]]["inputs"]
+            if "tokens" in entry and entry["tokens"] not in inputs:
+                raise PlanError(f"{where}: task {role!r} names no input of {entry['function']}")
         for fname, f in self.functions.items():
             for i, call in enumerate(f["calls"]):
                 for arg in call["args"]:
@@ -115,6 +134,70 @@ class Plan:
                             f"{where}: {fname} call {i} ({call['kernel']}) uses unknown "
                             f"buffer {arg['buffer']!r}"
                         )
+
+    def check_scalars(self, function: str, scalars: dict[str, int]) -> None:
+        """Refuse scalars a function's `requires` rejects, naming the requirement: the
+        kernels would read or write out of bounds."""
+        f = self.functions[function]
+        for name in f["scalars"]:
+            value = scalars.get(name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise PlanError(f"{function} needs an integer {name!r}, got {value!r}")
+        for requirement in f.get("requires", []):
+            if not evaluate(requirement, scalars):
+                values = ", ".join(f"{n}={scalars[n]}" for n in f["scalars"])
+                raise PlanError(f"{function} requires {describe_expr(requirement)}; got {values}")
+
+
+def var(name: str) -> dict[str, str]:
+    """The scalar expression of a run-time scalar."""
+    return {"var": name}
+
+
+def op(name: str, *args: Any) -> dict[str, Any]:
+    """The scalar expression `name(args...)` (an operator of `_OPS`, "cast" or "select")."""
+    return {"op": name, "args": list(args)}
+
+
+class CausalLM:
+    """How to run a causal LM's entry points, as its plan's task names them: each method gives
+    (function, scalars, inputs) for an executor's `run`."""
+
+    def __init__(self, plan: Plan):
+        task = plan.task
+        if task.get("kind") != "causal_lm":
+            raise PlanError(f"this plan's task is {task.get('kind')!r}, not a causal LM")
+        self.max_context, self.chunk = task["max_context"], task["chunk"]
+        self._prefill, self._decode = task["prefill"], task["decode"]
+
+    def prefill(self, pos: int, ids: list[int]) -> tuple[str, dict[str, int], dict[str, Any]]:
+        """Up to `chunk` ids at `pos` (padded to a whole chunk)."""
+        tokens = np.zeros(self.chunk, "int32")
+        tokens[: len(ids)] = ids
+        entry = self._prefill
+        scalars = {entry["position"]: pos, entry["count"]: len(ids)}
+        return entry["function"], scalars, {entry["tokens"]: tokens}
+
+    def decode(self, pos: int, token: int) -> tuple[str, dict[str, int], dict[str, Any]]:
+        entry = self._decode
+        inputs = {entry["tokens"]: np.array([token], "int32")}
+        return entry["function"], {entry["position"]: pos}, inputs
+
+
+def describe_expr(expr: Any) -> str:
+    """A scalar expression as text: `pos + n_valid <= 2048`."""
+    if isinstance(expr, (int, float)):
+        return str(expr)
+    if "var" in expr:
+        return expr["var"]
+    args = [describe_expr(a) for a in expr["args"]]
+    if expr["op"] in _SYMBOLS:
+        return f" {_SYMBOLS[expr['op']]} ".join(args)
+    return f"{expr['op']}({', '.join(args)})"
+
+
+_SYMBOLS = {"add": "+", "sub": "-", "mul": "*", "eq": "==", "ne": "!=", "lt": "<", "le": "<=",
+            "gt": ">", "ge": ">=", "and": "and", "or": "or"}  # fmt: skip
 
 
 def evaluate(expr: Any, scalars: dict[str, int]) -> int | float:

@@ -117,7 +117,7 @@ def dequantize_params(params: Mapping[str, np.ndarray], formats: Mapping[str, Se
         prefixes = part_prefixes(name, fmts)
         matrices = []
         for prefix, fmt in zip(prefixes, fmts, strict=False):
-            planes = _planes_under(params, prefix)
+            planes = {plane: params[f"{prefix}.{plane}"] for plane in fmt.plane_names()}
             taken |= {f"{prefix}.{plane}" for plane in planes}
             matrices.append(fmt.dequantize(planes))
         out[f"{name}.weight"] = np.concatenate(matrices) if len(matrices) > 1 else matrices[0]
@@ -126,9 +126,3 @@ def dequantize_params(params: Mapping[str, np.ndarray], formats: Mapping[str, Se
             out[name] = np.asarray(value, dtype=np.float32)
     return out
 
-
-def _planes_under(params: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-    """`{prefix}.{plane}` parameters by plane name."""
-    head = prefix + "."
-    return {name[len(head) :]: array for name, array in params.items()
-            if name.startswith(head) and "." not in name[len(head) :]}  # fmt: skip

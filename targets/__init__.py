@@ -1,12 +1,16 @@
-"""Targets: one declarative spec each, and the executors that run a plan's kernels on them.
+"""Targets and backends: one declarative spec each.
 
-`TARGETS` is the registry every command's choices come from. A spec says how to compile
-(TVM target kind and options, the limits kernels must fit) and how to run what was compiled
-(which executor, and whether it can run on this machine).
+`TARGETS` is the registry every command's choices come from: a target says how to compile
+(TVM target kind and options, the limits kernels must fit). `BACKENDS` says how compiled
+kernels run: each backend names the targets it runs, whether its kernels are a native library,
+and the module under tapml.targets that checks whether it can run here (`available`), builds
+an executor from kernels (`executor`) and describes its device (`device_info`, optional).
+Local engines and the device agent both go through it.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +39,6 @@ class TargetSpec:
     kind: str  # TVM target kind
     f16: bool  # f16 is native everywhere the target runs
     kernels: str  # file name of the compiled kernels inside an artifact
-    executor: str | None  # module under tapml.targets that runs them; None: generated only
     limits: Limits | None = None
     options: dict[str, Any] = field(default_factory=dict)
     # the KV cache's dtype where it is not the activations': float16 halves what attention
@@ -67,6 +70,10 @@ class TargetSpec:
         options = {"kind": self.kind, **self.resolved_options(overrides)}
         if self.kind != "llvm":
             options["host"] = {"kind": "llvm"}
+        if self.kind == "cuda":
+            from .cuda import use_nvrtc_for_tvm
+
+            use_nvrtc_for_tvm()  # TVM's CUDA codegen compiles at once where its runtime is loaded
         return tvm.target.Target(options)
 
 
@@ -75,29 +82,29 @@ TARGETS: dict[str, TargetSpec] = {
     for spec in [
         TargetSpec(
             "llvm", "this machine's CPU, through LLVM and the TVM runtime",
-            kind="llvm", f16=False, kernels="kernels_llvm.so", executor="llvm",
+            kind="llvm", f16=False, kernels="kernels_llvm.so",
             kv_dtype="float16",  # what llama.cpp keeps too; CPUs convert it in one instruction
         ),
         TargetSpec(
             "webgpu", "WGSL within WebGPU's default limits, so any browser runs it (wgpu here)",
-            kind="webgpu", f16=False, kernels="kernels_webgpu.json", executor="webgpu",
+            kind="webgpu", f16=False, kernels="kernels_webgpu.json",
             limits=Limits(256, 16 * 1024, 8, 128 * MiB),
         ),
         TargetSpec(
             "vulkan", "WGSL within Vulkan-class limits, run by wgpu on its Vulkan backend",
-            kind="webgpu", f16=False, kernels="kernels_vulkan.json", executor="webgpu",
+            kind="webgpu", f16=False, kernels="kernels_vulkan.json",
             limits=Limits(1024, 32 * 1024, 16, 1024 * MiB),
         ),
         TargetSpec(
             "opencl", "OpenCL C for phones' GPUs (the Android target's kernels)",
-            kind="opencl", f16=False, kernels="kernels_opencl.json", executor="opencl",
+            kind="opencl", f16=False, kernels="kernels_opencl.json",
             limits=Limits(256, 32 * 1024, 64, 256 * MiB),
         ),
         # metal and cuda: records (MSL; CUDA source + PTX) in the .json, and beside it a TVM
         # library (.so) that the TVM runtime executor of targets/llvm.py runs on the GPU.
         TargetSpec(
             "metal", "Metal Shading Language for Apple GPUs (runs on a Mac only)",
-            kind="metal", f16=True, kernels="kernels_metal.json", executor="llvm",
+            kind="metal", f16=True, kernels="kernels_metal.json",
             limits=Limits(1024, 32 * 1024, 31, 1024 * MiB),
             # Apple silicon: 32-wide SIMD groups, 1024 threads per threadgroup
             options={"thread_warp_size": 32, "max_threads_per_block": 1024,
@@ -105,7 +112,7 @@ TARGETS: dict[str, TargetSpec] = {
         ),
         TargetSpec(
             "cuda", "CUDA for NVIDIA GPUs (PTX from NVRTC; runs where a GPU is)",
-            kind="cuda", f16=True, kernels="kernels_cuda.json", executor="cuda",
+            kind="cuda", f16=True, kernels="kernels_cuda.json",
             limits=Limits(1024, 48 * 1024, 64, 4096 * MiB),
             # the same code whatever GPU the compiling machine has (or none): Turing and later
             options={"arch": "sm_75", "max_shared_memory_per_block": 48 * 1024},
@@ -118,6 +125,69 @@ def get_target(name: str) -> TargetSpec:
     if name not in TARGETS:
         raise TapmlError(f"unknown target {name!r}; choose one of: {', '.join(TARGETS)}")
     return TARGETS[name]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A way to run compiled kernels on a device (see the module docstring)."""
+
+    name: str
+    targets: tuple[str, ...]  # whose kernels it runs
+    module: str  # under tapml.targets
+    native: bool  # its kernels are a native library (a .so), which can do anything on the device
+
+    def _module(self):
+        return importlib.import_module(f"tapml.targets.{self.module}")
+
+    def available(self, spec: TargetSpec) -> tuple[bool, str]:
+        """Whether this machine can run `spec`'s kernels, and on what (or why not)."""
+        try:
+            module = self._module()
+        except ImportError as e:
+            return False, f"its executor cannot load: {e}"
+        return module.available(spec)
+
+    def kernels_file(self, artifact_dir: Path, spec: TargetSpec) -> Path:
+        """The file of a compiled artifact this backend runs: the kernel records, or for a
+        native backend the TVM library beside them."""
+        path = Path(artifact_dir) / spec.kernels
+        return path.with_suffix(".so") if self.native else path
+
+    def executor(self, plan, kernels: Any, spec: TargetSpec, **options: Any):
+        """An executor of `plan` from its kernels: a kernels file or parsed kernel records,
+        or a native library's path."""
+        return self._module().executor(plan, kernels, spec, **options)
+
+    def device_info(self, spec: TargetSpec, **options: Any) -> dict[str, Any]:
+        """The device this backend runs on here, its limits and features; an error where it
+        has none."""
+        from tapml.errors import DeviceError
+
+        module = self._module()
+        if hasattr(module, "device_info"):
+            return module.device_info(spec, **options)
+        executes, why = module.available(spec)
+        if not executes:
+            raise DeviceError(f"the {self.name} backend cannot run here: {why}")
+        return {"device": why, "limits": {}, "features": []}
+
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in [
+        Backend("llvm", ("llvm",), "llvm", native=True),
+        Backend("wgpu", ("webgpu", "vulkan"), "webgpu", native=False),
+        Backend("opencl", ("opencl",), "opencl", native=False),
+        Backend("metal", ("metal",), "llvm", native=True),  # TVM's Metal runtime
+        Backend("cuda", ("cuda",), "cuda", native=True),
+    ]
+}
+
+
+def backend_for(target: str) -> Backend:
+    """The backend that runs `target`'s kernels."""
+    get_target(target)
+    return next(b for b in BACKENDS.values() if target in b.targets)
 
 
 def build_kernels(kernels: dict, plan, options, path: Path, progress: bool = False) -> None:
@@ -168,54 +238,21 @@ def check_bindings(plan, spec: TargetSpec) -> None:
 
 
 def load_executor(target: str, plan, artifact_dir: Path):
-    """An executor for `target` with the kernels compiled into `artifact_dir`."""
-    spec = get_target(target)
-    path = Path(artifact_dir) / spec.kernels
-    if spec.executor == "cuda":
-        from .cuda import CudaExecutor
+    """An executor here for `target` with the kernels compiled into `artifact_dir`."""
+    from tapml.errors import ExecutorError
 
-        return CudaExecutor(plan, path.with_suffix(".so"))
-    if spec.kind == "metal":
-        from tapml.errors import ExecutorError
-
-        from .llvm import TvmRuntimeExecutor, available
-
-        executes, why = available(spec)
-        if not executes:
-            raise ExecutorError(
-                f"metal kernels are generated, not executed, on this machine: {why}"
-            )
-        library = path.with_suffix(".so")
-        if not library.is_file():
-            raise ExecutorError(
-                f"{artifact_dir} has no {library.name}: compile the model for metal on this Mac"
-            )
-        return TvmRuntimeExecutor(plan, library, "metal")
-    if spec.executor == "llvm":
-        from .llvm import LlvmExecutor
-
-        return LlvmExecutor(plan, path)
-    if spec.executor == "webgpu":
-        from .webgpu import WebGPUExecutor
-
-        return WebGPUExecutor(plan, path, spec)
-    if spec.executor == "opencl":
-        from .opencl import OpenCLExecutor
-
-        return OpenCLExecutor(plan, path, spec)
-    raise TapmlError(
-        f"{spec.name} kernels are generated, not executed, on this machine: {spec.description}"
-    )
+    spec, backend = get_target(target), backend_for(target)
+    executes, why = backend.available(spec)
+    if not executes:
+        raise ExecutorError(f"{target} kernels are generated, not executed, on this machine: {why}")
+    kernels = backend.kernels_file(artifact_dir, spec)
+    if not kernels.is_file():
+        where = " on a Mac" if target == "metal" else ""
+        raise ExecutorError(f"{artifact_dir} has no {kernels.name}: compile the model for "
+                            f"{target}{where}")  # fmt: skip
+    return backend.executor(plan, kernels, spec)
 
 
 def executes_here(spec: TargetSpec) -> tuple[bool, str]:
     """Whether this machine can run `spec`'s kernels, and the device (or the reason not)."""
-    import importlib
-
-    if spec.executor is None:
-        return False, spec.description
-    try:
-        module = importlib.import_module(f"tapml.targets.{spec.executor}")
-    except ImportError as e:
-        return False, f"its executor cannot load: {e}"
-    return module.available(spec)
+    return backend_for(spec.name).available(spec)

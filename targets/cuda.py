@@ -37,6 +37,10 @@ class CudaExecutor(TvmRuntimeExecutor):
         super().__init__(plan, Path(library), "cuda")
 
 
+def executor(plan: Plan, kernels: Path, spec: Any = None, **options: Any) -> CudaExecutor:
+    return CudaExecutor(plan, kernels)
+
+
 def available(spec: Any = None) -> tuple[bool, str]:
     """Whether this machine runs cuda kernels, and on which GPU (or why not)."""
     why_not = _load_cuda_runtime()

@@ -101,6 +101,7 @@ class Executor:
         missing = set(f["scalars"]) - set(scalars)
         if missing:
             raise ExecutorError(f"{function} needs scalars {sorted(missing)}")
+        self.plan.check_scalars(function, dict(scalars))
         for name, array in inputs.items():
             self.upload(name, array)
         return f

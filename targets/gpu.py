@@ -89,10 +89,6 @@ def build_record_module(name: str, func: tirx.PrimFunc, target: tvm.target.Targe
 
     label, mod = schedule(name, func, target)
     host, device, device_target = _lower(mod, target)
-    if target.kind.name == "cuda":
-        from .cuda import use_nvrtc_for_tvm
-
-        use_nvrtc_for_tvm()  # where TVM's CUDA runtime is loaded, codegen compiles at once
     runtime_mod = codegen_build(device, device_target)
     info = _function_info(device, runtime_mod)
     source = runtime_mod.inspect_source()

@@ -215,6 +215,13 @@ def _export(modules: list[Any], path: Path) -> None:
         lib.export_library(str(tmp))
 
 
+def executor(plan: Plan, kernels: Path, spec, **options: Any) -> TvmRuntimeExecutor:
+    """The llvm target's executor, or TVM's Metal runtime's, over a kernel library."""
+    if spec.kind == "llvm":
+        return LlvmExecutor(plan, kernels)
+    return TvmRuntimeExecutor(plan, kernels, spec.kind)
+
+
 def available(spec) -> tuple[bool, str]:
     """Whether this machine runs `spec`'s kernels through the TVM runtime, and on what (or why
     not): the CPU always runs llvm kernels; metal kernels need a Mac with a Metal GPU."""

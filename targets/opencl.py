@@ -260,3 +260,16 @@ def available(spec: TargetSpec) -> tuple[bool, str]:
     if spec.limits and device.max_work_group_size < spec.limits.max_invocations:
         note += f"; workgroups of at most {device.max_work_group_size} threads"
     return True, note
+
+
+def executor(plan: Plan, kernels: Path | Mapping[str, dict], spec: TargetSpec, **options: Any
+             ) -> OpenCLExecutor:  # fmt: skip
+    return OpenCLExecutor(plan, kernels, spec)
+
+
+def device_info(spec: TargetSpec, **options: Any) -> dict[str, Any]:
+    platform, device = pick_device()
+    limits = {k: int(getattr(device, k)) for k in ("max_work_group_size", "local_mem_size",
+              "max_mem_alloc_size", "global_mem_size", "max_compute_units")}  # fmt: skip
+    return {"device": f"{device.name.strip()} ({platform.name.strip()})", "limits": limits,
+            "features": ["fp16"] * has_fp16(device)}  # fmt: skip

@@ -25,7 +25,7 @@ PODS = re.compile(r"struct PODArgs\s*\{([^}]*)\}")
 GUARD = re.compile(r"(>=?)\s*podArgs\.packGridDimX")
 WGSL_TYPES = {"i32": np.int32, "u32": np.uint32, "f32": np.float32}
 ADAPTER_ORDER = {"DiscreteGPU": 0, "IntegratedGPU": 1}  # then CPU rasterizers such as lavapipe
-BACKENDS = {"vulkan": "Vulkan", "metal": "Metal", "dx12": "D3D12", "gl": "OpenGL"}  # wgpu's names
+WGPU_BACKENDS = {"vulkan": "Vulkan", "metal": "Metal", "dx12": "D3D12", "gl": "OpenGL"}  # its names
 
 
 def _words(nbytes: int) -> int:
@@ -65,7 +65,7 @@ class WebGPUExecutor(Executor):
     """Runs a webgpu or vulkan artifact's kernels with wgpu.
 
     `kernels` is the kernels file or its records; the adapter is wgpu's default for webgpu,
-    Vulkan's for vulkan, or the one of `backend` (a key of BACKENDS) when given.
+    Vulkan's for vulkan, or the one of `backend` (a key of WGPU_BACKENDS) when given.
     """
 
     def __init__(self, plan: Plan, kernels: Path | Mapping[str, dict], spec: TargetSpec,
@@ -326,15 +326,15 @@ def _find_adapter(spec: TargetSpec, backend: str | None) -> Any:
         raise ExecutorError(f"the {spec.name} target runs on wgpu: pip install wgpu") from e
     backend = backend or ("vulkan" if spec.name == "vulkan" else None)
     if backend is not None:
-        if backend not in BACKENDS:
+        if backend not in WGPU_BACKENDS:
             raise ExecutorError(f"unknown wgpu backend {backend!r}; choose one of: "
-                                f"{', '.join(BACKENDS)}")  # fmt: skip
+                                f"{', '.join(WGPU_BACKENDS)}")  # fmt: skip
         adapters = [a for a in wgpu.gpu.enumerate_adapters_sync()
-                    if a.info["backend_type"] == BACKENDS[backend]]  # fmt: skip
+                    if a.info["backend_type"] == WGPU_BACKENDS[backend]]  # fmt: skip
         if not adapters:
             hint = " (Mesa's lavapipe: apt install mesa-vulkan-drivers)" * (backend == "vulkan")
-            raise ExecutorError(f"wgpu finds no {BACKENDS[backend]} adapter; install a "
-                                f"{BACKENDS[backend]} driver{hint}")  # fmt: skip
+            raise ExecutorError(f"wgpu finds no {WGPU_BACKENDS[backend]} adapter; install a "
+                                f"{WGPU_BACKENDS[backend]} driver{hint}")  # fmt: skip
         return min(adapters, key=lambda a: ADAPTER_ORDER.get(a.info["adapter_type"], 2))
     try:
         adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")
@@ -356,3 +356,15 @@ def available(spec: TargetSpec) -> tuple[bool, str]:
         return False, str(e)
     f16 = "shader-f16" in adapter.features
     return True, describe(adapter) + ("" if f16 else "; no shader-f16: use --quantization q4f32_1")
+
+
+def executor(plan: Plan, kernels: Path | Mapping[str, dict], spec: TargetSpec,
+             wgpu_backend: str | None = None, **options: Any) -> WebGPUExecutor:  # fmt: skip
+    return WebGPUExecutor(plan, kernels, spec, wgpu_backend)
+
+
+def device_info(spec: TargetSpec, wgpu_backend: str | None = None, **options: Any
+                ) -> dict[str, Any]:  # fmt: skip
+    adapter = _adapter(spec, wgpu_backend)
+    return {"device": describe(adapter), "limits": dict(adapter.limits),
+            "features": sorted(adapter.features)}  # fmt: skip

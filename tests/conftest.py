@@ -44,7 +44,7 @@ def tiny_artifact(tiny_gguf, tmp_path_factory):
         if key not in built:
             out = tmp_path_factory.mktemp(target) / quantization
             kv_cache_dtype = kv_cache or QUANTIZATION[quantization].dtype
-            options = CompileOptions(target, quantization, TINY_CONTEXT, TINY_CHUNK,
+            options = CompileOptions.resolve(target, quantization, TINY_CONTEXT, TINY_CHUNK,
                                      kv_cache=kv_cache_dtype)  # fmt: skip
             built[key] = compile_model(tiny_gguf, out, options, progress=False)
         return built[key]
@@ -65,7 +65,8 @@ def tiny_stored_artifact(tiny_stored_gguf, tmp_path_factory):
 
     def get(target: str = "llvm") -> Path:
         if target not in built:
-            options = CompileOptions(target, "gguf", TINY_CONTEXT, TINY_CHUNK, kv_cache="float32")
+            options = CompileOptions.resolve(target, "gguf", TINY_CONTEXT, TINY_CHUNK,
+                                             kv_cache="float32")
             out = tmp_path_factory.mktemp(target) / "stored"
             built[target] = compile_model(tiny_stored_gguf, out, options, progress=False)
         return built[target]

@@ -18,11 +18,12 @@ def executor_for(module: nn.Module, specs: dict[str, dict], target: str, directo
     """An executor of `module`'s entry points (`specs`: entry point -> its inputs' specs)
     compiled for `target` into `directory`; its parameters are still to be loaded."""
     mod, named = module.export_tvm(spec={e: {**s, "$": MODE} for e, s in specs.items()})
-    fused = fuse(mod)
-    plan = extract_plan(fused, [n for n, _ in named], [], {})
+    fused = fuse(mod, list(specs))
+    task = {"kind": "kernels", **{e: {"function": e} for e in specs}}
+    plan = extract_plan(fused, [n for n, _ in named], [], {}, task)
     kernels = {k: f for k, f in kernel_functions(fused).items() if k in plan.kernels}
     directory.mkdir(parents=True, exist_ok=True)
-    options = CompileOptions(target).resolved()
+    options = CompileOptions.resolve(target)
     build_kernels(kernels, plan, options, directory / get_target(target).kernels)
     return load_executor(target, plan, directory)
 

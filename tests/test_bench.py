@@ -64,6 +64,7 @@ def test_decode_bytes_are_the_params_the_decode_function_reads(tiny_artifact):
             "prefill": {"calls": [call("w", "prefill_only", "kv")]},
         },
         model={},
+        task={"kind": "causal_lm", "decode": {"function": "decode"}},
     )
     assert bench.decode_param_bytes(plan) == 4 * 8 * 4  # w once, through its view
 

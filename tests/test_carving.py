@@ -22,7 +22,7 @@ from tapml.carving.scenarios import Scenario, select
 from tapml.carving.suite import ArrayStore, Suite
 from tapml.cli import main
 from tapml.errors import SuiteError, TapmlError
-from tapml.plan import Plan
+from tapml.plan import CausalLM, Plan
 
 TINY_SCENARIOS = (Scenario("short", "a short prompt", "The capital of France is", chat=False),
                   Scenario("chat", "a chat prompt", "Hi!", decode_steps=4))  # fmt: skip
@@ -46,9 +46,10 @@ def tapml_test(args: list[str]) -> tuple[int, str, dict]:
 
 
 # -- choosing calls --------------------------------------------------------------------------
-def test_choose_covers_first_chunk_padded_chunk_and_late_decode_step():
+def test_choose_covers_first_chunk_padded_chunk_and_late_decode_step(tiny_artifact):
+    task = CausalLM(Plan.load(tiny_artifact("q4f32_1") / "plan.json"))
     prompt = list(range(20))  # chunks of 8: 8, 8 and a padded 4
-    plan_runs = carving.schedule(prompt, Scenario("s", "", "", chat=False, decode_steps=6), 8)
+    plan_runs = carving.schedule(prompt, Scenario("s", "", "", chat=False, decode_steps=6), task)
     events = [carving.Event(r.step, r.function, 0, "k", tuple(sorted(r.scalars.items())), 0)
               for r in plan_runs if r.function == "prefill"]  # fmt: skip
     chosen = carving.choose(events, 2)
@@ -63,7 +64,7 @@ def test_choose_covers_first_chunk_padded_chunk_and_late_decode_step():
 
 def test_select_keeps_at_most_the_limit_per_kernel(tiny_artifact):
     plan = Plan.load(tiny_artifact("q4f32_1") / "plan.json")
-    runs = carving.schedule(list(range(13)), Scenario("s", "", "", decode_steps=3), 8)
+    runs = carving.schedule(list(range(13)), Scenario("s", "", "", decode_steps=3), CausalLM(plan))
     keep, counts = carving.select(plan, runs, 2)
     kept: dict[str, int] = {}
     for step, index in keep:

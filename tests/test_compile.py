@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from conftest import TINY_CHUNK, TINY_CONTEXT
 
-from tapml.compiler import CONFIG_FILE, CompileOptions, compile_model, describe
+from tapml.artifact import CONFIG_FILE, describe
+from tapml.compiler import CompileOptions, compile_model
 from tapml.errors import GenerationError, ModelNotFound, TapmlError, WeightsError
 from tapml.models import resolve_gguf
 from tapml.runtime.engine import Engine
@@ -33,7 +34,7 @@ def test_interrupted_compile_resumes_from_what_it_wrote(tiny_gguf, tiny_artifact
     shutil.copytree(tiny_artifact("q4f32_1") / "weights", partial / "weights")
     marker = partial / "weights" / "index.json"
     before = marker.stat().st_mtime_ns
-    options = CompileOptions("llvm", "q4f32_1", TINY_CONTEXT, TINY_CHUNK)
+    options = CompileOptions.resolve("llvm", "q4f32_1", TINY_CONTEXT, TINY_CHUNK)
     compile_model(tiny_gguf, out, options, progress=False)
     assert (out / "weights" / "index.json").stat().st_mtime_ns == before  # reused, not redone
     assert not partial.exists()
@@ -71,27 +72,27 @@ def test_unknown_names_list_the_valid_ones(tiny_gguf, tmp_path):
     with pytest.raises(ModelNotFound, match="smollm2-135m"):
         resolve_gguf("gpt-17")
     with pytest.raises(TapmlError, match="llvm"):
-        CompileOptions(target="quantum").resolved()
+        CompileOptions.resolve(target="quantum")
     with pytest.raises(TapmlError, match="q4f32_1"):
-        CompileOptions(quantization="q2").resolved()
+        CompileOptions.resolve(quantization="q2")
     with pytest.raises(TapmlError, match="unknown KV cache dtype 'int8'; choose one of: float32"):
-        CompileOptions(kv_cache="int8").resolved()
+        CompileOptions.resolve(kv_cache="int8")
 
 
 def test_llvm_keeps_the_kv_cache_in_float16_and_gpu_targets_in_the_activation_dtype():
-    assert CompileOptions("llvm", "q4f32_1").resolved().kv_cache == "float16"
-    assert CompileOptions("llvm", "q4f32_1", kv_cache="float32").resolved().kv_cache == "float32"
-    assert CompileOptions("webgpu", "q4f32_1").resolved().kv_cache == "float32"
-    assert CompileOptions("opencl", "q4f32_1").resolved().kv_cache == "float32"
-    assert CompileOptions("cuda", "q4f16_1").resolved().kv_cache == "float16"
-    assert CompileOptions("cuda").resolved().kv_cache == "float32"  # gguf: float32 activations
+    assert CompileOptions.resolve("llvm", "q4f32_1").kv_cache == "float16"
+    assert CompileOptions.resolve("llvm", "q4f32_1", kv_cache="float32").kv_cache == "float32"
+    assert CompileOptions.resolve("webgpu", "q4f32_1").kv_cache == "float32"
+    assert CompileOptions.resolve("opencl", "q4f32_1").kv_cache == "float32"
+    assert CompileOptions.resolve("cuda", "q4f16_1").kv_cache == "float16"
+    assert CompileOptions.resolve("cuda").kv_cache == "float32"  # gguf: float32 activations
 
 
 def test_unreadable_or_non_llama_gguf_is_refused(tmp_path):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 20)
     with pytest.raises(ModelNotFound, match="broken.gguf"):
-        compile_model(bad, tmp_path / "out", CompileOptions(), progress=False)
+        compile_model(bad, tmp_path / "out", CompileOptions.resolve(), progress=False)
 
 
 def test_missing_weights_package_names_the_install_command(monkeypatch):

@@ -6,9 +6,10 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
-from tapml.compiler import describe
+from tapml.artifact import describe
 from tapml.convert import bits_per_parameter, convert, gguf_sources, stored_types, weight_summary
 from tapml.errors import WeightsError
+from tapml.models.architecture import WeightMap
 from tapml.quantization import QUANTIZATION, dequantize_params, format_names
 from tapml.source import SourceTensor
 
@@ -37,6 +38,7 @@ def stored(kind: str, rows: int, cols: int, value: float) -> tuple[str, np.ndarr
 
 
 QKV = {"qkv": ["q", "k", "v"]}
+QKV_MAP = WeightMap(QKV, {})
 
 
 def test_parts_stack_in_the_maps_order_whatever_the_files():
@@ -46,7 +48,7 @@ def test_parts_stack_in_the_maps_order_whatever_the_files():
     assert stored_types(sources) == {"qkv": ("Q8_0", "Q8_0", "Q8_0")}
     quant = QUANTIZATION["gguf"]
     formats = quant.formats(stored_types(sources))
-    params = dict(convert(sources, quant, formats))
+    params = dict(convert(sources, QKV_MAP, quant, formats))
     assert set(params) == {"qkv.q_weight", "qkv.q_scale"}  # one matrix, one matmul
     weight = dequantize_params(params, format_names(formats))["qkv.weight"]
     np.testing.assert_allclose(weight[:, 0], [1, 1, 2, 2, 3, 3], rtol=1e-3)
@@ -61,14 +63,14 @@ def test_parts_stored_in_different_types_keep_their_own():
     quant = QUANTIZATION["gguf"]
     formats = quant.formats(stored_types(sources))
     assert format_names(formats) == {"qkv": ["Q8_0", "Q4_0", "Q8_0"]}
-    params = dict(convert(sources, quant, formats))
+    params = dict(convert(sources, QKV_MAP, quant, formats))
     assert {n.rsplit(".", 1)[0] for n in params} == {"qkv.parts.0", "qkv.parts.1", "qkv.parts.2"}
     weight = dequantize_params(params, format_names(formats))["qkv.weight"]
     want = np.concatenate([g.source(n).float32() for n in "qkv"])
     np.testing.assert_array_equal(weight, want)
     # re-quantizing schemes make every part alike: one matrix again
     requantized = QUANTIZATION["q4f32_1"].formats(stored_types(sources))
-    assert set(dict(convert(sources, QUANTIZATION["q4f32_1"], requantized))) == {
+    assert set(dict(convert(sources, QKV_MAP, QUANTIZATION["q4f32_1"], requantized))) == {
         "qkv.q_weight", "qkv.q_scale"}  # fmt: skip
 
 

@@ -15,8 +15,8 @@ from conftest import PROMPT_IDS
 
 from tapml.errors import DeviceError, DeviceLost, ExecutorError
 from tapml.plan import Plan
-from tapml.targets import TARGETS, load_executor, wire
-from tapml.targets.remote import connect, open_executor, parse_url, start_local_agent
+from tapml.targets import TARGETS, load_executor
+from tapml.targets.remote import connect, open_executor, parse_url, start_local_agent, wire
 from tapml.weights import load_shards
 
 CHUNK_IDS = list(range(100, 113))  # 13 tokens: two prefill chunks of 8, the last padded
@@ -263,7 +263,7 @@ def test_bad_urls_are_explained(url, message):
 
 
 def test_handshake_checks():
-    from tapml.targets.agent import check_hello
+    from tapml.targets.remote.agent import check_hello
 
     hello = wire.client_hello("tok").decode().strip()
     assert check_hello(hello, "tok") is None

@@ -2,16 +2,15 @@
 
 import numpy as np
 
-from tapml.convert import float_weights, gguf_sources
+from tapml.compiler import load_model_file
 from tapml.gguf import GGUFFile
-from tapml.models.llama.config import LlamaConfig
-from tapml.models.llama.weights import matrix_parts, weight_map
+from tapml.models import ARCHITECTURES
+from tapml.models.llama.weights import weight_map
 
 
 def test_projections_are_stacked_by_rows_in_order(tiny_gguf):
     g = GGUFFile(tiny_gguf)
-    config = LlamaConfig.from_gguf(g.metadata, g.tensor_names())
-    weights = float_weights(gguf_sources(g, weight_map(config)))
+    weights = load_model_file(tiny_gguf).float_weights()
     for i in range(2):
         qkv = [g.tensor(f"blk.{i}.attn_{p}.weight") for p in "qkv"]
         gate_up = [g.tensor(f"blk.{i}.ffn_{p}.weight") for p in ("gate", "up")]
@@ -27,11 +26,10 @@ def test_projections_are_stacked_by_rows_in_order(tiny_gguf):
                      "mlp.gate_up_proj.weight", "mlp.down_proj.weight"}  # fmt: skip
 
 
-def test_matrices_are_every_weight_but_the_norms(tiny_gguf):
-    g = GGUFFile(tiny_gguf)
-    config = LlamaConfig.from_gguf(g.metadata, g.tensor_names())
-    parts = matrix_parts(config)
+def test_matrices_and_vectors(tiny_gguf):
+    config = load_model_file(tiny_gguf).config
+    parts = ARCHITECTURES["llama"].matrix_parts(config)
     assert parts["layers.1.self_attn.qkv_proj"] == 3 and parts["embed_tokens"] == 1
-    vectors = set(weight_map(config)) - set(parts)
-    assert vectors == {"norm"} | {f"layers.{i}.{n}" for i in range(2)
-                                  for n in ("input_layernorm", "post_attention_layernorm")}
+    assert set(weight_map(config).vectors) == {"norm.weight"} | {
+        f"layers.{i}.{n}.weight" for i in range(2)
+        for n in ("input_layernorm", "post_attention_layernorm")}  # fmt: skip

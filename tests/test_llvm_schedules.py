@@ -34,7 +34,7 @@ def entry_calls(
     `inputs(rows)` gives the entry points' input specs for one row (decode) and a chunk."""
     specs = {"decode": inputs(1), "prefill": inputs(chunk)}
     mod, _ = module.export_tvm(spec={e: {**s, "$": MODE} for e, s in specs.items()})
-    fused = lower.fuse(mod)
+    fused = lower.fuse(mod, list(specs))
     funcs = lower.kernel_functions(fused)
     return {
         entry: [

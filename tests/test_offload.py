@@ -17,7 +17,7 @@ from tapml.carving import offload
 from tapml.carving.carve import schedule
 from tapml.carving.offload import Offloader, SplitRun, forward, kernel_order
 from tapml.carving.scenarios import Scenario
-from tapml.plan import Plan
+from tapml.plan import KERNEL_KINDS, CausalLM, Plan
 from tapml.targets import load_executor
 from tapml.weights import load_shards
 
@@ -49,7 +49,7 @@ def test_a_split_run_moves_buffers_and_matches_the_source(split_parts):
     plan, source, tiny_artifact = split_parts
     target = executor(tiny_artifact("q4f32_1", "webgpu"), "webgpu")
     split = SplitRun(plan, source, target)
-    runs = schedule(PROMPT, SCENARIO, plan.model["chunk"])
+    runs = schedule(PROMPT, SCENARIO, CausalLM(plan))
     reference, tokens = forward(split, runs, frozenset())
     assert split.moves == 0
     order = kernel_order(plan, "plan")
@@ -59,10 +59,16 @@ def test_a_split_run_moves_buffers_and_matches_the_source(split_parts):
     assert split.moves > 0 and split.moved_bytes > 0
 
 
-def test_kind_order_groups_kernels(split_parts):
+def test_kind_order_groups_kernels_by_what_their_blocks_do(split_parts):
     plan = split_parts[0]
     order = kernel_order(plan, "kind")
     assert sorted(order) == sorted(plan.kernels)
+    kinds = [plan.kernel_kinds[k] for k in order]
+    assert kinds == sorted(kinds, key=KERNEL_KINDS.index)
+    assert plan.kernel_kinds["dequantize_take"] == "lookup"
+    assert plan.kernel_kinds["rms_norm"] == "reduction"
+    assert plan.kernel_kinds["attention"] == "opaque"
+    assert plan.kernel_kinds["silu_multiply"] == "elementwise"
     assert order.index("rms_norm") < order.index("rope_kv_write") < order.index("attention")
     assert order[-1].startswith(("dequantize_matmul", "fused_dequantize_matmul"))
 
@@ -73,7 +79,7 @@ def test_bisection_names_the_planted_kernel_within_the_bound(split_parts, tmp_pa
     broken = broken_copy(tiny_artifact("q4f32_1", "webgpu"), bad, tmp_path / "broken")
     split = SplitRun(plan, source, executor(broken, "webgpu"))
     order = kernel_order(plan, "plan")
-    runs = schedule(PROMPT, SCENARIO, plan.model["chunk"])
+    runs = schedule(PROMPT, SCENARIO, CausalLM(plan))
     result = Offloader(split, runs, order, 2e-3).offload()
     assert result.culprit == bad and not result.migrated
     assert result.runs <= math.ceil(math.log2(len(order))) + 2
@@ -85,7 +91,7 @@ def test_a_rerun_resumes_from_the_recorded_steps(split_parts, tmp_path, monkeypa
     plan, source, tiny_artifact = split_parts
     broken = broken_copy(tiny_artifact("q4f32_1", "webgpu"), "rope_kv_write1", tmp_path / "broken")
     split = SplitRun(plan, source, executor(broken, "webgpu"))
-    order, runs = kernel_order(plan, "plan"), schedule(PROMPT, SCENARIO, plan.model["chunk"])
+    order, runs = kernel_order(plan, "plan"), schedule(PROMPT, SCENARIO, CausalLM(plan))
     state = tmp_path / "state.json"
     first = Offloader(split, runs, order, 2e-3, state, "key").offload()
     evaluated = []

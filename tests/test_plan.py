@@ -6,17 +6,20 @@ import numpy as np
 import pytest
 from conftest import TINY_CHUNK, TINY_CONTEXT
 
-from tapml.compiler import CompileOptions, build_plan, describe
+from tapml.artifact import describe
+from tapml.compiler import CompileOptions, build_plan
 from tapml.errors import PlanError
 from tapml.gguf import GGUFFile
+from tapml.models import ARCHITECTURES
 from tapml.models.llama import reference
 from tapml.models.llama.config import LlamaConfig
-from tapml.plan import Plan, evaluate
+from tapml.plan import VERSION, CausalLM, Plan, evaluate
 from tapml.quantization import QUANTIZATION, dequantize_params
 from tapml.runtime.engine import Engine
 from tapml.targets.relax_vm import RelaxVM
 from tapml.weights import load_shards
 
+LLAMA = ARCHITECTURES["llama"]
 # Max |difference| / max |reference logit|, per activation dtype.
 VM_TOLERANCE = {"float32": 1e-5, "float16": 1e-2}
 NUMPY_TOLERANCE = {"float32": 1e-3, "float16": 3e-2}
@@ -30,8 +33,9 @@ def tiny_config(tiny_gguf):
 
 def tiny_plan(config, quantization, kv_cache=None, formats=None):
     kv_cache = kv_cache or QUANTIZATION[quantization].dtype  # as the tiny_artifact fixture's
-    options = CompileOptions("llvm", quantization, TINY_CONTEXT, TINY_CHUNK, kv_cache=kv_cache)
-    return build_plan(config, QUANTIZATION[quantization], options.resolved(), formats)
+    options = CompileOptions.resolve("llvm", quantization, TINY_CONTEXT, TINY_CHUNK,
+                                     kv_cache=kv_cache)  # fmt: skip
+    return build_plan(LLAMA, config, QUANTIZATION[quantization], options, formats)
 
 
 def test_plan_is_a_straight_line_of_kernel_calls(tiny_config):
@@ -72,11 +76,31 @@ def test_plan_file_roundtrip_and_errors(tiny_config, tmp_path):
     (tmp_path / "bad.json").write_text('{"format": "tapml-plan", "vers')
     with pytest.raises(PlanError, match="bad.json"):
         Plan.load(tmp_path / "bad.json")
-    d["version"] = 1
+    d["version"] = VERSION
     d["functions"]["decode"]["calls"][0]["args"][0] = {"buffer": "nowhere"}
     (tmp_path / "ref.json").write_text(json.dumps(d))
     with pytest.raises(PlanError, match="nowhere"):
         Plan.load(tmp_path / "ref.json")
+
+
+def test_the_plan_says_how_to_drive_it_and_what_its_scalars_must_be(tiny_config, tiny_artifact):
+    _, plan, _ = tiny_plan(tiny_config, "q4f32_1")
+    task = plan.task
+    assert (task["kind"], task["max_context"], task["chunk"]) == ("causal_lm", TINY_CONTEXT,
+                                                                  TINY_CHUNK)  # fmt: skip
+    assert task["prefill"] == {"function": "prefill", "tokens": "prefill.tokens",
+                               "position": "pos", "count": "n_valid"}  # fmt: skip
+    function, scalars, inputs = CausalLM(plan).decode(3, 7)
+    assert (function, scalars, list(inputs)) == ("decode", {"pos": 3}, ["decode.token"])
+    executor = Engine(tiny_artifact("q4f32_1")).executor
+    for bad, why in (({"pos": TINY_CONTEXT}, f"pos < {TINY_CONTEXT}"), ({"pos": -1}, "pos >= 0"),
+                     ({"pos": 1.5}, "integer 'pos'")):  # fmt: skip
+        with pytest.raises(PlanError, match=why):
+            executor.run("decode", bad, inputs)
+    _, _, chunk = CausalLM(plan).prefill(TINY_CONTEXT - 2, [1, 2, 3])
+    why = rf"pos \+ n_valid <= {TINY_CONTEXT}; got pos=62, n_valid=3"
+    with pytest.raises(PlanError, match=why):
+        executor.run("prefill", {"pos": TINY_CONTEXT - 2, "n_valid": 3}, chunk)
 
 
 def test_scalar_expressions():
@@ -104,7 +128,9 @@ def test_stored_blocks_plan_matches_relax_vm_and_numpy(tiny_stored_gguf, tiny_st
 
     g = GGUFFile(tiny_stored_gguf)
     config = LlamaConfig.from_gguf(g.metadata, g.tensor_names())
-    formats = QUANTIZATION["gguf"].formats(stored_types(gguf_sources(g, weight_map(config))))
+    sources = gguf_sources(g, weight_map(config).all())
+    formats = QUANTIZATION["gguf"].formats(stored_types(
+        {name: sources[name] for name in weight_map(config).matrices}))
     _, plan, fused = tiny_plan(config, "gguf", "float32", formats)
     assert "layers.0.self_attn.qkv_proj.parts.2.q_high" in plan.names("param")  # Q6_K's V
     check_against_vm_and_numpy(tiny_stored_artifact(), config, plan, fused)

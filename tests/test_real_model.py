@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from conftest import LLAMA_CPP_GREEDY, PROMPT, PROMPT_IDS
 
-from tapml.compiler import CompileOptions, build_plan, describe
+from tapml.artifact import describe
+from tapml.compiler import CompileOptions, build_plan
+from tapml.models import ARCHITECTURES
 from tapml.models.llama import reference
 from tapml.models.llama.config import LlamaConfig
 from tapml.quantization import QUANTIZATION, dequantize_params
@@ -66,8 +68,8 @@ def test_plan_matches_relax_vm_on_the_same_module(engines):
 
     engine = engines["q4f32_1+f16kv"]
     config = LlamaConfig.from_dict(describe(engine.artifact)["model"])
-    options = CompileOptions(**describe(engine.artifact)["options"])
-    _, plan, fused = build_plan(config, QUANTIZATION["q4f32_1"], options)
+    options = CompileOptions.resolve(**describe(engine.artifact)["options"])
+    _, plan, fused = build_plan(ARCHITECTURES["llama"], config, QUANTIZATION["q4f32_1"], options)
     vm = RelaxVM(fused, plan, load_shards(engine.artifact / "weights"))
     tokens = np.zeros(options.chunk, "int32")
     tokens[: len(PROMPT_IDS)] = PROMPT_IDS

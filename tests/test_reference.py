@@ -3,13 +3,11 @@
 import numpy as np
 import pytest
 
-from tapml.convert import float_weights, gguf_sources
+from tapml.compiler import load_model_file
 from tapml.errors import ModelNotFound
-from tapml.gguf import GGUFFile
 from tapml.models import DEFAULT_MODEL, MODELS
 from tapml.models.llama.config import LlamaConfig
 from tapml.models.llama.reference import forward, greedy, rope
-from tapml.models.llama.weights import weight_map
 
 TINY = LlamaConfig(
     vocab_size=64,
@@ -81,9 +79,8 @@ def smollm2():
         path = MODELS[DEFAULT_MODEL].gguf_path()
     except ModelNotFound as e:
         pytest.skip(str(e))
-    g = GGUFFile(path)
-    config = LlamaConfig.from_gguf(g.metadata, g.tensor_names())
-    return float_weights(gguf_sources(g, weight_map(config))), config
+    model = load_model_file(path)
+    return model.float_weights(), model.config
 
 
 @pytest.mark.real_model

@@ -5,8 +5,8 @@ import pytest
 from conftest import PROMPT_IDS, assert_close, greedy_trace
 
 from tapml.api import ensure_compiled
+from tapml.artifact import describe
 from tapml.bench import AGREEMENT_PROMPTS, forced_logits, llama_cpp_logits, top2_margin
-from tapml.compiler import describe
 from tapml.models import MODELS
 from tapml.runtime.engine import Engine
 from tapml.targets import TARGETS, executes_here

@@ -12,6 +12,7 @@ from tapml.compiler import CompileOptions, build_plan
 from tapml.errors import CompileError
 from tapml.gguf import GGUFFile
 from tapml.lower import kernel_functions
+from tapml.models import ARCHITECTURES
 from tapml.models.llama.config import LlamaConfig
 from tapml.quantization import QUANTIZATION
 from tapml.targets import TARGETS, Limits, check_bindings
@@ -21,8 +22,8 @@ GPU_TARGETS = [name for name in TARGETS if TARGETS[name].limits is not None]
 
 
 def plan_kernels(config, target, quantization, max_context=TINY_CONTEXT, chunk=TINY_CHUNK):
-    options = CompileOptions(target, quantization, max_context, chunk).resolved()
-    _, plan, fused = build_plan(config, QUANTIZATION[quantization], options)
+    options = CompileOptions.resolve(target, quantization, max_context, chunk)
+    _, plan, fused = build_plan(ARCHITECTURES["llama"], config, QUANTIZATION[quantization], options)
     funcs = kernel_functions(fused)
     return plan, {k: funcs[k] for k in plan.kernels}
 

@@ -16,9 +16,12 @@ function adapterInfo(adapter) {
 export class Engine {
   constructor(bundle, device, adapter, executor, tokenizer, stats) {
     Object.assign(this, { bundle, device, adapter, executor, tokenizer, stats });
-    const m = bundle.manifest;
-    this.chunk = m.chunk;
-    this.maxContext = m.max_context;
+    // how to drive the plan's entry points: its task (tapml/plan.py `CausalLM`)
+    const task = executor.plan.task;
+    if (task.kind !== "causal_lm") throw new Error(`this bundle's task is ${task.kind}, not a causal LM`);
+    this.task = task;
+    this.chunk = task.chunk;
+    this.maxContext = task.max_context;
     this.pos = 0;
     this.finishReason = null; // why the last generation ended: stop, length, grammar or context
   }
@@ -33,7 +36,7 @@ export class Engine {
     if (kernels.format !== "tapml-kernels" || kernels.version !== 1)
       throw new Error(`kernels_${bundle.manifest.target}.json is not a tapml-kernels v1 file`);
     const plan = await bundle.json("plan.json");
-    if (plan.format !== "tapml-plan" || plan.version !== 1) throw new Error("plan.json is not a tapml-plan v1 file");
+    if (plan.format !== "tapml-plan" || plan.version !== 2) throw new Error("plan.json is not a tapml-plan v2 file");
     const tokenizer = await TextTokenizer.load(bundle);
     const executor = new PlanExecutor(device, plan, kernels.kernels);
     const weightsStart = performance.now();
@@ -62,12 +65,13 @@ export class Engine {
   async prefill(ids) {
     if (!ids.length) throw new Error("cannot prefill an empty prompt");
     this.checkRoom(ids.length);
-    const input = this.executor.plan.functions.prefill.inputs[0];
+    const p = this.task.prefill;
     let logits;
     for (let start = 0; start < ids.length; start += this.chunk) {
       const part = ids.slice(start, start + this.chunk), tokens = new Int32Array(this.chunk);
       tokens.set(part);
-      logits = await this.executor.run("prefill", { pos: this.pos, n_valid: part.length }, { [input]: tokens });
+      const scalars = { [p.position]: this.pos, [p.count]: part.length };
+      logits = await this.executor.run(p.function, scalars, { [p.tokens]: tokens });
       this.pos += part.length;
     }
     return logits;
@@ -75,8 +79,8 @@ export class Engine {
 
   async decode(token) {
     this.checkRoom(1);
-    const input = this.executor.plan.functions.decode.inputs[0];
-    const logits = await this.executor.run("decode", { pos: this.pos }, { [input]: Int32Array.of(token) });
+    const d = this.task.decode;
+    const logits = await this.executor.run(d.function, { [d.position]: this.pos }, { [d.tokens]: Int32Array.of(token) });
     this.pos += 1;
     return logits;
   }

@@ -196,6 +196,8 @@ export class PlanExecutor {
   async run(name, scalars, inputs) {
     const f = this.plan.functions[name], program = this.programs[name], d = this.device;
     for (const s of f.scalars) if (!(s in scalars)) throw new Error(`${name} needs the scalar ${s}`);
+    for (const r of f.requires ?? [])
+      if (!evaluate(r, scalars)) throw new Error(`${name}: scalars ${JSON.stringify(scalars)} fail ${JSON.stringify(r)}`);
     for (const [buffer, array] of Object.entries(inputs)) d.queue.writeBuffer(this.buffers[buffer].gpu, 0, array);
     const values = new DataView(program.values);
     const encoder = d.createCommandEncoder();

@@ -57,6 +57,7 @@ def _register() -> None:
         chat,
         compile,
         device,
+        matrix,
         migrate,
         models,
         offload,
@@ -69,7 +70,7 @@ def _register() -> None:
 
     # in the order of the user's workflow, as `tapml --help` lists them
     for module in (models, targets, compile, run, chat, carve, test, offload, migrate, device,
-                   package, verify, bench, cache):
+                   package, verify, bench, matrix, cache):
         main.add_command(module.command)
 
 

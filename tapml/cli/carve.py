@@ -52,9 +52,9 @@ def command(obj, model, source, quantization, scenarios, prompts, prompt_files,
       tapml test carved/smollm2 --target webgpu
     """
     from tapml.api import artifact_for
+    from tapml.artifact import describe
     from tapml.carving.carve import carve
     from tapml.carving.scenarios import select
-    from tapml.compiler import describe
     from tapml.quantization import DEFAULT, get_quantization
     from tapml.targets import executes_here, get_target
     from tapml.targets.llvm import use_threads

@@ -21,7 +21,8 @@ from .options import compile_options
 @click.pass_obj
 def command(obj, model, target, quantization, max_context, chunk, target_options, kv_cache,
             output) -> None:  # fmt: skip
-    """Compile MODEL (a name from `tapml models` or a .gguf path) for a target.
+    """Compile MODEL (a name from `tapml models` or a .gguf file of an architecture tapml
+    has) for a target.
 
     \b
     Example:
@@ -30,6 +31,7 @@ def command(obj, model, target, quantization, max_context, chunk, target_options
     from tapml.models import resolve_gguf
 
     _, gguf_path = resolve_gguf(model)
-    options = CompileOptions(target, quantization, max_context, chunk, target_options, kv_cache)
+    options = CompileOptions.resolve(target, quantization, max_context, chunk, target_options,
+                                     kv_cache)  # fmt: skip
     out = compile_model(gguf_path, output, options, progress=obj["progress"])
     click.echo(str(out))

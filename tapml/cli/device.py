@@ -7,8 +7,8 @@ import os
 
 import click
 
-BACKENDS = ["wgpu", "opencl", "metal", "cuda", "llvm"]
-WGPU_BACKENDS = ["vulkan", "metal", "dx12", "gl"]
+from tapml.targets import BACKENDS
+from tapml.targets.webgpu import WGPU_BACKENDS
 
 
 @click.group("device")
@@ -23,7 +23,7 @@ def command() -> None:
 
 
 def _token(token_file: str | None) -> str | None:
-    from tapml.targets.wire import TOKEN_ENV, read_token_file
+    from tapml.targets.remote.wire import TOKEN_ENV, read_token_file
 
     if token_file:
         return read_token_file(token_file)
@@ -31,14 +31,15 @@ def _token(token_file: str | None) -> str | None:
 
 
 @command.command("serve")
-@click.option("--backend", type=click.Choice(BACKENDS), required=True,
-              help="What runs the kernels: wgpu (webgpu, vulkan), opencl, metal, cuda, llvm.")
+@click.option("--backend", type=click.Choice(list(BACKENDS)), required=True,
+              help="What runs the kernels: " + ", ".join(
+                  f"{b.name} ({', '.join(b.targets)})" for b in BACKENDS.values()) + ".")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; anything but loopback needs a token.")
 @click.option("--port", type=int, default=9091, show_default=True, help="0: any free port.")
 @click.option("--token-file", type=click.Path(dir_okay=False),
               help="A file holding the shared token clients must send (else $TAPML_DEVICE_TOKEN).")
-@click.option("--wgpu-backend", type=click.Choice(WGPU_BACKENDS),
+@click.option("--wgpu-backend", type=click.Choice(list(WGPU_BACKENDS)),
               help="Pin wgpu to one native API (default: wgpu's choice; Vulkan for vulkan).")
 @click.option("--trust-native-code", is_flag=True,
               help="Accept native kernel libraries (.so: llvm, metal, cuda), which can run "
@@ -55,8 +56,8 @@ def serve(backend: str, host: str, port: int, token_file: str | None, wgpu_backe
     libraries only with --trust-native-code.
     """
     from tapml.errors import TapmlError
-    from tapml.targets.agent import Agent, is_loopback
-    from tapml.targets.agent import serve as serve_agent
+    from tapml.targets.remote.agent import Agent, is_loopback
+    from tapml.targets.remote.agent import serve as serve_agent
 
     token = _token(token_file)
     if not is_loopback(host) and token is None and not allow_no_token:

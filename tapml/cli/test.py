@@ -42,13 +42,13 @@ def command(obj, suite, target, pattern, bundle, device_url, report_dir) -> None
       tapml test carved/smollm2 --target webgpu --device tapml://192.168.1.7:9091
     """
     from tapml.carving import report as reports
-    from tapml.carving.replay import matches, replay
+    from tapml.carving.replay import compiled_for, matches, replay
     from tapml.carving.suite import Suite
 
     loaded = Suite.load(suite)
     target = _target(target, bundle)
     device = _device(target, device_url)  # before compiling: fail fast where it cannot run
-    artifact = bundle or _compiled(loaded, target, obj["progress"])
+    artifact = bundle or compiled_for(loaded, target, obj["progress"])
     open_executor = _executors(target, artifact, device_url)
     result = replay(loaded, target, open_executor, device, lambda k: matches(pattern, k),
                     obj["progress"])
@@ -65,7 +65,7 @@ def command(obj, suite, target, pattern, bundle, device_url, report_dir) -> None
 
 def _target(target: str | None, bundle: Path | None) -> str:
     """The target to test: --target, or the one the bundle's kernels were compiled for."""
-    from tapml.compiler import describe
+    from tapml.artifact import describe
 
     if bundle is None:
         if target is None:
@@ -91,21 +91,6 @@ def _device(target: str, device_url: str | None) -> str:
     if parse_url(device_url).scheme == "tapml":
         return f"{device_info(device_url)['device']} at {device_url}"
     return device_url
-
-
-def _compiled(suite, target: str, progress: bool) -> Path:
-    """The suite's model compiled for `target` with the suite's settings (cached)."""
-    from tapml.api import ensure_compiled
-    from tapml.quantization import get_quantization
-
-    m = suite.manifest
-    options = m["options"]
-    # the source's own CPU options must match for a bit-exact replay; other targets' defaults
-    same = options["target_options"] if target == m["source"] else None
-    # suites from before the KV cache option were carved with it in the activations' dtype
-    kv_cache = options.get("kv_cache") or get_quantization(m["quantization"]).dtype
-    return ensure_compiled(m["model"], target, m["quantization"], options["max_context"],
-                           options["chunk"], same, progress, kv_cache)  # fmt: skip
 
 
 def _executors(target: str, artifact: Path, device_url: str | None):

@@ -33,10 +33,13 @@ def row_reduction(kernel: Kernel) -> bool:
     sch = kernel.sch
     reduce_block = kernel.blocks[0]
     last = inline_chain(kernel, kernel.blocks[1:])
+    rows = sch.get_loops(reduce_block)[:-1]
+    if len(rows) > 1:  # e.g. (token, head) of a norm over each head: one loop of rows
+        sch.fuse(*rows)
     k = sch.get_loops(reduce_block)[-1]
     lanes = divisor(extent(sch, k), kernel.lanes())
     rf = None
-    if lanes > 1:
+    if 1 < lanes < extent(sch, k):  # a row of one vector: its sum stays scalar
         _, k_lane = sch.split(k, [None, lanes])
         rf = sch.rfactor(k_lane, factor_axis=len(kernel.kinds(reduce_block)) - 1)
     loops = sch.get_loops(last)

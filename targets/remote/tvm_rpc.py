@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 from tapml.errors import DeviceError, DeviceLost, TapmlError
 from tapml.plan import Plan
 
-from .llvm import TvmRuntimeExecutor
+from ..llvm import TvmRuntimeExecutor
 
 if TYPE_CHECKING:
-    from .remote import DeviceAddress
+    from .address import DeviceAddress
 
 
 def _guarded(method: Callable) -> Callable:

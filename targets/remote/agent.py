@@ -6,7 +6,7 @@ library for llvm, metal and cuda, accepted only from an agent started with
 --trust-native-code), then allocate, upload and download buffers, run entry points, launch
 or time single calls and reset the KV state. Every argument is checked to be a plain value of
 the expected type before it is used; the client's objects are never called, unpickled or
-evaluated. The protocol is in targets/wire.py and docs/formats.md.
+evaluated. The protocol is in wire.py and docs/formats.md.
 """
 
 from __future__ import annotations
@@ -32,13 +32,11 @@ import rpyc
 from tapml.errors import DeviceError, ExecutorError, TapmlError
 from tapml.plan import Plan
 
-from . import TARGETS, wire
+from .. import BACKENDS, TARGETS, Backend
+from . import wire
 
 log = logging.getLogger("tapml")
 
-BACKENDS = {"wgpu": ("webgpu", "vulkan"), "opencl": ("opencl",), "metal": ("metal",),
-            "cuda": ("cuda",), "llvm": ("llvm",)}  # fmt: skip
-NATIVE = {"llvm", "metal", "cuda"}  # backends whose kernels are a native library (a .so)
 MAX_PLAN_TEXT = 64 << 20
 MAX_KERNELS = 512 << 20
 MAX_DEVICE_BYTES = 16 << 30  # what one plan may allocate: storages and own buffers
@@ -63,46 +61,29 @@ class Agent:
             raise DeviceError(f"unknown backend {self.backend!r}; choose one of: "
                               f"{', '.join(BACKENDS)}")  # fmt: skip
         if self.backend == "llvm":
-            from .llvm import use_threads
+            from ..llvm import use_threads
 
             use_threads(None)  # one per physical core, as local commands run (TVM: half the CPUs)
+        runs = self.runs
+        device = runs.device_info(TARGETS[runs.targets[0]], wgpu_backend=self.wgpu_backend)
         self.info = {"protocol": wire.VERSION, "backend": self.backend,
-                     "targets": list(BACKENDS[self.backend]),
-                     "trust_native_code": self.trust_native_code, "chunk": wire.CHUNK,
-                     **describe_device(self.backend, self.wgpu_backend)}  # fmt: skip
+                     "targets": list(runs.targets), "trust_native_code": self.trust_native_code,
+                     "chunk": wire.CHUNK, **device}  # fmt: skip
 
-
-def describe_device(backend: str, wgpu_backend: str | None = None) -> dict[str, Any]:
-    """The device the backend runs on, and its limits; an error where it has none here."""
-    if backend == "wgpu":
-        from .webgpu import _adapter, describe
-
-        adapter = _adapter(TARGETS["webgpu"], wgpu_backend)
-        return {"device": describe(adapter), "limits": dict(adapter.limits),
-                "features": sorted(adapter.features)}  # fmt: skip
-    if backend == "opencl":
-        from .opencl import has_fp16, pick_device
-
-        platform, device = pick_device()
-        limits = {k: int(getattr(device, k)) for k in ("max_work_group_size", "local_mem_size",
-                  "max_mem_alloc_size", "global_mem_size", "max_compute_units")}  # fmt: skip
-        return {"device": f"{device.name.strip()} ({platform.name.strip()})", "limits": limits,
-                "features": ["fp16"] * has_fp16(device)}  # fmt: skip
-    target = "llvm" if backend == "llvm" else backend
-    module = __import__(f"tapml.targets.{TARGETS[target].executor}", fromlist=["available"])
-    executes, why = module.available(TARGETS[target])
-    if not executes:
-        raise DeviceError(f"the {backend} backend cannot run here: {why}")
-    return {"device": why, "limits": {}, "features": []}
+    @property
+    def runs(self) -> Backend:
+        """The backend this agent runs kernels with."""
+        return BACKENDS[self.backend]
 
 
 def build_executor(agent: Agent, target: str, plan: Plan, kernels: bytes, where: str):
     """An executor for `plan` on the agent's device, from kernels sent by a client."""
-    if target not in BACKENDS[agent.backend]:
+    runs = agent.runs
+    if target not in runs.targets:
         raise DeviceError(f"this agent's backend {agent.backend} runs targets "
-                          f"{', '.join(BACKENDS[agent.backend])}, not {target}")  # fmt: skip
+                          f"{', '.join(runs.targets)}, not {target}")  # fmt: skip
     spec = TARGETS[target]
-    if agent.backend in NATIVE:
+    if runs.native:
         if not agent.trust_native_code:
             raise DeviceError(
                 f"the {agent.backend} backend runs a native kernel library (a .so, which can do "
@@ -112,27 +93,14 @@ def build_executor(agent: Agent, target: str, plan: Plan, kernels: bytes, where:
             )
         library = Path(tempfile.mkstemp(suffix=".so", dir=agent.workdir)[1])
         library.write_bytes(kernels)
-        if target == "cuda":
-            from .cuda import CudaExecutor
-
-            return CudaExecutor(plan, library)
-        from .llvm import TvmRuntimeExecutor
-
-        return TvmRuntimeExecutor(plan, library, "cpu" if target == "llvm" else target)
-    from .records import parse_records
+        return runs.executor(plan, library, spec)
+    from ..records import parse_records
 
     try:
         text = kernels.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ExecutorError(f"{where} are not kernel-record text ({e})") from e
-    records = parse_records(text, where)
-    if agent.backend == "wgpu":
-        from .webgpu import WebGPUExecutor
-
-        return WebGPUExecutor(plan, records, spec, agent.wgpu_backend)
-    from .opencl import OpenCLExecutor
-
-    return OpenCLExecutor(plan, records, spec)
+    return runs.executor(plan, parse_records(text, where), spec, wgpu_backend=agent.wgpu_backend)
 
 
 def _exposed(*types: type) -> Callable:

@@ -1,11 +1,6 @@
-"""Remote devices: the URLs every `--device` option takes, and executors that run over them.
-
-    tapml://HOST:PORT              a tapml device agent (`tapml device serve`)
-    tvm-rpc://HOST:PORT[/KEY]      a TVM RPC server (python -m tvm.exec.rpc_server)
-    tvm-tracker://HOST:PORT/KEY    a server of KEY from a TVM RPC tracker
-
-`open_executor` returns an executor whose buffers and kernels live on the remote device;
-`start_local_agent` runs an agent on this machine for commands given no `--device`.
+"""The client side of remote devices: executors whose buffers and kernels live on a device
+(`open_executor`, for any device URL, see address.py), and `start_local_agent`, which runs an
+agent on this machine for commands given no `--device`.
 """
 
 from __future__ import annotations
@@ -20,7 +15,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,59 +24,13 @@ from tapml import errors
 from tapml.errors import DeviceError, DeviceLost
 from tapml.plan import Plan
 
-from . import get_target, wire
-from .executor import Executor
+from .. import backend_for, get_target
+from ..executor import Executor
+from . import wire
+from .address import DeviceAddress, DeviceURL, parse_url
 
 DEFAULT_TIMEOUT = 60.0  # seconds one call may take before the device counts as lost
 LOAD_TIMEOUT = 600.0  # building a plan's kernels (WGSL pipelines, OpenCL programs) takes longer
-SCHEMES = ("tapml", "tvm-rpc", "tvm-tracker")
-# the agent backend that runs each target's kernels, and the artifact file it takes
-BACKENDS = {"webgpu": "wgpu", "vulkan": "wgpu", "opencl": "opencl", "metal": "metal",
-            "cuda": "cuda", "llvm": "llvm"}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class DeviceAddress:
-    """A parsed device URL."""
-
-    scheme: str
-    host: str
-    port: int
-    key: str = ""
-
-    @property
-    def url(self) -> str:
-        return f"{self.scheme}://{self.host}:{self.port}" + (f"/{self.key}" if self.key else "")
-
-
-class DeviceURL(str):
-    """A device URL that carries the token of an agent this process started."""
-
-    token: str | None = None
-
-    def __new__(cls, url: str, token: str | None = None) -> DeviceURL:
-        self = super().__new__(cls, url)
-        self.token = token
-        return self
-
-
-def parse_url(url: str) -> DeviceAddress:
-    """The scheme, host, port and key of a device URL; a clear error for anything else."""
-    scheme, sep, rest = url.partition("://")
-    usage = ("tapml://HOST:PORT, tvm-rpc://HOST:PORT[/KEY] or tvm-tracker://HOST:PORT/KEY "
-             "(start an agent with: tapml device serve)")  # fmt: skip
-    if not sep or scheme not in SCHEMES:
-        raise DeviceError(f"{url!r} is not a device URL; use {usage}")
-    hostport, _, key = rest.partition("/")
-    host, _, port = hostport.rpartition(":")
-    host = host.strip("[]")  # [::1]:9091
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise DeviceError(f"{url!r} has no HOST:PORT; use {usage}")
-    if scheme == "tapml" and key:
-        raise DeviceError(f"{url!r}: a tapml:// URL has no key; use tapml://HOST:PORT")
-    if scheme == "tvm-tracker" and not key:
-        raise DeviceError(f"{url!r}: a tracker URL names the device key, tvm-tracker://HOST:PORT/KEY")
-    return DeviceAddress(scheme, host, int(port), key)
 
 
 def open_executor(
@@ -101,9 +49,7 @@ def open_executor(
     artifact_dir = Path(artifact_dir)
     if address.scheme == "tapml":
         token = token or getattr(url, "token", None) or os.environ.get(wire.TOKEN_ENV) or None
-        kernels = artifact_dir / spec.kernels
-        if BACKENDS[target] in ("cuda", "metal"):
-            kernels = kernels.with_suffix(".so")  # the TVM library beside the records
+        kernels = backend_for(target).kernels_file(artifact_dir, spec)
         return AgentExecutor(address, target, plan, kernels, token=token, timeout=timeout)
     if target != "llvm":
         raise DeviceError(f"{address.url}: a TVM RPC device runs the llvm target's kernel "
@@ -156,10 +102,10 @@ class AgentExecutor(Executor):
             raise DeviceError(f"{kernels} not found: compile the model for {target} first")
         self._conn, backend = connect(address, token, timeout)
         try:
-            if backend != BACKENDS[target]:
+            needed = backend_for(target).name
+            if backend != needed:
                 raise DeviceError(f"the device agent at {self.url} runs the {backend} "
-                                  f"backend; {target} kernels need --backend "
-                                  f"{BACKENDS[target]}")  # fmt: skip
+                                  f"backend; {target} kernels need --backend {needed}")  # fmt: skip
             root = self._conn.root
             import rpyc
 

@@ -1,0 +1,80 @@
+"""What an architecture declares, so that the compiler, the runtimes and the tools need nothing
+else: an architecture is one folder under models/ and one entry in `ARCHITECTURES`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from tapml.formats import WeightFormat
+
+
+class Config(Protocol):
+    """An architecture's configuration: a dataclass read from a model file's metadata."""
+
+    @classmethod
+    def from_gguf(cls, metadata: Mapping[str, Any], tensor_names: Sequence[str]) -> Config: ...
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Config: ...
+
+    def asdict(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class ModuleOptions:
+    """What a Relax module is built with besides the config: the activations' dtype, each
+    matrix's weight formats (`Quantization.formats`), and the compile options that shape it."""
+
+    dtype: str
+    formats: Mapping[str, tuple[WeightFormat, ...]]
+    max_context: int
+    chunk: int
+    kv_cache: str
+
+
+@dataclass(frozen=True)
+class WeightMap:
+    """Where each of tapml's weights comes from: the source tensors it is made of, stacked by
+    rows (parts of a fused projection) or concatenated (vectors), in order."""
+
+    matrices: dict[str, list[str]]  # a matrix's name (its planes follow) -> source tensors
+    vectors: dict[str, list[str]]  # a vector parameter's name (norms, biases) -> source tensors
+
+    def all(self) -> dict[str, list[str]]:
+        return {**self.matrices, **self.vectors}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One architecture, as the registry knows it.
+
+    `module(config, options)` builds the Relax `nn.Module`: its `export_spec()` gives the
+    entry points, `state_names()` the tensors kept between calls, `task()` how a runtime
+    drives it (docs/formats.md, "task"), and `tables()` the parameters computed rather than
+    read from the model file (e.g. RoPE's). `weight_map(config)` says where every weight
+    comes from (`WeightMap`); matrices are stored in the quantization's formats, vectors
+    in the activations' dtype. `reference(weights, config, tokens, observe=None,
+    kv_cache="float64")` is an independent numpy forward pass giving float64 logits per
+    token, over `{matrix}.weight` and the vectors: the judge of the compiled model and what
+    calibrates tapml's 4-bit groups.
+    """
+
+    name: str
+    task: str  # "causal_lm"
+    config: type
+    module: Callable[[Any, ModuleOptions], Any]
+    weight_map: Callable[[Any], WeightMap]
+    reference: Callable[..., np.ndarray]
+    gguf_names: tuple[str, ...]  # the GGUF general.architecture values it reads
+    tokenizer: str = "gguf"  # where the tokenizer comes from: the GGUF's metadata
+    chat: bool = True  # whether the model's chat template (if any) is used
+    dtypes: tuple[str, ...] = ("float32", "float16")  # activation dtypes it computes in
+    description: str = field(default="", compare=False)
+
+    def matrix_parts(self, config: Any) -> dict[str, int]:
+        """Each matrix's number of stacked parts."""
+        return {name: len(parts) for name, parts in self.weight_map(config).matrices.items()}

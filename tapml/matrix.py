@@ -1,0 +1,246 @@
+"""`tapml matrix`: every stage of the method for every model of the zoo on every target.
+
+Stages, in order (a stage that does not apply to a target is left out of its row):
+
+    compile  the model for the target (cached, as `tapml run` does)
+    run      greedy tokens of a short prompt on the target here
+    carve    unit tests carved from a real run on llvm (once per model, shared by its rows)
+    test     the carved suite replayed on the target
+    offload  the kernels moved to the target step by step through a local device agent
+    package  a bundle: webgpu for the browser, android for opencl; checked by `verify`
+    bench    prefill and decode tokens/s of short runs
+
+A target this machine cannot execute gets "compiled, not executed" once it compiles. Each
+stage's result is written to DIR/matrix.json as soon as it is known, so an interrupted
+matrix resumes where it stopped; results of another tapml source are not reused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import TapmlError
+from .fileio import write_atomic
+
+log = logging.getLogger("tapml")
+
+STAGES = ("compile", "run", "carve", "test", "offload", "package", "bench")
+FORMAT, VERSION = "tapml-matrix", 1
+PROMPT = "The capital of France is"
+RUN_TOKENS = 8
+BENCH = {"prompt_tokens": 32, "decode_tokens": 8}  # short: lavapipe takes a second a token
+BUNDLES = {"webgpu": "webgpu", "opencl": "android"}  # target -> the bundle it packages as
+NOT_EXECUTED = "compiled, not executed"
+
+
+@dataclass
+class Cell:
+    """One model and target: what each stage gave."""
+
+    model: str
+    target: str
+    stages: dict[str, dict[str, Any]]
+
+    @property
+    def summary(self) -> str:
+        """"pass", "compiled, not executed", or the first failing stage and its message."""
+        for stage in STAGES:
+            result = self.stages.get(stage)
+            if result and result["status"] == "fail":
+                return f"{stage}: {result['message']}"
+        if any(r["status"] == "not executed" for r in self.stages.values()):
+            return NOT_EXECUTED
+        return "pass" if self.stages else "-"
+
+
+class Matrix:
+    """A matrix being run into a directory (see the module docstring)."""
+
+    def __init__(self, directory: Path, fresh: bool = False, progress: bool = True):
+        from .cache import _source_digest
+
+        self.directory, self.progress = Path(directory), progress
+        self.state_file = self.directory / "matrix.json"
+        self.key = _source_digest()
+        self.results: dict[str, dict[str, dict[str, dict]]] = {}
+        if not fresh and self.state_file.is_file():
+            state = json.loads(self.state_file.read_text())
+            if state.get("format") == FORMAT and state.get("key") == self.key:
+                self.results = state["results"]
+            else:
+                log.info("%s is of another tapml source: running the matrix anew",
+                         self.state_file)  # fmt: skip
+
+    def run(self, models: Iterable[str], targets: Iterable[str], stages: Iterable[str]
+            ) -> list[Cell]:  # fmt: skip
+        cells = []
+        for model in models:
+            for target in targets:
+                for stage in [s for s in STAGES if s in set(stages)]:
+                    self._stage(model, target, stage)
+                cells.append(Cell(model, target, self.results.get(model, {}).get(target, {})))
+        return cells
+
+    def _stage(self, model: str, target: str, stage: str) -> None:
+        done = self.results.setdefault(model, {}).setdefault(target, {})
+        if stage in done:
+            return
+        if any(r["status"] in ("fail", "not executed") for r in done.values()):
+            return  # the row already stopped
+        work = _STAGES[stage]
+        start = time.perf_counter()
+        log.info("matrix: %s on %s: %s", model, target, stage)
+        try:
+            outcome = work(self, model, target)
+        except Exception as e:  # noqa: BLE001 - a failure is a result: record it, go on
+            if not isinstance(e, TapmlError):
+                log.debug("%s", traceback.format_exc())
+            outcome = {"status": "fail", "message": _one_line(e)}
+        if outcome is None:  # the stage does not apply to this target
+            return
+        done[stage] = {**outcome, "seconds": round(time.perf_counter() - start, 1)}
+        self._save()
+
+    def _save(self) -> None:
+        state = {"format": FORMAT, "version": VERSION, "key": self.key, "results": self.results}
+        write_atomic(self.state_file, json.dumps(state, indent=1).encode())
+
+    # -- what the stages share ------------------------------------------------------------
+    def artifact(self, model: str, target: str) -> Path:
+        from .api import ensure_compiled
+
+        return ensure_compiled(model, target, progress=self.progress)
+
+    def suite_dir(self, model: str) -> Path:
+        return self.directory / "carved" / Path(model).name.removesuffix(".gguf")
+
+
+def _executes(target: str) -> tuple[bool, str]:
+    from .targets import executes_here, get_target
+
+    return executes_here(get_target(target))
+
+
+def _compile(m: Matrix, model: str, target: str) -> dict[str, Any]:
+    m.artifact(model, target)
+    return {"status": "pass"}
+
+
+def _run(m: Matrix, model: str, target: str) -> dict[str, Any]:
+    from .runtime.engine import Engine
+
+    executes, why = _executes(target)
+    if not executes:
+        return {"status": "not executed", "message": why}
+    engine = Engine(m.artifact(model, target))
+    text = "".join(engine.generate(PROMPT, max_tokens=RUN_TOKENS))
+    if not text.strip():
+        raise TapmlError(f"generated nothing after {PROMPT!r}")
+    return {"status": "pass", "text": text}
+
+
+def _carve(m: Matrix, model: str, target: str) -> dict[str, Any]:
+    """Once per model: the chat scenario carved on llvm with the KV cache every target holds."""
+    from .api import ensure_compiled
+    from .carving.carve import carve
+    from .carving.scenarios import SCENARIOS
+    from .quantization import DEFAULT, get_quantization
+
+    for other in m.results.get(model, {}).values():
+        if other.get("carve", {}).get("status") == "pass":
+            return other["carve"]
+    portable = get_quantization(DEFAULT).dtype
+    source = ensure_compiled(model, "llvm", kv_cache=portable, progress=m.progress)
+    suite = carve(source, m.suite_dir(model), [SCENARIOS["chat"]], model, progress=m.progress)
+    return {"status": "pass", "calls": len(suite.calls)}
+
+
+def _test(m: Matrix, model: str, target: str) -> dict[str, Any]:
+    from .carving.replay import compiled_for, replay
+    from .carving.suite import Suite
+    from .targets import load_executor
+
+    executes, why = _executes(target)
+    if not executes:
+        return {"status": "not executed", "message": why}
+    suite = Suite.load(m.suite_dir(model))
+    artifact = compiled_for(suite, target, m.progress)
+    result = replay(suite, target, lambda plan: load_executor(target, plan, artifact), why,
+                    progress=m.progress)  # fmt: skip
+    if result.failed:
+        failed = result.failed
+        raise TapmlError(f"{len(failed)} of {len(result.calls)} carved calls fail on {target}, "
+                         f"first {failed[0].kernel}")  # fmt: skip
+    return {"status": "pass", "calls": len(result.calls)}
+
+
+def _offload(m: Matrix, model: str, target: str) -> dict[str, Any] | None:
+    from .carving.scenarios import SCENARIOS
+    from .carving.workflow import device_for, offload_model
+
+    if target == "llvm":
+        return None  # the source itself
+    executes, why = _executes(target)
+    if not executes:
+        return {"status": "not executed", "message": why}
+    out = m.directory / "offload" / f"{Path(model).name.removesuffix('.gguf')}-{target}"
+    with device_for(target, None) as url:
+        report = offload_model(model, target, url, SCENARIOS["chat"], out, progress=m.progress)
+    if not report["migrated"]:
+        raise TapmlError(f"kernel {report['culprit']} breaks the logits on {target}")
+    return {"status": "pass", "runs": report["runs"]}
+
+
+def _package(m: Matrix, model: str, target: str) -> dict[str, Any] | None:
+    from .package import package, verify
+
+    platform = BUNDLES.get(target)
+    if platform is None:
+        return None
+    out = m.directory / "bundles" / f"{Path(model).name.removesuffix('.gguf')}-{platform}"
+    done = package(model, platform, out, progress=m.progress)
+    problems = verify(done.path, progress=False)
+    if problems:
+        raise TapmlError(f"the {platform} bundle fails verify: {problems[0]}")
+    return {"status": "pass", "bundle": str(done.path)}
+
+
+def _bench(m: Matrix, model: str, target: str) -> dict[str, Any]:
+    from .bench import measure
+
+    executes, why = _executes(target)
+    if not executes:
+        return {"status": "not executed", "message": why}
+    result = measure(m.artifact(model, target), **BENCH)
+    return {"status": "pass", "decode_tok_s": round(result["decode_tok_s"], 1),
+            "prefill_tok_s": round(result["prefill_tok_s"], 1)}  # fmt: skip
+
+
+_STAGES: dict[str, Callable[[Matrix, str, str], dict[str, Any] | None]] = {
+    "compile": _compile, "run": _run, "carve": _carve, "test": _test, "offload": _offload,
+    "package": _package, "bench": _bench,
+}  # fmt: skip
+
+
+def _one_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+def table(cells: list[Cell], targets: list[str]) -> str:
+    """The models x targets table, as Markdown."""
+    models = list(dict.fromkeys(c.model for c in cells))
+    by = {(c.model, c.target): c for c in cells}
+    lines = ["| model | " + " | ".join(targets) + " |",
+             "|---|" + "---|" * len(targets)]  # fmt: skip
+    for model in models:
+        row = [by[model, t].summary.replace("|", "\\|") for t in targets]
+        lines.append(f"| {model} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
