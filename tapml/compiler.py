@@ -105,8 +105,13 @@ class ModelFile:
         return float_weights(self.sources(), self.architecture.weight_map(self.config))
 
     def tokenizer(self) -> Tokenizer:
+        """The tokenizer where the architecture says it is (`Architecture.tokenizer`)."""
         from tapml.tokenizer import Tokenizer
 
+        arch = self.architecture
+        if arch.tokenizer != "gguf":
+            raise CompileError(f"{arch.name} reads its tokenizer from {arch.tokenizer!r}, "
+                               "which tapml cannot read yet")  # fmt: skip
         return Tokenizer.from_gguf_metadata(self.gguf.metadata)
 
 

@@ -1,6 +1,7 @@
 """The shared layers the architectures compose (tapml.nn), each against numpy at odd shapes, on
-llvm and on webgpu (where it executes): a linear layer with a bias, RMSNorm on Q and K,
-GELU (tanh and erf) and GeGLU, LayerNorm, and attention with a sliding window."""
+llvm and on webgpu (where it executes): a linear layer with a bias, RMSNorm on Q and K, a
+norm after a sublayer, GELU (tanh and erf) and GeGLU, LayerNorm, and attention with a sliding
+window."""
 
 from __future__ import annotations
 
@@ -79,6 +80,23 @@ def test_rms_norm_on_query_and_key_heads(target, tmp_path):
     want[:, :heads] = rms_norm(x[:, :heads], wq, 1e-6)
     want[:, heads : heads + kv_heads] = rms_norm(x[:, heads : heads + kv_heads], wk, 1e-6)
     assert_close(got, want)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_norm_after_a_sublayer_then_the_residual(target, tmp_path):
+    class PostNorm(nn.Module):
+        def __init__(self):
+            self.norm = tnn.RMSNorm(70, 1e-6, "float32")
+
+        def decode(self, residual, x):
+            return self.norm.add_to(residual, x)
+
+        prefill = decode
+
+    residual, x = rng.standard_normal((2, 3, 70)).astype(np.float32)
+    w = (1 + 0.1 * rng.standard_normal(70)).astype(np.float32)
+    got = run(PostNorm(), {"residual": residual, "x": x}, {"norm.weight": w}, target, tmp_path)
+    assert_close(got, residual + rms_norm(x.astype(np.float64), w, 1e-6))
 
 
 def gelu_numpy(x: np.ndarray, approximate: str) -> np.ndarray:

@@ -112,23 +112,6 @@ def test_a_rerun_resumes_from_the_recorded_steps(split_parts, tmp_path, monkeypa
 
 # -- the real model, through a device agent ---------------------------------------------------
 @pytest.mark.real_model
-def test_migrate_smollm2_to_webgpu_through_a_local_agent(tmp_path):
-    from tapml.carving.scenarios import SCENARIOS
-    from tapml.carving.workflow import artifacts, migrate_model
-
-    report = migrate_model("smollm2-135m", "webgpu", None, tmp_path, [SCENARIOS["chat"]])
-    source_dir, _ = artifacts("smollm2-135m", "webgpu", None)
-    kernels = len(Plan.load(source_dir / "plan.json").kernels)
-    assert report["migrated"], report
-    assert report["test"]["failed_calls"] == 0 and report["test"]["kernels"] == kernels
-    offloaded = report["offload"]
-    assert [s["offloaded"] for s in offloaded["steps"]] == [kernels] and offloaded["runs"] == 2
-    assert "Paris" in report["completion"]  # generated on webgpu alone
-    for page in ("report.html", "offload/report.html", "suite/reports/webgpu/report.html"):
-        assert (tmp_path / page).is_file()
-
-
-@pytest.mark.real_model
 def test_a_broken_kernel_of_smollm2_is_localized_over_the_agent(tmp_path):
     from tapml.carving.scenarios import SCENARIOS
     from tapml.carving.workflow import artifacts, offload_model

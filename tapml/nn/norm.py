@@ -34,6 +34,29 @@ class RMSNorm(nn.Module):
 
         return op.tensor_expr_op(compute, "rms_norm", [x, self.weight])
 
+    def add_to(self, residual: nn.Tensor, x: nn.Tensor) -> nn.Tensor:
+        """residual + RMSNorm(x) in one kernel: a norm after attention or the MLP, before
+        the residual add (Gemma's post-norms)."""
+        eps = self.eps
+
+        def compute(r_te: te.Tensor, x_te: te.Tensor, w_te: te.Tensor):
+            rows, dim = x_te.shape
+            k = te.reduce_axis((0, dim), name="k")
+            sq = te.compute(
+                (rows,),
+                lambda i: te.sum(x_te[i, k].astype(ACC) * x_te[i, k].astype(ACC), axis=k),
+                name="sum_sq",
+            )
+
+            def add(i, j):
+                inv = tirx.rsqrt(sq[i] / tirx.const(int(dim), ACC) + tirx.const(eps, ACC))
+                normed = x_te[i, j].astype(ACC) * inv * w_te[j].astype(ACC)
+                return (r_te[i, j].astype(ACC) + normed).astype(r_te.dtype)
+
+            return te.compute(x_te.shape, add, name="add_rms_norm")
+
+        return op.tensor_expr_op(compute, "add_rms_norm", [residual, x, self.weight])
+
 
 def qk_norm(qkv: nn.Tensor, q_norm: RMSNorm, k_norm: RMSNorm, heads: int, kv_heads: int
             ) -> nn.Tensor:  # fmt: skip
