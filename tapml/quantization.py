@@ -15,7 +15,8 @@ format per part, so that parts a GGUF stores in different types stay as stored.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +103,43 @@ def part_prefixes(name: str, formats: Sequence[WeightFormat]) -> list[str]:
     return [f"{name}.parts.{i}" for i in range(len(formats))]
 
 
+def row_pieces(prefix: str, plane: str, pieces: int) -> list[str]:
+    """The parameter names of a plane of a weight split into row ranges (`tapml.nn.bindings`),
+    piece by piece: `{prefix}.rows.{j}.{plane}`."""
+    return [f"{prefix}.rows.{j}.{plane}" for j in range(pieces)]
+
+
+def split_rows(params: Iterable[tuple[str, np.ndarray]], row_splits: Mapping[str, list[int]]
+               ) -> Iterator[tuple[str, np.ndarray]]:  # fmt: skip
+    """The parameters with those of each weight in `row_splits` (its name -> row bounds, as
+    `tapml.nn.bindings.split_bindings` gives: its planes, and its bias if any, all per row)
+    cut into row-range pieces."""
+    for name, array in params:
+        prefix, _, plane = name.rpartition(".")
+        if prefix not in row_splits:
+            yield name, array
+            continue
+        bounds = row_splits[prefix]
+        names = row_pieces(prefix, plane, len(bounds) - 1)
+        for piece, (lo, hi) in zip(names, itertools.pairwise(bounds), strict=True):
+            yield piece, array[lo:hi]
+
+
+def _plane(params: Mapping[str, np.ndarray], prefix: str, plane: str
+           ) -> tuple[np.ndarray, list[str]]:  # fmt: skip
+    """A weight's plane, its row-range pieces joined, and the parameter names it came from."""
+    name = f"{prefix}.{plane}"
+    if name in params:
+        return params[name], [name]
+    pieces = 0
+    while f"{prefix}.rows.{pieces}.{plane}" in params:
+        pieces += 1
+    if not pieces:
+        raise TapmlError(f"the weights have no {name} (nor its row ranges)")
+    names = row_pieces(prefix, plane, pieces)
+    return np.concatenate([params[n] for n in names]), names
+
+
 def dequantize_params(params: Mapping[str, np.ndarray], formats: Mapping[str, Sequence[str]]
                       ) -> dict[str, np.ndarray]:  # fmt: skip
     """The float32 weights, under their unquantized names (`{matrix}.weight`), that a model's
@@ -117,8 +155,10 @@ def dequantize_params(params: Mapping[str, np.ndarray], formats: Mapping[str, Se
         prefixes = part_prefixes(name, fmts)
         matrices = []
         for prefix, fmt in zip(prefixes, fmts, strict=False):
-            planes = {plane: params[f"{prefix}.{plane}"] for plane in fmt.plane_names()}
-            taken |= {f"{prefix}.{plane}" for plane in planes}
+            planes = {}
+            for plane in fmt.plane_names():
+                planes[plane], names = _plane(params, prefix, plane)
+                taken.update(names)
             matrices.append(fmt.dequantize(planes))
         out[f"{name}.weight"] = np.concatenate(matrices) if len(matrices) > 1 else matrices[0]
     for name, value in params.items():

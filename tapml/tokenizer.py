@@ -23,6 +23,8 @@ _LLAMA3 = (
     r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Qwen2's: Llama 3's with lone digits
+_QWEN2 = _LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")
 # The regexes llama.cpp (llama-vocab.cpp) uses for each tokenizer.ggml.pre value. It applies them
 # in turn, each inside the pieces of the one before: for "smollm" the lone-digit pass runs first,
 # so "  2" becomes "  " + "2", never " " + " 2" as the GPT-2 regex alone would give.
@@ -35,6 +37,7 @@ PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
     "llama3": (_LLAMA3,),
     "llama-v3": (_LLAMA3,),
     "llama-bpe": (_LLAMA3,),
+    "qwen2": (_QWEN2,),
 }
 # llama.cpp takes a pre-token that is itself in the vocabulary whole, skipping the merges
 _IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe"}

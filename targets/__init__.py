@@ -121,6 +121,13 @@ TARGETS: dict[str, TargetSpec] = {
 }  # fmt: skip
 
 
+def binding_limit() -> int:
+    """The smallest per-binding limit of any target. Weights are split to fit it whatever the
+    target (tapml.nn.bindings), so that every target runs the same plan: a suite carved on
+    llvm replays on WebGPU, and kernels offload between any two targets."""
+    return min(spec.limits.max_binding_bytes for spec in TARGETS.values() if spec.limits)
+
+
 def get_target(name: str) -> TargetSpec:
     if name not in TARGETS:
         raise TapmlError(f"unknown target {name!r}; choose one of: {', '.join(TARGETS)}")

@@ -102,3 +102,11 @@ def real_artifact():
         return ensure_compiled("smollm2-135m", "llvm", quantization, kv_cache=kv_cache)
 
     return get
+
+
+@pytest.fixture(scope="session")
+def qwen_gguf() -> Path:
+    """Qwen2.5-Coder-0.5B's GGUF, joined from its six part packages once (then cached)."""
+    from tapml.models import MODELS
+
+    return MODELS["qwen2.5-coder-0.5b"].gguf_path()

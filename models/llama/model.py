@@ -19,7 +19,7 @@ Formats = dict[str, tuple[WeightFormat, ...]]  # matrix name -> the format of ea
 
 
 class Attention(nn.Module):
-    def __init__(self, config: LlamaConfig, formats: Formats, prefix: str):
+    def __init__(self, config: LlamaConfig, dtype: str, formats: Formats, prefix: str):
         self.heads, self.kv_heads, self.head_dim = (
             config.num_heads,
             config.num_kv_heads,
@@ -28,7 +28,8 @@ class Attention(nn.Module):
         hidden, q_dim = config.hidden_size, self.heads * self.head_dim
         kv_dim = self.kv_heads * self.head_dim
         # Q, K and V stacked (rows in that order): one pass over x for all three
-        self.qkv_proj = tnn.Linear(hidden, [q_dim, kv_dim, kv_dim], formats[prefix + "qkv_proj"])
+        self.qkv_proj = tnn.Linear(hidden, [q_dim, kv_dim, kv_dim], formats[prefix + "qkv_proj"],
+                                   bias=dtype if config.attention_bias else None)
         self.o_proj = tnn.Linear(q_dim, hidden, formats[prefix + "o_proj"])
 
     def forward(self, x, k_cache, v_cache, rope, pos, n_valid):
@@ -53,7 +54,7 @@ class Block(nn.Module):
     def __init__(self, config: LlamaConfig, dtype: str, formats: Formats, index: int):
         eps, prefix = config.rms_norm_eps, f"layers.{index}."
         self.input_layernorm = tnn.RMSNorm(config.hidden_size, eps, dtype)
-        self.self_attn = Attention(config, formats, prefix + "self_attn.")
+        self.self_attn = Attention(config, dtype, formats, prefix + "self_attn.")
         self.post_attention_layernorm = tnn.RMSNorm(config.hidden_size, eps, dtype)
         self.mlp = MLP(config, formats, prefix + "mlp.")
 
@@ -75,7 +76,7 @@ class LlamaForCausalLM(tnn.CausalLM):
         (embed_format,) = formats["embed_tokens"]
         self.embed_tokens = tnn.Embedding(config.vocab_size, config.hidden_size, embed_format,
                                           dtype)  # fmt: skip
-        self.rope = tnn.RotaryTables(options.max_context, config.head_dim)
+        self.rope = tnn.RotaryTables(options.max_context, config.head_dim, config.rope_pairs)
         self.layers = nn.ModuleList([Block(config, dtype, formats, i)
                                      for i in range(config.num_layers)])  # fmt: skip
         self.norm = tnn.RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)

@@ -13,16 +13,19 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
 
 
-def rope(x: np.ndarray, theta: float) -> np.ndarray:
-    """Rotate adjacent pairs (x[2i], x[2i+1]) by pos * theta^(-2i/d); x is [tokens, heads, d]."""
+def rope(x: np.ndarray, theta: float, pairs: str = "adjacent") -> np.ndarray:
+    """Rotate pair i by pos * theta^(-2i/d); x is [tokens, heads, d]. Pair i is
+    (x[2i], x[2i+1]) for "adjacent" pairs, (x[i], x[i + d/2]) for "halves"."""
     tokens, _, d = x.shape
     freqs = theta ** (-np.arange(0, d, 2) / d)
     angle = np.arange(tokens)[:, None, None] * freqs  # [tokens, 1, d/2]
     cos, sin = np.cos(angle), np.sin(angle)
-    even, odd = x[..., 0::2], x[..., 1::2]
+    first, second = (slice(0, None, 2), slice(1, None, 2)) if pairs == "adjacent" else (
+        slice(0, d // 2), slice(d // 2, None))  # fmt: skip
+    a, b = x[..., first], x[..., second]
     out = np.empty_like(x)
-    out[..., 0::2] = even * cos - odd * sin
-    out[..., 1::2] = even * sin + odd * cos
+    out[..., first] = a * cos - b * sin
+    out[..., second] = a * sin + b * cos
     return out
 
 
@@ -77,9 +80,13 @@ def forward(
     for i in range(c.num_layers):
         p = f"layers.{i}."
         h = rms_norm(x, w(p + "input_layernorm.weight"), c.rms_norm_eps)
-        qkv = linear(h, p + "self_attn.qkv_proj.weight").reshape(t, -1, c.head_dim)
-        q, k, v = np.split(qkv, [c.num_heads, c.num_heads + c.num_kv_heads], axis=1)
-        a = attention(rope(q, c.rope_theta), cached(rope(k, c.rope_theta)), cached(v))
+        qkv = linear(h, p + "self_attn.qkv_proj.weight")
+        if c.attention_bias:
+            qkv = qkv + w(p + "self_attn.qkv_proj.bias")
+        q, k, v = np.split(qkv.reshape(t, -1, c.head_dim),
+                           [c.num_heads, c.num_heads + c.num_kv_heads], axis=1)  # fmt: skip
+        q, k = (rope(y, c.rope_theta, c.rope_pairs) for y in (q, k))
+        a = attention(q, cached(k), cached(v))
         x = x + linear(a.reshape(t, -1), p + "self_attn.o_proj.weight")
 
         h = rms_norm(x, w(p + "post_attention_layernorm.weight"), c.rms_norm_eps)

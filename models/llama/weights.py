@@ -1,7 +1,8 @@
 """GGUF tensor names -> tapml's weight names for the Llama architecture.
 
-GGUF stores Q and K projections already permuted for RoPE over adjacent pairs (llama.cpp's
-convention), which is the layout the tapml model uses, so no permutation is needed.
+llama.cpp's llama GGUFs store Q and K projections already permuted for RoPE over adjacent
+pairs, and its Qwen2 GGUFs unpermuted for RoPE over halves: the model rotates as the config's
+`rope_pairs` says, so no permutation is needed.
 """
 
 from __future__ import annotations
@@ -29,4 +30,7 @@ def weight_map(config: LlamaConfig) -> WeightMap:
             matrices[f"layers.{i}.{ours}"] = [f"blk.{i}.{t}.weight" for t in theirs]
         for ours, theirs in _NORMS.items():
             vectors[f"layers.{i}.{ours}.weight"] = [f"blk.{i}.{theirs}.weight"]
+        if config.attention_bias:
+            qkv = _MATRICES["self_attn.qkv_proj"]
+            vectors[f"layers.{i}.self_attn.qkv_proj.bias"] = [f"blk.{i}.{t}.bias" for t in qkv]
     return WeightMap(matrices, vectors)

@@ -6,7 +6,6 @@ import json
 
 import click
 
-from tapml.errors import ModelNotFound
 from tapml.models import ARCHITECTURES, MODELS
 
 
@@ -20,22 +19,24 @@ def command(as_json: bool) -> None:
     """
     rows = []
     for card in MODELS.values():
-        try:
-            path, installed = str(card.gguf_path()), True
-        except ModelNotFound:
-            path, installed = None, False
+        installed = card.installed()
+        # Parts are joined on first use (gguf_path), not by listing: show where they will be.
+        path = (card.joined_path or card.gguf_path()) if installed else None
         rows.append({
             "name": card.name, "architecture": card.architecture,
-            "description": card.description, "package": card.package,
-            "installed": installed, "path": path, "install": card.install_command,
+            "description": card.description, "packages": [p.package for p in card.parts],
+            "installed": installed, "path": str(path) if path else None,
+            "install": card.install_command,
         })  # fmt: skip
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
     for r in rows:
         state = "installed" if r["installed"] else f"not installed: {r['install']}"
-        click.echo(f"{r['name']:16} {r['architecture']:8} {r['description']}")
-        click.echo(f"{'':16} weights: {r['package']} ({state})")
+        first, *rest = r["packages"]
+        weights = f"{first} .. {rest[-1]}, {len(rest) + 1} parts" if rest else first
+        click.echo(f"{r['name']:20} {r['architecture']:8} {r['description']}")
+        click.echo(f"{'':20} weights: {weights} ({state})")
     click.echo("\narchitectures (a .gguf of one works as a model too):")
     for arch in ARCHITECTURES.values():
         click.echo(f"  {arch.name:14} {arch.description}")

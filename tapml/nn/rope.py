@@ -13,7 +13,8 @@ from .base import ACC
 class RotaryTables(nn.Module):
     """cos/sin of every (position, pair) angle, filled in when weights are converted."""
 
-    def __init__(self, max_context: int, head_dim: int):
+    def __init__(self, max_context: int, head_dim: int, pairs: str = "adjacent"):
+        self.pairs = pairs  # (x[2i], x[2i+1]) are rotated together, or (x[i], x[i + d/2]): "halves"
         self.cos = nn.Parameter((max_context, head_dim // 2), "float32")
         self.sin = nn.Parameter((max_context, head_dim // 2), "float32")
 
@@ -27,24 +28,32 @@ class RotaryTables(nn.Module):
         of the rotated keys and of the values written at pos.. in place. One kernel, so that
         a decode step does not pay three launches for a few hundred values.
         """
-        return _rope_kv_write(qkv, self.cos, self.sin, heads, k_cache, v_cache, pos, n_valid)
+        return _rope_kv_write(qkv, self.cos, self.sin, heads, k_cache, v_cache, pos, n_valid,
+                              self.pairs)  # fmt: skip
 
 
 def _rope_kv_write(qkv: nn.Tensor, cos: nn.Tensor, sin: nn.Tensor, heads: int,
-                   k_cache: nn.Tensor, v_cache: nn.Tensor, pos: tirx.Var, n_valid
-                   ) -> tuple[nn.Tensor, nn.Tensor, nn.Tensor]:  # fmt: skip
+                   k_cache: nn.Tensor, v_cache: nn.Tensor, pos: tirx.Var, n_valid,
+                   pairs: str) -> tuple[nn.Tensor, nn.Tensor, nn.Tensor]:  # fmt: skip
     rows, all_heads, dim = (int(x) for x in qkv.shape)
     kv_heads, max_ctx = int(v_cache.shape[0]), int(v_cache.shape[1])
     tables, dtype, i64 = (int(cos.shape[0]), dim // 2), qkv.dtype, T.int64
     k_shape = [int(x) for x in k_cache.shape]
     tile = k_shape[3]
 
+    half = dim // 2
+
     def rotated(x, cos_t, sin_t, p, i, h, d):
-        """Element d of head h of row i, rotated with its pair partner (adjacent pairs)."""
-        pair = d // 2
+        """Element d of head h of row i, rotated with its pair partner."""
+        if pairs == "adjacent":
+            pair, is_first, partner = d // 2, d % 2 == 0, d // 2 * 2
+            a, b = x[i, h, partner], x[i, h, partner + 1]
+        else:
+            pair, is_first = d % half, d < half
+            a, b = x[i, h, pair], x[i, h, pair + half]
         c, s = cos_t[p + i, pair], sin_t[p + i, pair]
-        even, odd = T.Cast(ACC, x[i, h, pair * 2]), T.Cast(ACC, x[i, h, pair * 2 + 1])
-        return T.Cast(dtype, T.Select(d % 2 == 0, even * c - odd * s, even * s + odd * c))
+        a, b = T.Cast(ACC, a), T.Cast(ACC, b)
+        return T.Cast(dtype, T.Select(is_first, a * c - b * s, a * s + b * c))
 
     @T.prim_func(private=True, s_tir=True)
     def rope_kv(
