@@ -48,6 +48,38 @@ def unpack_fields(words: np.ndarray, bits: int) -> np.ndarray:
     return q.reshape(words.shape[0], -1)
 
 
+def high_words(k: int, bits: int, per_low: int) -> int:
+    """Words per row of pack_high for K values: whole blocks of 32 / bits low words."""
+    per_word = 32 // bits
+    return -(-(k // per_low) // per_word) * per_low
+
+
+def pack_high(q: np.ndarray, bits: int, per_low: int) -> np.ndarray:
+    """[N, K] unsigned values of `bits` bits, the bits above the fields of low words of
+    `per_low` fields each -> uint32 words [N, high_words(K)], laid out for vectors of low
+    words: with B = 32 / bits, field f of low word j is at bit (j % B) * bits of word
+    (j // B) * per_low + f. A vector of up to B consecutive low words (aligned) thus finds
+    its f-th fields' high bits in one word, at shifts that step by `bits` across the vector:
+    a broadcast and a vector shift instead of a gather. Rows are padded to whole blocks."""
+    per_word = 32 // bits
+    n, k = q.shape
+    low_words = k // per_low
+    q = q.astype(np.uint32).reshape(n, low_words, per_low)
+    pad = high_words(k, bits, per_low) // per_low * per_word - low_words
+    q = np.pad(q, ((0, 0), (0, pad), (0, 0))).reshape(n, -1, per_word, per_low)
+    shifts = np.arange(per_word, dtype=np.uint32)[:, None] * np.uint32(bits)
+    return np.bitwise_or.reduce(q << shifts, axis=2).reshape(n, -1).astype(np.uint32)
+
+
+def unpack_high(words: np.ndarray, bits: int, per_low: int, k: int) -> np.ndarray:
+    """The inverse of pack_high: [N, high_words(K)] words -> [N, K] uint32 values."""
+    per_word = 32 // bits
+    n = words.shape[0]
+    shifts = np.arange(per_word, dtype=np.uint32)[:, None] * np.uint32(bits)
+    q = (words.reshape(n, -1, 1, per_low) >> shifts) & np.uint32((1 << bits) - 1)
+    return q.reshape(n, -1)[:, :k]
+
+
 def pack_halves(h: np.ndarray) -> np.ndarray:
     """[N, M] float16 (or their uint16 bits) -> [N, ceil(M / 2)] uint32, value i in the low
     half of word i // 2 when i is even; an odd count is padded with a zero."""
@@ -80,6 +112,16 @@ def field(plane, n, k, bits: int):
     per = 32 // bits
     shift = tirx.Cast(U32, k % per) * _u32(bits)
     return (plane[n, k // per] >> shift) & _u32((1 << bits) - 1)
+
+
+def high_field(plane, n, k, bits: int, per_low: int):
+    """Value k (uint32) of a row of pack_high words."""
+    from tvm import tirx
+
+    per_word = 32 // bits
+    j, f = k // per_low, k % per_low
+    shift = tirx.Cast(U32, j % per_word) * _u32(bits)
+    return (plane[n, j // per_word * per_low + f] >> shift) & _u32((1 << bits) - 1)
 
 
 def half_to_float(bits):
@@ -137,7 +179,8 @@ def byte(plane, n, i):
 class Affine:
     """A quantized format's formula for one row n, as CPU schedules take it apart:
     w[n, k] = q(k) * scale(g) + bias(g), g = k // group, with q = low | high << low_bits:
-    `low` packs low_bits per value (pack_fields), `high` (if any) the high_bits above them.
+    `low` packs low_bits per value (pack_fields), `high` (if any) the high_bits above them
+    (pack_high).
     Symmetric formats give `offset` instead of a bias: w = (q - offset) * scale."""
 
     low: Any  # te.Tensor of words
@@ -153,7 +196,8 @@ class Affine:
         """The value q(k) of row n, as uint32."""
         q = field(self.low, n, k, self.low_bits)
         if self.high is not None:
-            q = q | (field(self.high, n, k, self.high_bits) << _u32(self.low_bits))
+            high = high_field(self.high, n, k, self.high_bits, 32 // self.low_bits)
+            q = q | (high << _u32(self.low_bits))
         return q
 
     def weight(self, n, k):

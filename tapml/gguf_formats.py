@@ -3,13 +3,15 @@ planes of uint32 words that every target reads (see tapml.formats).
 
 A GGUF block interleaves half-precision scales, packed scale bytes and 4-bit values in an
 order chosen for llama.cpp's kernels. Here every value moves to its k-ordered field in
-`q_weight` (the low 4 or 8 bits) and `q_high` (the bits above them), scales to `q_scale`
+`q_weight` (the low 4 or 8 bits) and `q_high` (the bits above them, laid out for vectors of
+low words: `tapml.formats.pack_high`), scales to `q_scale`
 (per group) and `q_super` (per 256-value super-block), as halves or bytes in words. The
 float32 value of every element is then exactly gguf's own dequantization
 (`gguf.quants.dequantize`): each product of a small integer and a half-precision scale is
 exact in float32, and the one addition rounds as gguf's does. The stored size grows by at
 most 1/8 bit per weight (K-quants' packed 6-bit scales take whole bytes), plus half a word
-per row where a row has an odd number of half-precision scales.
+per row where a row has an odd number of half-precision scales, and Q5_0's high bits a block
+of 256 values per row where a row is not whole blocks (0.14 bit per weight at K = 896).
 """
 
 from __future__ import annotations
@@ -28,10 +30,13 @@ from .formats import (
     check_matrix,
     half,
     half_pair,
+    high_words,
     pack_fields,
     pack_halves,
+    pack_high,
     unpack_fields,
     unpack_halves,
+    unpack_high,
 )
 
 
@@ -52,11 +57,16 @@ class GGUFBlocks(WeightFormat):
     def name(self) -> str:
         return self.ggml
 
+    @property
+    def per_low(self) -> int:
+        """Values per low word."""
+        return 32 // self.low_bits
+
     def planes(self, shape):
         n, k = check_matrix(self, shape, self.block)
         planes = {"q_weight": ((n, k * self.low_bits // 32), U32)}
         if self.high_bits:
-            planes["q_high"] = ((n, k * self.high_bits // 32), U32)
+            planes["q_high"] = ((n, high_words(k, self.high_bits, self.per_low)), U32)
         planes.update(self._scale_planes(n, k // self.block))
         return planes
 
@@ -72,13 +82,14 @@ class GGUFBlocks(WeightFormat):
         values = values.reshape(n, k)
         planes = {"q_weight": pack_fields(values & ((1 << self.low_bits) - 1), self.low_bits)}
         if self.high_bits:
-            planes["q_high"] = pack_fields(values >> self.low_bits, self.high_bits)
+            planes["q_high"] = pack_high(values >> self.low_bits, self.high_bits, self.per_low)
         return {**planes, **scales}
 
     def dequantize(self, planes):
         q = unpack_fields(planes["q_weight"], self.low_bits)
         if self.high_bits:
-            q = q | (unpack_fields(planes["q_high"], self.high_bits) << np.uint32(self.low_bits))
+            high = unpack_high(planes["q_high"], self.high_bits, self.per_low, q.shape[1])
+            q = q | (high << np.uint32(self.low_bits))
         q = q.astype(np.float32)
         n, k = q.shape
         scale, bias = self._scale_bias(planes, n, k // self.group)

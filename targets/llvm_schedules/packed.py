@@ -113,17 +113,18 @@ def _packed_gemv_te(x: te.Tensor, w: Affine, lanes: int, n_rows: int) -> te.Tens
     def xf(k):
         return x[0, k].astype(F32) * tirx.const(levels, F32)
 
-    def field(n, j, f):
-        """Field f of low word j, as the float 1 + q/L."""
+    def field(n, base, i, f):
+        """Field f of low word base + i, as the float 1 + q/L. `base` is a multiple of the
+        vector's width, which divides a block of high words (pack_high): the vector's f-th
+        high bits are then in one word, at shifts stepping across the lanes."""
         shift = f.astype(U32) * tirx.const(w.low_bits, U32)
-        q = (w.low[n, j] >> shift) & tirx.const((1 << w.low_bits) - 1, U32)
+        q = (w.low[n, base + i] >> shift) & tirx.const((1 << w.low_bits) - 1, U32)
         q = q << tirx.const(23 - bits, U32)
-        if w.high is not None:  # low word j's fields are values j*pw.. of its high word's
-            per_high = 32 // w.high_bits // pw  # low words per high word
-            at = (j % per_high * pw).astype(U32) + f.astype(U32)
-            high = (w.high[n, j // per_high] >> at * tirx.const(w.high_bits, U32)) & tirx.const(
-                (1 << w.high_bits) - 1, U32
-            )
+        if w.high is not None:
+            block = 32 // w.high_bits  # low words per block of high words
+            word = w.high[n, base // block * pw + f]
+            at = (base % block + i).astype(U32) * tirx.const(w.high_bits, U32)
+            high = (word >> at) & tirx.const((1 << w.high_bits) - 1, U32)
             q = q | (high << tirx.const(23 - w.high_bits, U32))
         return tirx.reinterpret(F32, q | tirx.const(0x3F800000, U32))  # 1.0f
 
@@ -140,7 +141,7 @@ def _packed_gemv_te(x: te.Tensor, w: Affine, lanes: int, n_rows: int) -> te.Tens
         dot = te.compute(
             (n_rows, whole, chains, lanes),
             lambda n, o, c, i: te.sum(
-                xw[o, c * per_chain + f1, i] * field(n, o * lanes + i, c * per_chain + f1),
+                xw[o, c * per_chain + f1, i] * field(n, o * lanes, i, c * per_chain + f1),
                 axis=f1,
             ),
             name="word_dot",
@@ -242,7 +243,7 @@ def _tail_piece(xf, field, stages: _Stages, j0: int, width: int, pw: int, per_gr
     sums = stages.x_sums(lambda f, i: xt[f, i], (width,), pw, f"x_tail{width}")
     f1 = te.reduce_axis((0, pw), name="f1")
     dot = te.compute((n_rows, width),
-                     lambda n, i: te.sum(xt[f1, i] * field(n, j0 + i, f1), axis=f1),
+                     lambda n, i: te.sum(xt[f1, i] * field(n, j0, i, f1), axis=f1),
                      name=f"tail_dot{width}")  # fmt: skip
     first, last = j0 // per_group, (j0 + width - 1) // per_group
     factors = stages.factors((n_rows, last - first + 1), lambda g: first + g, f"tail{width}")
@@ -284,8 +285,8 @@ def packed_gemv(kernel: Kernel) -> bool:
     per_group = affine.group // pw
     if affine.group % pw or lanes % per_group:
         return False
-    if affine.high is not None and (32 // affine.high_bits) % pw:
-        return False  # a low word's high bits must lie in one high word
+    if affine.high is not None and (32 // affine.high_bits) % lanes:
+        return False  # a vector's high bits must lie in one block of high words (pack_high)
     root = kernel.get(kernel.sch.get_sblock("root"))
     if not isinstance(root.body, tirx.SeqStmt) or len(root.body.seq) != len(kernel.blocks):
         return False  # the splice below needs one loop nest per block, in block order
