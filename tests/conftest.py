@@ -110,3 +110,11 @@ def qwen_gguf() -> Path:
     from tapml.models import MODELS
 
     return MODELS["qwen2.5-coder-0.5b"].gguf_path()
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf() -> Path:
+    """Gemma-3-270M's GGUF, joined from its four part packages once (then cached)."""
+    from tapml.models import MODELS
+
+    return MODELS["gemma3-270m"].gguf_path()

@@ -33,16 +33,20 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Causal grouped-query attention: q [T, H, D], k and v [T, KV, D] -> [T, H, D]."""
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int | None = None
+              ) -> np.ndarray:  # fmt: skip
+    """Causal grouped-query attention: q [T, H, D], k and v [T, KV, D] -> [T, H, D]; with a
+    sliding `window` of W, position t sees only t-W+1..t."""
     tokens, heads, d = q.shape
     group = heads // k.shape[1]
     # Query head h reads kv head h // group, as in llama.cpp's broadcast.
     k = np.repeat(k, group, axis=1)
     v = np.repeat(v, group, axis=1)
     scores = np.einsum("thd,shd->hts", q, k) / np.sqrt(d)
-    future = np.triu(np.ones((tokens, tokens), dtype=bool), k=1)
-    scores[:, future] = -np.inf
+    hidden = np.triu(np.ones((tokens, tokens), dtype=bool), k=1)
+    if window is not None:
+        hidden |= np.tril(np.ones((tokens, tokens), dtype=bool), k=-window)
+    scores[:, hidden] = -np.inf
     scores -= scores.max(axis=-1, keepdims=True)
     probs = np.exp(scores)
     probs /= probs.sum(axis=-1, keepdims=True)

@@ -1,0 +1,210 @@
+"""Gemma-3-270M, the architecture with what llama lacks: its SentencePiece ids and greedy steps
+against llama.cpp on the same GGUF, its logits against the numpy forward pass across position
+512 (where the sliding window starts to drop positions) on llvm, WebGPU's and OpenCL's against
+llvm's, float32 activations everywhere, and the sliding window's exact reach on a tiny model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from tiny_gguf import write_tiny_gemma3_gguf
+
+from tapml.api import ensure_compiled
+from tapml.artifact import describe
+from tapml.bench import forced_logits, import_llama_cpp, top2_margin
+from tapml.carving import carve as carving
+from tapml.carving.scenarios import Scenario
+from tapml.cli import main
+from tapml.compiler import CompileOptions, compile_model
+from tapml.models import get_architecture
+from tapml.plan import Plan
+from tapml.quantization import dequantize_params
+from tapml.runtime.engine import Engine
+from tapml.targets import TARGETS, executes_here
+from tapml.weights import load_shards
+
+MODEL = "gemma3-270m"
+NUMPY_RTOL = 1e-3  # float32 kernels against float64 numpy on the same weights
+GPU_RTOL = 2e-3
+LLAMA_CPP_MARGIN = 1.5
+STEPS = 16
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, there was",
+           "Les fleurs du jardin sont"]  # fmt: skip
+TEXTS = [
+    "The capital of France is",
+    "def f(x):\n    return x  + 1\n\n\n",
+    "12345 3.14159 1,000,000 0x1F 2e-10",
+    "héllo wörld 你好世界 🤖 naïve café – “quotes” …",
+    "   leading and trailing   \n\n\t\t  \n",
+    "<start_of_turn>user\nHi<end_of_turn>\n<div></iframe>",
+    "ẞ ǅ ﬁ \u00a0nbsp \u200bzw 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ☃\x01\x7f",
+]
+
+
+def engine_on(target: str) -> Engine:
+    ok, why = executes_here(TARGETS[target])
+    if not ok:
+        pytest.skip(f"{target} does not execute here: {why}")
+    return Engine(ensure_compiled(MODEL, target, kv_cache="float32", progress=False))
+
+
+@pytest.fixture(scope="module")
+def llvm() -> Engine:
+    return engine_on("llvm")
+
+
+@pytest.fixture(scope="module")
+def llama(gemma_gguf):
+    llama_cpp = import_llama_cpp()
+    llm = llama_cpp.Llama(model_path=str(gemma_gguf), n_ctx=256, logits_all=True, n_threads=2,
+                          verbose=False)  # fmt: skip
+    yield llm
+    llm.close()
+
+
+def greedy(engine: Engine, prompt: list[int], steps: int) -> tuple[np.ndarray, list[int]]:
+    """The logits predicting each of `steps` greedy tokens, and the tokens."""
+    engine.reset()
+    logits, tokens = [engine.prefill(prompt)], []
+    for _ in range(steps):
+        tokens.append(int(np.argmax(logits[-1])))
+        logits.append(engine.decode(tokens[-1]))
+    return np.stack(logits[:-1]), tokens
+
+
+def reference(engine: Engine, tokens: list[int], **changes) -> np.ndarray:
+    """The numpy forward pass over the artifact's own weights (its config changed as asked)."""
+    config = describe(engine.artifact)["model"]
+    arch = get_architecture(config["architecture"])
+    weights = dequantize_params(load_shards(engine.artifact / "weights"),
+                                engine.plan.model["weight_formats"])  # fmt: skip
+    config = dataclasses.replace(arch.config.from_dict(config), **changes)
+    return arch.reference(weights, config, tokens, kv_cache=engine.plan.model["kv_cache"])
+
+
+def relative_errors(got: np.ndarray, want: np.ndarray) -> list[float]:
+    return [float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(got, want, strict=True)]
+
+
+@pytest.mark.real_model
+def test_sentencepiece_ids_equal_llama_cpps(llvm, llama):
+    tokenizer = llvm.tokenizer
+    assert (tokenizer.add_bos, tokenizer.bos_id) == (True, 2)
+    for text in TEXTS:
+        ids = tokenizer.encode(text)
+        assert ids == llama.tokenize(text.encode(), add_bos=True, special=True), text
+        assert tokenizer.decode(ids[1:]) == text
+
+
+@pytest.mark.real_model
+def test_logits_equal_the_numpy_forward_pass_across_position_512(llvm):
+    text = " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(60))
+    prompt = llvm.tokenizer.encode(text)[:509]
+    logits, tokens = greedy(llvm, prompt, 6)  # predicting positions 509..514
+    want = reference(llvm, prompt + tokens[:-1])[len(prompt) - 1 :]
+    errors = relative_errors(logits, want)
+    assert max(errors) < NUMPY_RTOL, errors
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("target", ["webgpu", "opencl"])
+def test_gpu_logits_equal_llvms(llvm, target):
+    prompt = llvm.tokenizer.encode(PROMPTS[0])
+    want, tokens = greedy(llvm, prompt, 3)
+    errors = relative_errors(forced_logits(engine_on(target), prompt, tokens), want)
+    assert max(errors) < GPU_RTOL, errors
+
+
+@pytest.mark.real_model
+def test_argmax_follows_llama_cpps_greedy_steps(llvm, llama):
+    """Fed llama.cpp's own greedy continuation, tapml picks llama.cpp's token at every step
+    where llama.cpp's top two logits are over 1.5 apart, and at 95% of all steps."""
+    agree = total = 0
+    partings = []
+    for prompt in PROMPTS:
+        ids = llvm.tokenizer.encode(prompt)
+        llama.reset()
+        llama.eval(ids)
+        theirs, tokens = [], []
+        for _ in range(STEPS):
+            theirs.append(np.array(llama.scores[llama.n_tokens - 1], np.float32))
+            tokens.append(int(np.argmax(theirs[-1])))
+            llama.eval([tokens[-1]])
+        ours = forced_logits(llvm, ids, tokens).argmax(axis=-1)
+        for step, (mine, margin) in enumerate(zip(ours, top2_margin(np.stack(theirs)),
+                                                  strict=True)):  # fmt: skip
+            total += 1
+            agree += int(mine == tokens[step])
+            if mine != tokens[step]:
+                partings.append((prompt[:20], step, float(margin)))
+    assert all(margin <= LLAMA_CPP_MARGIN for *_, margin in partings), partings
+    assert agree >= 0.95 * total, partings
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("target", ["llvm", "webgpu", "opencl", "metal", "cuda"])
+def test_no_float16_activation_in_any_kernel(target):
+    """The residual stream reaches 1e5, beyond float16: every buffer a kernel computes is
+    float32 on every target, metal and cuda included, where float16 is native. (llvm's
+    default KV cache is float16: it holds normalized keys and values, far from the limit.)"""
+    artifact = ensure_compiled(MODEL, target, kv_cache="float32", progress=False)
+    plan = Plan.load(artifact / "plan.json")
+    assert plan.model["dtype"] == "float32"
+    computed = {n: b["dtype"] for n, b in plan.buffers.items() if b["kind"] != "param"}
+    assert not {n: d for n, d in computed.items() if d not in ("float32", "int32", "int64")}
+
+
+@pytest.mark.real_model
+def test_a_carved_suite_passes_on_webgpu(llvm, tmp_path):
+    suite = tmp_path / "suite"
+    short = Scenario("short", "a short prompt", PROMPTS[0], chat=False, decode_steps=4)
+    carving.carve(llvm.artifact, suite, [short], MODEL, progress=False)
+    result = CliRunner().invoke(main, ["-q", "test", str(suite), "--target", "webgpu"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((suite / "reports" / "webgpu" / "report.json").read_text())
+    assert report["passed"]
+    assert {k["kernel"] for k in report["kernels"]} == set(llvm.plan.kernels)
+
+
+WINDOW = 8
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory):
+    """A tiny Gemma-3 whose sliding layers see 8 positions, compiled per target."""
+    gguf = write_tiny_gemma3_gguf(tmp_path_factory.mktemp("gemma") / "tiny.gguf", WINDOW)
+
+    def get(target: str) -> Engine:
+        ok, why = executes_here(TARGETS[target])
+        if not ok:
+            pytest.skip(f"{target} does not execute here: {why}")
+        options = CompileOptions.resolve(target, "gguf", 64, 4, kv_cache="float32")
+        out = compile_model(gguf, tmp_path_factory.mktemp(target) / "tiny", options, False)
+        return Engine(out)
+
+    return get
+
+
+@pytest.mark.parametrize("target", ["llvm", "webgpu"])
+def test_sliding_window_reaches_exactly_its_positions(tiny_gemma, target):
+    """Positions 7..10 straddle the window's edge: the compiled model equals the reference,
+    and would not if every layer attended globally, if the sliding layers took the global
+    RoPE base, or if the window were one position shorter or longer."""
+    engine = tiny_gemma(target)
+    prompt = [11, 2000, 305, 47, 9000, 123, 77]  # predicts position 7 next, then decodes
+    logits, tokens = greedy(engine, prompt, 4)
+    ids = prompt + tokens[:-1]
+    rows = slice(len(prompt) - 1, None)
+    assert max(relative_errors(logits, reference(engine, ids)[rows])) < 1e-4
+    config = get_architecture("gemma3").config.from_dict(describe(engine.artifact)["model"])
+    wrong = {"every layer global": {"sliding_window": 10**6},
+             "the global RoPE base": {"local_rope_theta": config.rope_theta},
+             "a window one shorter": {"sliding_window": WINDOW - 1},
+             "a window one longer": {"sliding_window": WINDOW + 1}}  # fmt: skip
+    for what, changes in wrong.items():
+        errors = relative_errors(logits, reference(engine, ids, **changes)[rows])
+        assert max(errors) > 1e-2, f"{what} gives the same logits: {errors}"
