@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tapml.errors import GenerationError, TapmlError
-from tapml.tokenizer import Tokenizer, _byte_decoder
+from tapml.tokenizer import Tokenizer
 
 KINDS = ("json_schema", "any_json", "regex", "grammar")
 JSON_SEPARATORS = (", ", ": ")  # item, key; as json.dumps writes them
@@ -42,26 +42,16 @@ class Vocabulary:
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Tokenizer) -> Vocabulary:
-        # The HF vocabulary's strings are GPT-2 byte-level text: one character per byte.
         # Control tokens ("<|im_end|>") are literal text marked special; ids missing from the
         # vocabulary count as control too, so that no grammar text can ever produce them.
-        hf = tokenizer._hf
-        added = hf.get_added_tokens_decoder()
-        byte_of = _byte_decoder()
-        tokens: list[bytes | None] = [None] * tokenizer.vocab_size
-        for text, i in hf.get_vocab(with_added_tokens=True).items():
-            if i in added:
-                tokens[i] = text.encode()
-            elif i < len(tokens):
-                tokens[i] = b"".join(
-                    bytes([byte_of[c]]) if c in byte_of else c.encode() for c in text
-                )
+        added = tokenizer._hf.get_added_tokens_decoder()
+        tokens = tokenizer.token_bytes()
         control = {i for i, t in added.items() if t.special} | {
-            i for i, t in enumerate(tokens) if t is None
+            i for i, t in enumerate(tokens) if not t
         }
         stop = set(tokenizer.stop_ids) | ({tokenizer.eos_id} - {None})
         return cls(
-            tokens=[t or b"" for t in tokens],
+            tokens=tokens,
             control=frozenset(control),
             stop_ids=tuple(sorted(stop)),
             eos_id=tokenizer.eos_id,
@@ -169,11 +159,14 @@ class LLGuidanceConstraint(GrammarConstraint):
 
             def __call__(self, text: str) -> list[int]:
                 # llguidance tokenizes the text a grammar forces with this. It must never give
-                # control ids, so it skips the added tokens that Tokenizer.encode parses: BPE on
-                # each pre-token only (the same ids as encode for text without them)
+                # control ids, so it skips the added tokens that Tokenizer.encode parses: the
+                # model on each pre-token only (the same ids as encode for text without them)
                 if not isinstance(text, str):
                     raise TypeError("encodes str only")  # llguidance then passes str
-                pieces = hf.pre_tokenizer.pre_tokenize_str(text)
+                if hf.normalizer is not None:  # SentencePiece's visible spaces
+                    text = hf.normalizer.normalize_str(text)
+                pieces = (hf.pre_tokenizer.pre_tokenize_str(text) if hf.pre_tokenizer is not None
+                          else [(text, None)])  # fmt: skip
                 return [t.id for piece, _ in pieces for t in hf.model.tokenize(piece)]
 
         wrapper = llguidance.TokenizerWrapper(Wrapped())

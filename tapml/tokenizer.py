@@ -199,6 +199,11 @@ class Tokenizer:
             ids.insert(0, self.bos_id)
         return ids
 
+    def token_bytes(self) -> list[bytes]:
+        """Each id's bytes: what it stands for in text (a control token's own text; b"" for an
+        id the vocabulary lacks). Grammar engines match text against these."""
+        return list(self._bytes)
+
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
         """The text of `ids`; `skip_special` leaves out control tokens such as "<|im_end|>"."""
         data = b"".join(self._piece(i, skip_special) for i in ids)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from tapml.models import get_architecture
 from tapml.plan import Plan
 from tapml.quantization import dequantize_params
 from tapml.runtime.engine import Engine
+from tapml.runtime.grammar import BACKENDS, make_constraint
 from tapml.targets import TARGETS, executes_here
 from tapml.weights import load_shards
 
@@ -168,6 +170,38 @@ def test_a_carved_suite_passes_on_webgpu(llvm, tmp_path):
     report = json.loads((suite / "reports" / "webgpu" / "report.json").read_text())
     assert report["passed"]
     assert {k["kernel"] for k in report["kernels"]} == set(llvm.plan.kernels)
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_structured_output_reads_sentencepiece_pieces(llvm, backend):
+    """Grammar engines see each piece as the bytes it stands for ("\u2581" a space, <0x0A> a
+    newline): constrained output over Gemma's vocabulary completes and matches."""
+    tokenizer = llvm.tokenizer
+    pieces = tokenizer.token_bytes()
+    assert pieces[tokenizer.encode(" the", add_bos=False)[0]] == b" the"
+    assert pieces[tokenizer._hf.token_to_id("<0x0A>")] == b"\n"
+    schema = {"type": "object", "properties": {"year": {"type": "integer"}}, "required": ["year"],
+              "additionalProperties": False}  # fmt: skip
+    cases = [("regex", r" [12][0-9]{3}\.", "Apollo 11 landed on the Moon in the year"),
+             ("json_schema", json.dumps(schema), "The year of the Moon landing, as JSON:")]
+    for kind, value, prompt in cases:
+        constraint = make_constraint(kind, value, tokenizer, backend)
+        llvm.reset()
+        logits, out = llvm.prefill(tokenizer.encode(prompt)), []
+        for _ in range(24):
+            token = int(np.argmax(constraint.mask(logits)))
+            constraint.accept(token)
+            out.append(token)
+            if constraint.is_complete():
+                break
+            logits = llvm.decode(token)
+        text = tokenizer.decode(out)
+        assert constraint.is_complete(), (kind, text)
+        if kind == "regex":
+            assert re.fullmatch(value, text), text
+        else:
+            assert set(json.loads(text)) == {"year"}, text
 
 
 WINDOW = 8

@@ -8,7 +8,7 @@ const compilers = new WeakMap(); // tokenizer -> GrammarCompiler (holds the deco
 async function compilerFor(tokenizer) {
   if (!compilers.has(tokenizer)) {
     const { TokenizerInfo, GrammarCompiler } = globalThis.xgrammar;
-    compilers.set(tokenizer, TokenizerInfo.createTokenizerInfo(tokenizer.encodedVocabulary(), "byte_level", false,
+    compilers.set(tokenizer, TokenizerInfo.createTokenizerInfo(tokenizer.encodedVocabulary(), tokenizer.vocabType, false,
       tokenizer.vocabSize, tokenizer.stopIds).then((info) => GrammarCompiler.createGrammarCompiler(info)));
   }
   return compilers.get(tokenizer);

@@ -48,8 +48,14 @@ export class TextTokenizer {
     return text + chat.generation;
   }
 
-  // Each token as tokenizer.json spells it (GPT-2 byte-level text), control tokens as "":
-  // what xgrammar's byte-level vocabulary wants (tapml/runtime/grammar.py does the same).
+  // How tokenizer.json spells tokens, in XGrammar's words: GPT-2 byte-level text, or
+  // SentencePiece pieces ("\u2581" for a space, "<0x0A>" for a byte).
+  get vocabType() {
+    return this.config.model === "llama" ? "byte_fallback" : "byte_level";
+  }
+
+  // Each token as tokenizer.json spells it (see vocabType), control tokens as "":
+  // what XGrammar's TokenizerInfo wants (tapml/runtime/grammar.py does the same).
   encodedVocabulary() {
     const tokens = new Array(this.vocabSize).fill("");
     for (const [text, id] of Object.entries(this.json.model.vocab)) if (id < tokens.length) tokens[id] = text;
