@@ -21,6 +21,7 @@ from tapml.api import ensure_compiled
 from tapml.bench import (
     AGREEMENT_PROMPTS,
     forced_logits,
+    greedy_run,
     llama_cpp_logits,
     source_gguf,
     top2_margin,
@@ -29,16 +30,6 @@ from tapml.runtime.engine import Engine
 from tapml.targets import TARGETS, executes_here
 
 MARGINS = {"llama.cpp": 0.5, "q0f32": 0.01}
-
-
-def greedy(engine: Engine, ids: list[int], n: int) -> tuple[np.ndarray, list[int]]:
-    """The logits predicting each of n greedy tokens, and the tokens."""
-    engine.reset()
-    logits, tokens = [engine.prefill(ids)], []
-    for _ in range(n):
-        tokens.append(int(np.argmax(logits[-1])))
-        logits.append(engine.decode(tokens[-1]))
-    return np.stack(logits[:-1]), tokens
 
 
 def main() -> None:
@@ -53,7 +44,7 @@ def main() -> None:
     runs = []
     for text in AGREEMENT_PROMPTS:
         ids = reference.tokenizer.encode(text)
-        logits, tokens = greedy(reference, ids, args.tokens)
+        logits, tokens = greedy_run(reference, ids, args.tokens)
         llama = llama_cpp_logits(gguf, ids + tokens)[len(ids) - 1 : len(ids) - 1 + len(tokens)]
         runs.append((text, ids, tokens, {"q0f32": logits, "llama.cpp": llama}))
 
@@ -93,7 +84,7 @@ def main() -> None:
             llama_ids.append(int(np.argmax(llama_cpp_logits(gguf, ids + llama_ids)[-1])))
         print(f"    {'llama.cpp':9} {reference.tokenizer.decode(llama_ids)!r}")
         for q, engine in schemes.items():
-            print(f"    {q:9} {engine.tokenizer.decode(greedy(engine, ids, 12)[1])!r}")
+            print(f"    {q:9} {engine.tokenizer.decode(greedy_run(engine, ids, 12)[1])!r}")
 
 
 if __name__ == "__main__":

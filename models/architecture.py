@@ -3,6 +3,7 @@ else: an architecture is one folder under models/ and one entry in `ARCHITECTURE
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -22,6 +23,18 @@ class Config(Protocol):
     def from_dict(cls, d: Mapping[str, Any]) -> Config: ...
 
     def asdict(self) -> dict[str, Any]: ...
+
+
+class ConfigFields:
+    """`from_dict` and `asdict` for a config dataclass: what an artifact's config records."""
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Any:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def asdict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)

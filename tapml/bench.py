@@ -354,6 +354,28 @@ AGREEMENT_PROMPTS = [
 ]
 
 
+def greedy_run(engine: Engine, prompt: Sequence[int], steps: int) -> tuple[np.ndarray, list[int]]:
+    """The logits predicting each of `steps` greedy tokens after `prompt`, and the tokens."""
+    engine.reset()
+    logits, tokens = [engine.prefill(list(prompt))], []
+    for _ in range(steps):
+        tokens.append(int(np.argmax(logits[-1])))
+        logits.append(engine.decode(tokens[-1]))
+    return np.stack(logits[:-1]), tokens
+
+
+def llama_cpp_greedy(llm: Any, prompt: Sequence[int], steps: int) -> tuple[np.ndarray, list[int]]:
+    """The same with llama.cpp (a `llama_cpp.Llama` made with logits_all=True)."""
+    llm.reset()
+    llm.eval(list(prompt))
+    logits, tokens = [], []
+    for _ in range(steps):
+        logits.append(np.array(llm.scores[llm.n_tokens - 1], np.float32))
+        tokens.append(int(np.argmax(logits[-1])))
+        llm.eval([tokens[-1]])
+    return np.stack(logits), tokens
+
+
 def forced_logits(engine: Engine, prompt: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
     """The logits after the prompt and after each of `tokens` but the last, fed in turn
     (teacher forcing): [len(tokens), vocab], row i the prediction of tokens[i]."""

@@ -11,15 +11,18 @@ import re
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from real_models import (
+    assert_carved_suite_passes,
+    assert_follows_llama_cpp,
+    engine_on,
+    relative_errors,
+)
 from tiny_gguf import write_tiny_gemma3_gguf
 
 from tapml.api import ensure_compiled
 from tapml.artifact import describe
-from tapml.bench import forced_logits, import_llama_cpp, top2_margin
-from tapml.carving import carve as carving
+from tapml.bench import forced_logits, greedy_run, import_llama_cpp
 from tapml.carving.scenarios import Scenario
-from tapml.cli import main
 from tapml.compiler import CompileOptions, compile_model
 from tapml.models import get_architecture
 from tapml.plan import Plan
@@ -47,16 +50,9 @@ TEXTS = [
 ]
 
 
-def engine_on(target: str) -> Engine:
-    ok, why = executes_here(TARGETS[target])
-    if not ok:
-        pytest.skip(f"{target} does not execute here: {why}")
-    return Engine(ensure_compiled(MODEL, target, kv_cache="float32", progress=False))
-
-
 @pytest.fixture(scope="module")
 def llvm() -> Engine:
-    return engine_on("llvm")
+    return engine_on(MODEL, "llvm")
 
 
 @pytest.fixture(scope="module")
@@ -68,16 +64,6 @@ def llama(gemma_gguf):
     llm.close()
 
 
-def greedy(engine: Engine, prompt: list[int], steps: int) -> tuple[np.ndarray, list[int]]:
-    """The logits predicting each of `steps` greedy tokens, and the tokens."""
-    engine.reset()
-    logits, tokens = [engine.prefill(prompt)], []
-    for _ in range(steps):
-        tokens.append(int(np.argmax(logits[-1])))
-        logits.append(engine.decode(tokens[-1]))
-    return np.stack(logits[:-1]), tokens
-
-
 def reference(engine: Engine, tokens: list[int], **changes) -> np.ndarray:
     """The numpy forward pass over the artifact's own weights (its config changed as asked)."""
     config = describe(engine.artifact)["model"]
@@ -86,10 +72,6 @@ def reference(engine: Engine, tokens: list[int], **changes) -> np.ndarray:
                                 engine.plan.model["weight_formats"])  # fmt: skip
     config = dataclasses.replace(arch.config.from_dict(config), **changes)
     return arch.reference(weights, config, tokens, kv_cache=engine.plan.model["kv_cache"])
-
-
-def relative_errors(got: np.ndarray, want: np.ndarray) -> list[float]:
-    return [float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(got, want, strict=True)]
 
 
 @pytest.mark.real_model
@@ -106,7 +88,7 @@ def test_sentencepiece_ids_equal_llama_cpps(llvm, llama):
 def test_logits_equal_the_numpy_forward_pass_across_position_512(llvm):
     text = " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(60))
     prompt = llvm.tokenizer.encode(text)[:509]
-    logits, tokens = greedy(llvm, prompt, 6)  # predicting positions 509..514
+    logits, tokens = greedy_run(llvm, prompt, 6)  # predicting positions 509..514
     want = reference(llvm, prompt + tokens[:-1])[len(prompt) - 1 :]
     errors = relative_errors(logits, want)
     assert max(errors) < NUMPY_RTOL, errors
@@ -116,35 +98,14 @@ def test_logits_equal_the_numpy_forward_pass_across_position_512(llvm):
 @pytest.mark.parametrize("target", ["webgpu", "opencl"])
 def test_gpu_logits_equal_llvms(llvm, target):
     prompt = llvm.tokenizer.encode(PROMPTS[0])
-    want, tokens = greedy(llvm, prompt, 3)
-    errors = relative_errors(forced_logits(engine_on(target), prompt, tokens), want)
+    want, tokens = greedy_run(llvm, prompt, 3)
+    errors = relative_errors(forced_logits(engine_on(MODEL, target), prompt, tokens), want)
     assert max(errors) < GPU_RTOL, errors
 
 
 @pytest.mark.real_model
 def test_argmax_follows_llama_cpps_greedy_steps(llvm, llama):
-    """Fed llama.cpp's own greedy continuation, tapml picks llama.cpp's token at every step
-    where llama.cpp's top two logits are over 1.5 apart, and at 95% of all steps."""
-    agree = total = 0
-    partings = []
-    for prompt in PROMPTS:
-        ids = llvm.tokenizer.encode(prompt)
-        llama.reset()
-        llama.eval(ids)
-        theirs, tokens = [], []
-        for _ in range(STEPS):
-            theirs.append(np.array(llama.scores[llama.n_tokens - 1], np.float32))
-            tokens.append(int(np.argmax(theirs[-1])))
-            llama.eval([tokens[-1]])
-        ours = forced_logits(llvm, ids, tokens).argmax(axis=-1)
-        for step, (mine, margin) in enumerate(zip(ours, top2_margin(np.stack(theirs)),
-                                                  strict=True)):  # fmt: skip
-            total += 1
-            agree += int(mine == tokens[step])
-            if mine != tokens[step]:
-                partings.append((prompt[:20], step, float(margin)))
-    assert all(margin <= LLAMA_CPP_MARGIN for *_, margin in partings), partings
-    assert agree >= 0.95 * total, partings
+    assert_follows_llama_cpp(llvm, llama, PROMPTS, STEPS, LLAMA_CPP_MARGIN)
 
 
 @pytest.mark.real_model
@@ -162,14 +123,8 @@ def test_no_float16_activation_in_any_kernel(target):
 
 @pytest.mark.real_model
 def test_a_carved_suite_passes_on_webgpu(llvm, tmp_path):
-    suite = tmp_path / "suite"
     short = Scenario("short", "a short prompt", PROMPTS[0], chat=False, decode_steps=4)
-    carving.carve(llvm.artifact, suite, [short], MODEL, progress=False)
-    result = CliRunner().invoke(main, ["-q", "test", str(suite), "--target", "webgpu"])
-    assert result.exit_code == 0, result.output
-    report = json.loads((suite / "reports" / "webgpu" / "report.json").read_text())
-    assert report["passed"]
-    assert {k["kernel"] for k in report["kernels"]} == set(llvm.plan.kernels)
+    assert_carved_suite_passes(llvm, MODEL, short, "webgpu", tmp_path)
 
 
 @pytest.mark.real_model
@@ -230,7 +185,7 @@ def test_sliding_window_reaches_exactly_its_positions(tiny_gemma, target):
     RoPE base, or if the window were one position shorter or longer."""
     engine = tiny_gemma(target)
     prompt = [11, 2000, 305, 47, 9000, 123, 77]  # predicts position 7 next, then decodes
-    logits, tokens = greedy(engine, prompt, 4)
+    logits, tokens = greedy_run(engine, prompt, 4)
     ids = prompt + tokens[:-1]
     rows = slice(len(prompt) - 1, None)
     assert max(relative_errors(logits, reference(engine, ids)[rows])) < 1e-4

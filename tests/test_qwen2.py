@@ -5,22 +5,19 @@ runs it split (tests/test_bindings.py proves the split alone)."""
 
 from __future__ import annotations
 
-import json
-
-import numpy as np
 import pytest
-from click.testing import CliRunner
+from real_models import (
+    assert_carved_suite_passes,
+    assert_follows_llama_cpp,
+    engine_on,
+    relative_errors,
+)
 
-from tapml.api import ensure_compiled
 from tapml.artifact import describe
-from tapml.bench import forced_logits, import_llama_cpp, top2_margin
-from tapml.carving import carve as carving
+from tapml.bench import forced_logits, greedy_run, import_llama_cpp
 from tapml.carving.scenarios import Scenario
-from tapml.cli import main
 from tapml.models import get_architecture
 from tapml.quantization import dequantize_params
-from tapml.runtime.engine import Engine
-from tapml.targets import TARGETS, executes_here
 from tapml.weights import load_shards
 
 pytestmark = pytest.mark.real_model
@@ -50,16 +47,9 @@ TEXTS = [
 ]
 
 
-def engine_on(target: str) -> Engine:
-    ok, why = executes_here(TARGETS[target])
-    if not ok:
-        pytest.skip(f"{target} does not execute here: {why}")
-    return Engine(ensure_compiled(MODEL, target, kv_cache="float32", progress=False))
-
-
 @pytest.fixture(scope="module")
-def llvm() -> Engine:
-    return engine_on("llvm")
+def llvm():
+    return engine_on(MODEL, "llvm")
 
 
 @pytest.fixture(scope="module")
@@ -92,73 +82,26 @@ def test_logits_equal_the_numpy_forward_pass(llvm):
                                 llvm.plan.model["weight_formats"])  # fmt: skip
     assert "lm_head" in llvm.plan.model["row_splits"]
     prompt = llvm.tokenizer.encode(PROMPTS[0])
-    logits, tokens = greedy(llvm, prompt, 3)
+    logits, tokens = greedy_run(llvm, prompt, 3)
     want = arch.reference(weights, arch.config.from_dict(config["model"]), prompt + tokens[:-1],
                           kv_cache="float32")[len(prompt) - 1 :]  # fmt: skip
-    for step, (a, b) in enumerate(zip(logits, want, strict=True)):
-        error = np.abs(a - b).max() / np.abs(b).max()
-        assert error < NUMPY_RTOL, f"step {step}: relative error {error:.2e}"
+    errors = relative_errors(logits, want)
+    assert max(errors) < NUMPY_RTOL, errors
 
 
 @pytest.mark.parametrize("target", ["webgpu", "opencl"])
 def test_gpu_logits_equal_llvms(llvm, target):
     prompt = llvm.tokenizer.encode(PROMPTS[0])
-    want, tokens = greedy(llvm, prompt, 3)
-    got = forced_logits(engine_on(target), prompt, tokens)
-    for step, (a, b) in enumerate(zip(got, want, strict=True)):
-        error = np.abs(a - b).max() / np.abs(b).max()
-        assert error < GPU_RTOL, f"step {step}: relative error {error:.2e}"
+    want, tokens = greedy_run(llvm, prompt, 3)
+    errors = relative_errors(forced_logits(engine_on(MODEL, target), prompt, tokens), want)
+    assert max(errors) < GPU_RTOL, errors
 
 
 def test_argmax_follows_llama_cpps_greedy_steps(llvm, llama):
-    """Fed llama.cpp's own greedy continuation, tapml picks llama.cpp's token at every step
-    where llama.cpp's top two logits are over 1.5 apart, and at 95% of all steps."""
-    agree = total = 0
-    partings = []
-    for prompt in PROMPTS:
-        ids = llvm.tokenizer.encode(prompt)
-        theirs, tokens = llama_cpp_greedy(llama, ids, STEPS)
-        ours = forced_logits(llvm, ids, tokens).argmax(axis=-1)
-        for step, (mine, want, margin) in enumerate(zip(ours, tokens, top2_margin(theirs),
-                                                        strict=True)):  # fmt: skip
-            total += 1
-            agree += int(mine == want)
-            if mine != want:
-                partings.append((prompt[:20], step, float(margin)))
-    assert all(margin <= LLAMA_CPP_MARGIN for *_, margin in partings), partings
-    assert agree >= 0.95 * total, partings
+    assert_follows_llama_cpp(llvm, llama, PROMPTS, STEPS, LLAMA_CPP_MARGIN)
 
 
 def test_a_carved_suite_passes_on_webgpu(llvm, tmp_path):
-    """Unit tests carved from a chat on llvm, every kernel of the model, replayed on WebGPU."""
-    suite = tmp_path / "suite"
     chat = Scenario("chat", "a coding question", "Write a Python function that adds two numbers.",
                     decode_steps=4)  # fmt: skip
-    carving.carve(llvm.artifact, suite, [chat], MODEL, progress=False)
-    result = CliRunner().invoke(main, ["-q", "test", str(suite), "--target", "webgpu"])
-    assert result.exit_code == 0, result.output
-    report = json.loads((suite / "reports" / "webgpu" / "report.json").read_text())
-    assert report["passed"]
-    assert {k["kernel"] for k in report["kernels"]} == set(llvm.plan.kernels)
-
-
-def greedy(engine: Engine, prompt: list[int], steps: int) -> tuple[np.ndarray, list[int]]:
-    """The logits predicting each of `steps` greedy tokens, and the tokens."""
-    engine.reset()
-    logits, tokens = [engine.prefill(prompt)], []
-    for _ in range(steps):
-        tokens.append(int(np.argmax(logits[-1])))
-        logits.append(engine.decode(tokens[-1]))
-    return np.stack(logits[:-1]), tokens
-
-
-def llama_cpp_greedy(llm, prompt: list[int], steps: int) -> tuple[np.ndarray, list[int]]:
-    """llama.cpp's logits predicting each of its `steps` greedy tokens, and the tokens."""
-    llm.reset()
-    llm.eval(prompt)
-    logits, tokens = [], []
-    for _ in range(steps):
-        logits.append(np.array(llm.scores[llm.n_tokens - 1], np.float32))
-        tokens.append(int(np.argmax(logits[-1])))
-        llm.eval([tokens[-1]])
-    return np.stack(logits), tokens
+    assert_carved_suite_passes(llvm, MODEL, chat, "webgpu", tmp_path)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from tapml.errors import ModelNotFound
+
+from ..architecture import ConfigFields
 
 # What the GGUF does not hold, and belongs to the architecture: which layers slide, and the
 # RoPE base of the sliding ones (the GGUF's freq_base is the global layers').
@@ -15,7 +16,7 @@ LOCAL_ROPE_THETA = 10000.0
 
 
 @dataclass(frozen=True)
-class Gemma3Config:
+class Gemma3Config(ConfigFields):
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -34,14 +35,6 @@ class Gemma3Config:
 
     def layer_rope_theta(self, layer: int) -> float:
         return self.local_rope_theta if self.is_sliding(layer) else self.rope_theta
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Gemma3Config:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def asdict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     @classmethod
     def from_gguf(cls, metadata: dict[str, Any], tensor_names: list[str]) -> Gemma3Config:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from tapml.errors import ModelNotFound
 
+from ..architecture import ConfigFields
+
 
 @dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(ConfigFields):
     """A Llama-family decoder. Relatives that differ only in what these fields say (Qwen2:
     Q/K/V biases, RoPE over halves) subclass it with their GGUF key prefix."""
 
@@ -42,14 +43,6 @@ class LlamaConfig:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if self.rope_pairs not in ("adjacent", "halves"):
             raise ValueError(f"rope_pairs is 'adjacent' or 'halves', got {self.rope_pairs!r}")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LlamaConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def asdict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     @classmethod
     def from_gguf(cls, metadata: dict[str, Any], tensor_names: list[str]) -> LlamaConfig:

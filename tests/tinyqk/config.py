@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from tapml.models.architecture import ConfigFields
+
 
 @dataclass(frozen=True)
-class TinyQKConfig:
+class TinyQKConfig(ConfigFields):
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -19,14 +20,6 @@ class TinyQKConfig:
     rope_theta: float
     rms_norm_eps: float
     context_length: int
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TinyQKConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def asdict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     @classmethod
     def from_gguf(cls, metadata: dict[str, Any], tensor_names: list[str]) -> TinyQKConfig:
