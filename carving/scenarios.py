@@ -18,12 +18,17 @@ class Scenario:
     name: str
     description: str
     prompt: str
-    chat: bool = True  # wrap the prompt in the model's chat template
+    chat: bool = True  # wrap the prompt in the model's chat template, if it has one
     decode_steps: int = DECODE_STEPS
+
+    def chats(self, tokenizer: Tokenizer) -> bool:
+        """Whether the prompt goes through the chat template: asked for, and the model has one
+        (a base model such as Gemma-3-270M has none: its prompt is plain text)."""
+        return self.chat and bool(tokenizer.chat_template)
 
     def prompt_ids(self, tokenizer: Tokenizer) -> list[int]:
         text = self.prompt
-        if self.chat and tokenizer.chat_template:
+        if self.chats(tokenizer):
             text = tokenizer.apply_chat_template([{"role": "user", "content": self.prompt}])
         return tokenizer.encode(text)
 

@@ -148,7 +148,7 @@ def offload_model(
 def _complete(engine: Any, scenario: Scenario) -> str:
     """The scenario prompt's greedy completion, generated on the target alone."""
     log.info("generating on %s alone", engine.target)
-    return "".join(engine.generate(scenario.prompt, chat=scenario.chat,
+    return "".join(engine.generate(scenario.prompt, chat=scenario.chats(engine.tokenizer),
                                    max_tokens=COMPLETION_TOKENS))  # fmt: skip
 
 

@@ -83,6 +83,16 @@ def test_scenarios_cover_chat_long_json_and_multilingual():
         select(("nope",))
 
 
+def test_a_chat_scenario_is_plain_text_for_a_model_without_a_chat_template(tiny_artifact):
+    from tapml.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(tiny_artifact("q4f32_1") / "tokenizer")
+    chat = Scenario("chat", "a chat prompt", "Hi!")
+    assert chat.chats(tokenizer) and chat.prompt_ids(tokenizer) != tokenizer.encode("Hi!")
+    tokenizer._config["chat_template"] = None  # a base model's (Gemma-3-270M)
+    assert not chat.chats(tokenizer) and chat.prompt_ids(tokenizer) == tokenizer.encode("Hi!")
+
+
 def test_carving_on_a_source_that_cannot_execute_here_fails_before_compiling(tmp_path):
     from tapml.targets import TARGETS, executes_here
 
