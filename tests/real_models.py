@@ -3,7 +3,9 @@ llama.cpp's greedy steps, and a carved suite replayed on a target."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +13,16 @@ import pytest
 from click.testing import CliRunner
 
 from tapml.api import ensure_compiled
-from tapml.bench import forced_logits, llama_cpp_greedy, top2_margin
+from tapml.artifact import describe
+from tapml.bench import forced_logits, import_llama_cpp, llama_cpp_greedy, top2_margin
 from tapml.carving import carve as carving
 from tapml.carving.scenarios import Scenario
 from tapml.cli import main
+from tapml.models import get_architecture
+from tapml.quantization import dequantize_params
 from tapml.runtime.engine import Engine
 from tapml.targets import TARGETS, executes_here
+from tapml.weights import load_shards
 
 
 def engine_on(model: str, target: str) -> Engine:
@@ -25,6 +31,27 @@ def engine_on(model: str, target: str) -> Engine:
     if not ok:
         pytest.skip(f"{target} does not execute here: {why}")
     return Engine(ensure_compiled(model, target, kv_cache="float32", progress=False))
+
+
+def open_llama_cpp(gguf: Path) -> Iterator:
+    """llama.cpp on the same GGUF, keeping every position's logits (a fixture's body)."""
+    llama_cpp = import_llama_cpp()
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=256, logits_all=True, n_threads=2,
+                          verbose=False)  # fmt: skip
+    yield llm
+    llm.close()
+
+
+def reference(engine: Engine, tokens: list[int], **changes) -> np.ndarray:
+    """The architecture's numpy forward pass over the artifact's own weights (dequantized as
+    its kernels read them), its config changed as asked, its KV cache rounded as the
+    artifact's."""
+    config = describe(engine.artifact)["model"]
+    arch = get_architecture(config["architecture"])
+    weights = dequantize_params(load_shards(engine.artifact / "weights"),
+                                engine.plan.model["weight_formats"])  # fmt: skip
+    config = dataclasses.replace(arch.config.from_dict(config), **changes)
+    return arch.reference(weights, config, tokens, kv_cache=engine.plan.model["kv_cache"])
 
 
 def relative_errors(got: np.ndarray, want: np.ndarray) -> list[float]:

@@ -5,7 +5,6 @@ llvm's, float32 activations everywhere, and the sliding window's exact reach on 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 
@@ -15,22 +14,22 @@ from real_models import (
     assert_carved_suite_passes,
     assert_follows_llama_cpp,
     engine_on,
+    open_llama_cpp,
+    reference,
     relative_errors,
 )
 from tiny_gguf import write_tiny_gemma3_gguf
 
 from tapml.api import ensure_compiled
 from tapml.artifact import describe
-from tapml.bench import forced_logits, greedy_run, import_llama_cpp
+from tapml.bench import forced_logits, greedy_run
 from tapml.carving.scenarios import Scenario
 from tapml.compiler import CompileOptions, compile_model
 from tapml.models import get_architecture
 from tapml.plan import Plan
-from tapml.quantization import dequantize_params
 from tapml.runtime.engine import Engine
 from tapml.runtime.grammar import BACKENDS, make_constraint
 from tapml.targets import TARGETS, executes_here
-from tapml.weights import load_shards
 
 MODEL = "gemma3-270m"
 NUMPY_RTOL = 1e-3  # float32 kernels against float64 numpy on the same weights
@@ -57,21 +56,7 @@ def llvm() -> Engine:
 
 @pytest.fixture(scope="module")
 def llama(gemma_gguf):
-    llama_cpp = import_llama_cpp()
-    llm = llama_cpp.Llama(model_path=str(gemma_gguf), n_ctx=256, logits_all=True, n_threads=2,
-                          verbose=False)  # fmt: skip
-    yield llm
-    llm.close()
-
-
-def reference(engine: Engine, tokens: list[int], **changes) -> np.ndarray:
-    """The numpy forward pass over the artifact's own weights (its config changed as asked)."""
-    config = describe(engine.artifact)["model"]
-    arch = get_architecture(config["architecture"])
-    weights = dequantize_params(load_shards(engine.artifact / "weights"),
-                                engine.plan.model["weight_formats"])  # fmt: skip
-    config = dataclasses.replace(arch.config.from_dict(config), **changes)
-    return arch.reference(weights, config, tokens, kv_cache=engine.plan.model["kv_cache"])
+    yield from open_llama_cpp(gemma_gguf)
 
 
 @pytest.mark.real_model

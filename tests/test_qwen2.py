@@ -10,15 +10,13 @@ from real_models import (
     assert_carved_suite_passes,
     assert_follows_llama_cpp,
     engine_on,
+    open_llama_cpp,
+    reference,
     relative_errors,
 )
 
-from tapml.artifact import describe
-from tapml.bench import forced_logits, greedy_run, import_llama_cpp
+from tapml.bench import forced_logits, greedy_run
 from tapml.carving.scenarios import Scenario
-from tapml.models import get_architecture
-from tapml.quantization import dequantize_params
-from tapml.weights import load_shards
 
 pytestmark = pytest.mark.real_model
 
@@ -54,11 +52,7 @@ def llvm():
 
 @pytest.fixture(scope="module")
 def llama(qwen_gguf):
-    llama_cpp = import_llama_cpp()
-    llm = llama_cpp.Llama(model_path=str(qwen_gguf), n_ctx=256, logits_all=True, n_threads=2,
-                          verbose=False)  # fmt: skip
-    yield llm
-    llm.close()
+    yield from open_llama_cpp(qwen_gguf)
 
 
 def test_tokens_equal_llama_cpps(llvm, llama):
@@ -76,16 +70,10 @@ def test_chat_template_is_chatml(llvm):
 
 
 def test_logits_equal_the_numpy_forward_pass(llvm):
-    config = describe(llvm.artifact)
-    arch = get_architecture(config["model"]["architecture"])
-    weights = dequantize_params(load_shards(llvm.artifact / "weights"),
-                                llvm.plan.model["weight_formats"])  # fmt: skip
     assert "lm_head" in llvm.plan.model["row_splits"]
     prompt = llvm.tokenizer.encode(PROMPTS[0])
     logits, tokens = greedy_run(llvm, prompt, 3)
-    want = arch.reference(weights, arch.config.from_dict(config["model"]), prompt + tokens[:-1],
-                          kv_cache="float32")[len(prompt) - 1 :]  # fmt: skip
-    errors = relative_errors(logits, want)
+    errors = relative_errors(logits, reference(llvm, prompt + tokens[:-1])[len(prompt) - 1 :])
     assert max(errors) < NUMPY_RTOL, errors
 
 
