@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..llama.reference import attention, rms_norm, rope
+from ..llama.reference import Weights, attention, rms_norm, rope
 from .config import Gemma3Config
 
 
@@ -24,17 +24,7 @@ def forward(
     """Logits [len(tokens), vocab] (float64) of a causal forward pass from position 0; see
     `models.architecture.Architecture` for `observe` and `kv_cache`."""
 
-    def cached(x: np.ndarray) -> np.ndarray:
-        return x.astype(kv_cache).astype(np.float64)
-
-    def w(name: str) -> np.ndarray:
-        return np.asarray(weights[name], dtype=np.float64)
-
-    def linear(x: np.ndarray, name: str) -> np.ndarray:
-        if observe is not None:
-            observe(name, x)
-        return x @ w(name).T
-
+    w = Weights(weights, observe, kv_cache)
     c = config
     t = len(tokens)
     x = w("embed_tokens.weight")[np.asarray(tokens)] * np.sqrt(c.hidden_size)
@@ -44,17 +34,17 @@ def forward(
         def norm(y: np.ndarray, name: str) -> np.ndarray:
             return rms_norm(y, w(p + name + ".weight"), c.rms_norm_eps)  # noqa: B023
 
-        qkv = linear(norm(x, "input_layernorm"), p + "qkv_proj.weight").reshape(t, -1, c.head_dim)
+        qkv = w.linear(norm(x, "input_layernorm"), p + "qkv_proj.weight").reshape(t, -1, c.head_dim)
         q, k, v = np.split(qkv, [c.num_heads, c.num_heads + c.num_kv_heads], axis=1)
         theta = c.layer_rope_theta(i)
         q = rope(norm(q, "q_norm"), theta, "halves")
         k = rope(norm(k, "k_norm"), theta, "halves")
         window = c.sliding_window if c.is_sliding(i) else None
-        a = attention(q, cached(k), cached(v), window)
-        x = x + norm(linear(a.reshape(t, -1), p + "o_proj.weight"), "post_attention_layernorm")
-        gate, up = np.split(linear(norm(x, "pre_feedforward_layernorm"), p + "gate_up_proj.weight"),
-                            2, axis=1)  # fmt: skip
-        m = linear(gelu_tanh(gate) * up, p + "down_proj.weight")
+        a = attention(q, w.cached(k), w.cached(v), window)
+        x = x + norm(w.linear(a.reshape(t, -1), p + "o_proj.weight"), "post_attention_layernorm")
+        h = norm(x, "pre_feedforward_layernorm")
+        gate, up = np.split(w.linear(h, p + "gate_up_proj.weight"), 2, axis=1)
+        m = w.linear(gelu_tanh(gate) * up, p + "down_proj.weight")
         x = x + norm(m, "post_feedforward_layernorm")
     x = rms_norm(x, w("norm.weight"), c.rms_norm_eps)
-    return linear(x, "embed_tokens.weight")
+    return w.linear(x, "embed_tokens.weight")

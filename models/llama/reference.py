@@ -53,6 +53,28 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int | None = 
     return np.einsum("hts,shd->thd", probs, v)
 
 
+class Weights:
+    """What a numpy forward pass reads with: each weight by name in float64 (`w(name)`),
+    matrix products whose inputs `observe` sees (`linear`), and keys and values rounded as a
+    KV cache of dtype `kv_cache` stores them (`cached`)."""
+
+    def __init__(self, weights: Mapping[str, np.ndarray],
+                 observe: Callable[[str, np.ndarray], None] | None = None,
+                 kv_cache: str = "float64"):  # fmt: skip
+        self.weights, self.observe, self.kv_cache = weights, observe, kv_cache
+
+    def __call__(self, name: str) -> np.ndarray:
+        return np.asarray(self.weights[name], dtype=np.float64)
+
+    def linear(self, x: np.ndarray, name: str) -> np.ndarray:
+        if self.observe is not None:
+            self.observe(name, x)
+        return x @ self(name).T
+
+    def cached(self, x: np.ndarray) -> np.ndarray:
+        return x.astype(self.kv_cache).astype(np.float64)
+
+
 def forward(
     weights: Mapping[str, np.ndarray],
     config: LlamaConfig,
@@ -67,39 +89,29 @@ def forward(
     dtype stores them.
     """
 
-    def cached(x: np.ndarray) -> np.ndarray:
-        return x.astype(kv_cache).astype(np.float64)
-
-    def w(name: str) -> np.ndarray:
-        return np.asarray(weights[name], dtype=np.float64)
-
-    def linear(x: np.ndarray, name: str) -> np.ndarray:
-        if observe is not None:
-            observe(name, x)
-        return x @ w(name).T
-
+    w = Weights(weights, observe, kv_cache)
     c = config
     t = len(tokens)
     x = w("embed_tokens.weight")[np.asarray(tokens)]
     for i in range(c.num_layers):
         p = f"layers.{i}."
         h = rms_norm(x, w(p + "input_layernorm.weight"), c.rms_norm_eps)
-        qkv = linear(h, p + "self_attn.qkv_proj.weight")
+        qkv = w.linear(h, p + "self_attn.qkv_proj.weight")
         if c.attention_bias:
             qkv = qkv + w(p + "self_attn.qkv_proj.bias")
         q, k, v = np.split(qkv.reshape(t, -1, c.head_dim),
                            [c.num_heads, c.num_heads + c.num_kv_heads], axis=1)  # fmt: skip
         q, k = (rope(y, c.rope_theta, c.rope_pairs) for y in (q, k))
-        a = attention(q, cached(k), cached(v))
-        x = x + linear(a.reshape(t, -1), p + "self_attn.o_proj.weight")
+        a = attention(q, w.cached(k), w.cached(v))
+        x = x + w.linear(a.reshape(t, -1), p + "self_attn.o_proj.weight")
 
         h = rms_norm(x, w(p + "post_attention_layernorm.weight"), c.rms_norm_eps)
-        gate, up = np.split(linear(h, p + "mlp.gate_up_proj.weight"), 2, axis=1)
-        x = x + linear(silu(gate) * up, p + "mlp.down_proj.weight")
+        gate, up = np.split(w.linear(h, p + "mlp.gate_up_proj.weight"), 2, axis=1)
+        x = x + w.linear(silu(gate) * up, p + "mlp.down_proj.weight")
 
     x = rms_norm(x, w("norm.weight"), c.rms_norm_eps)
     out = "lm_head.weight" if "lm_head.weight" in weights else "embed_tokens.weight"
-    return linear(x, out)
+    return w.linear(x, out)
 
 
 def greedy(

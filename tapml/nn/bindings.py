@@ -36,8 +36,10 @@ def split_bindings(module: nn.Module, limit: int) -> dict[str, list[int]]:
     ranges (0: never), whatever the model and the tensor; returns the weight's name (its
     planes' prefix) -> its row bounds, which the weights are converted by."""
     splits = {}
+    if not limit:
+        return splits
     for prefix, layer in list(_layers(module, "")):
-        if not limit or not getattr(layer, "_planes", None):
+        if not getattr(layer, "_planes", None):
             continue
         shape = layer.weight_shape
         sizes = [int(np.prod(s)) * np.dtype(d).itemsize

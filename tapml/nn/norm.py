@@ -18,19 +18,9 @@ class RMSNorm(nn.Module):
         eps = self.eps
 
         def compute(x_te: te.Tensor, w_te: te.Tensor):
-            rows, dim = x_te.shape
-            k = te.reduce_axis((0, dim), name="k")
-            sq = te.compute(
-                (rows,),
-                lambda i: te.sum(x_te[i, k].astype(ACC) * x_te[i, k].astype(ACC), axis=k),
-                name="sum_sq",
-            )
-
-            def norm(i, j):
-                inv = tirx.rsqrt(sq[i] / tirx.const(int(dim), ACC) + tirx.const(eps, ACC))
-                return (x_te[i, j].astype(ACC) * inv * w_te[j].astype(ACC)).astype(x_te.dtype)
-
-            return te.compute(x_te.shape, norm, name="rms_norm")
+            normed = _rms_normed(x_te, w_te, eps)
+            return te.compute(x_te.shape, lambda i, j: normed(i, j).astype(x_te.dtype),
+                              name="rms_norm")  # fmt: skip
 
         return op.tensor_expr_op(compute, "rms_norm", [x, self.weight])
 
@@ -40,22 +30,32 @@ class RMSNorm(nn.Module):
         eps = self.eps
 
         def compute(r_te: te.Tensor, x_te: te.Tensor, w_te: te.Tensor):
-            rows, dim = x_te.shape
-            k = te.reduce_axis((0, dim), name="k")
-            sq = te.compute(
-                (rows,),
-                lambda i: te.sum(x_te[i, k].astype(ACC) * x_te[i, k].astype(ACC), axis=k),
-                name="sum_sq",
+            normed = _rms_normed(x_te, w_te, eps)
+            return te.compute(
+                x_te.shape,
+                lambda i, j: (r_te[i, j].astype(ACC) + normed(i, j)).astype(r_te.dtype),
+                name="add_rms_norm",
             )
 
-            def add(i, j):
-                inv = tirx.rsqrt(sq[i] / tirx.const(int(dim), ACC) + tirx.const(eps, ACC))
-                normed = x_te[i, j].astype(ACC) * inv * w_te[j].astype(ACC)
-                return (r_te[i, j].astype(ACC) + normed).astype(r_te.dtype)
-
-            return te.compute(x_te.shape, add, name="add_rms_norm")
-
         return op.tensor_expr_op(compute, "add_rms_norm", [residual, x, self.weight])
+
+
+def _rms_normed(x_te: te.Tensor, w_te: te.Tensor, eps: float):
+    """(i, j) -> element j of row i of x [rows, dim], RMS-normalized and weighted, in float32
+    (its rows' sums of squares a stage of their own)."""
+    rows, dim = x_te.shape
+    k = te.reduce_axis((0, dim), name="k")
+    sq = te.compute(
+        (rows,),
+        lambda i: te.sum(x_te[i, k].astype(ACC) * x_te[i, k].astype(ACC), axis=k),
+        name="sum_sq",
+    )
+
+    def normed(i, j):
+        inv = tirx.rsqrt(sq[i] / tirx.const(int(dim), ACC) + tirx.const(eps, ACC))
+        return x_te[i, j].astype(ACC) * inv * w_te[j].astype(ACC)
+
+    return normed
 
 
 def qk_norm(qkv: nn.Tensor, q_norm: RMSNorm, k_norm: RMSNorm, heads: int, kv_heads: int
