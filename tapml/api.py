@@ -74,11 +74,16 @@ def compiled(name: str, gguf_path: Path, options: CompileOptions, progress: bool
 
     artifact = entry_dir(name, gguf_path, options)
     with entry_lock(artifact):  # another process may be compiling the same entry
-        if Artifact(artifact).complete(options.target):
+        cached = Artifact(artifact)
+        if not cached.complete(options.target):
+            if artifact.exists():
+                log.warning("the cached build %s is incomplete: compiling it again", artifact)
+        elif changed := cached.changed():
+            log.warning("the cached build %s is damaged (%s): compiling it again", artifact,
+                        "; ".join(changed))  # fmt: skip
+        else:
             log.info("using the cached build %s", artifact)
             return artifact
-        if artifact.exists():
-            log.warning("the cached build %s is incomplete: compiling it again", artifact)
         log.info("compiling %s for %s (%s); cached in %s", name, options.target,
                  options.quantization, artifact)  # fmt: skip
         return compile_model(gguf_path, artifact, options, progress=progress)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import __version__
 from .artifact import Artifact
+from .checksums import remembered_sha256
 from .compiler import CompileOptions
 
 
@@ -23,14 +24,6 @@ def cache_root() -> Path:
         return Path(os.environ["TAPML_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "tapml"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @functools.cache
@@ -56,7 +49,7 @@ def cache_key(gguf_path: Path, options: CompileOptions) -> str:
     import tvm
 
     inputs = {
-        "weights": file_sha256(gguf_path),
+        "weights": remembered_sha256(gguf_path),
         "options": asdict(options),
         "tapml": __version__,
         "tapml_source": _source_digest(),
@@ -73,16 +66,34 @@ def entry_dir(name: str, gguf_path: Path, options: CompileOptions) -> Path:
 @contextmanager
 def entry_lock(entry: Path) -> Iterator[None]:
     """Hold the entry's lock file: one process compiles it while the others wait, so none
-    replaces an artifact another is reading."""
+    replaces an artifact another is reading. The holder deletes the file when done."""
     import fcntl
 
+    path = entry.with_name(entry.name + ".lock")
     entry.parent.mkdir(parents=True, exist_ok=True)
-    with open(entry.with_name(entry.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    while True:
+        lock = open(path, "a")
         try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except BaseException:
+            lock.close()
+            raise
+        if _is_at(lock, path):
+            break
+        lock.close()  # its holder deleted it while this process waited: lock the one there now
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # still locked, so that every waiter sees it deleted
+        lock.close()
+
+
+def _is_at(file, path: Path) -> bool:
+    """Whether the open `file` is the one at `path`."""
+    try:
+        return os.path.samestat(os.fstat(file.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def entries() -> list[tuple[Path, int]]:
@@ -108,5 +119,5 @@ def clear() -> int:
             shutil.rmtree(d)
             removed += 1
         elif d.suffix == ".lock":
-            d.unlink()
+            d.unlink(missing_ok=True)  # its holder may have deleted it meanwhile
     return removed

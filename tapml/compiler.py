@@ -184,6 +184,7 @@ def compile_model(model_path: Path, output: Path, options: CompileOptions,
         "weights": weight_summary(sources, formats),
     }  # fmt: skip
     write_atomic(work.config_file, json.dumps(config_doc, indent=1).encode())
+    work.write_checksums()
     if output.exists():
         shutil.rmtree(output)
     work.path.rename(output)

@@ -21,6 +21,7 @@ from typing import Any
 
 from . import __version__
 from .artifact import Artifact
+from .checksums import check_files, listed_files
 from .errors import BundleError
 from .fileio import read_document, write_atomic
 
@@ -83,6 +84,7 @@ def package(
     vendor = _vendor_files() if platform == "webgpu" else {}  # fail before compiling
     artifact = Artifact(artifact_for(model, target, quantization, max_context, chunk,
                                      progress=progress))  # fmt: skip
+    artifact.check()  # a bundle's manifest must not vouch for damaged files
     config, options = artifact.config, artifact.options
     if options["target"] != target:
         raise BundleError(
@@ -125,10 +127,11 @@ def package(
 
 def _artifact_files(artifact: Artifact, target: str) -> list[tuple[str, Path]]:
     """(path in the bundle, file) of everything a compiled artifact for `target` holds."""
-    for path in artifact.files(target):
+    paths = [artifact.config_file, artifact.checksums_file, artifact.plan_file,
+             artifact.kernels_file(target)]  # fmt: skip
+    for path in [*artifact.files(target), artifact.checksums_file]:
         if not path.is_file():
             raise BundleError(f"{artifact.path} has no {path.name}: compile the model again")
-    paths = [artifact.config_file, artifact.plan_file, artifact.kernels_file(target)]
     for directory in (artifact.weights_dir, artifact.tokenizer_dir):
         paths += sorted(p for p in directory.rglob("*") if p.is_file())
     return [(p.relative_to(artifact.path).as_posix(), p) for p in paths]
@@ -332,51 +335,21 @@ def render_chat(chat: dict[str, Any], messages: list[dict[str, str]]) -> str:
 def read_manifest(directory: Path) -> dict[str, Any]:
     """The bundle's manifest, checked for its format and version."""
     path = Path(directory) / MANIFEST
-    manifest = read_document(path, FORMAT, VERSION, BundleError, "package the model again",
+    remedy = "package the model again"
+    manifest = read_document(path, FORMAT, VERSION, BundleError, remedy,
                              missing=f"{directory} is not a tapml bundle: it has no {MANIFEST}")
-    files = manifest.get("files")
-    if not isinstance(files, list) or not all(
-        isinstance(f, dict) and {"path", "nbytes", "sha256"} <= f.keys() for f in files
-    ):
-        raise BundleError(f"{path} has no valid file list; package the model again")
+    listed_files(manifest, str(path), BundleError, remedy)
     return manifest
 
 
 def verify(directory: Path, progress: bool = False) -> list[str]:
     """Every problem with the bundle's files: missing, truncated or failing its sha256, each
     named by its path. Empty when the bundle is intact. A bad manifest raises BundleError."""
-    from tqdm import tqdm
-
     directory = Path(directory)
     manifest = read_manifest(directory)
-    problems = []
-    present = []
-    for f in manifest["files"]:
-        path = directory / f["path"]
-        if not path.is_file():
-            problems.append(f"{f['path']}: missing")
-        elif path.stat().st_size != f["nbytes"]:
-            size = path.stat().st_size
-            how = "truncated" if size < f["nbytes"] else "overwritten"
-            problems.append(f"{f['path']}: {size} bytes, {MANIFEST} expects {f['nbytes']} ({how})")
-        else:
-            present.append(f)
-    with tqdm(total=sum(f["nbytes"] for f in present), desc="Verifying", unit="B",
-              unit_scale=True, file=sys.stderr, disable=not progress) as bar:  # fmt: skip
-        for f in present:
-            if _sha256(directory / f["path"], bar.update) != f["sha256"]:
-                problems.append(f"{f['path']}: fails its sha256 check (corrupted)")
+    problems = check_files(directory, manifest["files"], MANIFEST, progress=progress)
     bundle = Artifact(directory)
     required = [p.relative_to(directory).as_posix() for p in bundle.files(manifest["target"])]
     listed = {f["path"] for f in manifest["files"]}
     problems += [f"{name}: not in {MANIFEST}" for name in required if name not in listed]
     return problems
-
-
-def _sha256(path: Path, advance=lambda n: None) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            sha.update(block)
-            advance(len(block))
-    return sha.hexdigest()

@@ -146,19 +146,17 @@ def save_shards(
     return index
 
 
-def load_shards(directory: Path, verify: bool = True) -> dict[str, np.ndarray]:
-    """Read the tensors saved by save_shards as read-only arrays, checking every shard.
+def _fix(directory: Path) -> str:
+    return f"delete {directory} and compile the model again"
 
-    Raises WeightsError for a missing or malformed index, a missing or truncated shard, or
-    (when verify is true) a shard whose sha256 differs from the index.
-    """
-    directory = Path(directory)
-    fix = f"delete {directory} and compile the model again"
-    index_path = directory / INDEX
+
+def read_index(directory: Path) -> dict[str, Any]:
+    """The index.json in `directory`, with its `shards` and `tensors`; WeightsError if it is
+    missing or malformed."""
+    index_path = Path(directory) / INDEX
     if not index_path.is_file():
-        raise WeightsError(
-            f"{index_path} not found: the weights are missing or were not saved completely; {fix}"
-        )
+        raise WeightsError(f"{index_path} not found: the weights are missing or were not saved "
+                           f"completely; {_fix(directory)}")  # fmt: skip
     try:
         index = json.loads(index_path.read_text())
         if index.get("format") != FORMAT or index.get("version") != VERSION:
@@ -166,13 +164,26 @@ def load_shards(directory: Path, verify: bool = True) -> dict[str, np.ndarray]:
                 f"format {index.get('format')!r} version {index.get('version')!r}, "
                 f"expected {FORMAT!r} version {VERSION}"
             )
-        shard_list = index["shards"]
-        tensor_list = index["tensors"]
+        if not isinstance(index["shards"], list) or not isinstance(index["tensors"], list):
+            raise ValueError("no shard and tensor lists")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise WeightsError(f"{index_path} is not a valid tapml weights index ({e}); {fix}") from e
+        raise WeightsError(f"{index_path} is not a valid tapml weights index ({e}); "
+                           f"{_fix(directory)}") from e  # fmt: skip
+    return index
 
+
+def load_shards(directory: Path, verify: bool = True) -> dict[str, np.ndarray]:
+    """Read the tensors saved by save_shards as read-only arrays, checking every shard.
+
+    Raises WeightsError for a missing or malformed index, a missing or truncated shard, or
+    (when verify is true) a shard whose sha256 differs from the index.
+    """
+    directory = Path(directory)
+    fix = _fix(directory)
+    index_path = directory / INDEX
+    index = read_index(directory)
     shards: list[bytes] = []
-    for shard in shard_list:
+    for shard in index["shards"]:
         path = directory / shard["file"]
         if not path.is_file():
             raise WeightsError(f"weight shard {path} is missing; {fix}")
@@ -188,7 +199,7 @@ def load_shards(directory: Path, verify: bool = True) -> dict[str, np.ndarray]:
         shards.append(data)
 
     out: dict[str, np.ndarray] = {}
-    for t in tensor_list:
+    for t in index["tensors"]:
         dtype = np.dtype(t["dtype"]).newbyteorder("<")
         count = t["nbytes"] // dtype.itemsize
         if t["shard"] >= len(shards) or t["offset"] + t["nbytes"] > len(shards[t["shard"]]):

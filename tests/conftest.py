@@ -7,6 +7,7 @@ $TAPML_CACHE_DIR), keyed by everything that determines them, so a second run reu
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -72,6 +73,32 @@ def tiny_stored_artifact(tiny_stored_gguf, tmp_path_factory):
         return built[target]
 
     return get
+
+
+@pytest.fixture
+def hashed(tmp_path, monkeypatch):
+    """The names of the files tapml.checksums hashes from now on, with an empty cache (so
+    nothing is remembered yet)."""
+    from tapml import checksums
+
+    monkeypatch.setenv("TAPML_CACHE_DIR", str(tmp_path / "cache"))
+    names: list[str] = []
+    real = checksums.file_sha256
+
+    def spy(path, *args):
+        names.append(Path(path).name)
+        return real(path, *args)
+
+    monkeypatch.setattr(checksums, "file_sha256", spy)
+    return names
+
+
+def rewrite(path: Path, data: bytes) -> None:
+    """Replace the file at `path` by a new one holding `data`: a new inode, so that its stamp
+    differs even within one tick of the file system's clock."""
+    new = path.with_name(path.name + ".new")
+    new.write_bytes(data)
+    os.replace(new, path)
 
 
 def greedy_trace(engine, prompt_ids: list[int], steps: int) -> tuple[list[np.ndarray], list[int]]:

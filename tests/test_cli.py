@@ -75,6 +75,36 @@ def test_bad_input_exits_non_zero_with_a_clear_message(tiny_artifact):
     assert result.exit_code == 2 and "KEY=VALUE" in result.output
 
 
+def test_a_path_that_does_not_exist_is_named_as_such(tmp_path):
+    result = invoke("run", tmp_path / "no" / "such" / "dir", "--prompt", "x")
+    assert result.exit_code == 1
+    assert f"{tmp_path / 'no' / 'such' / 'dir'} does not exist" in result.output
+    assert "unknown model" not in result.output
+
+
+def test_compile_options_that_differ_from_a_compiled_directory_are_refused(tiny_artifact):
+    artifact = tiny_artifact("q4f32_1")
+    result = invoke("run", artifact, "--target", "webgpu", "--chunk", TINY_CHUNK, "-p", "x")
+    assert result.exit_code == 2
+    assert f"{artifact} was compiled with --target llvm, not webgpu" in result.output
+    assert "--chunk" not in result.output  # the same as the artifact's
+    result = invoke("bench", artifact, "--quantization", "q0f32")
+    assert result.exit_code == 2 and "--quantization q4f32_1, not q0f32" in result.output
+    result = invoke("run", artifact, "--target", "llvm", "--max-context", TINY_CONTEXT, "-p",
+                    "Hi", "-n", 2)  # fmt: skip
+    assert result.exit_code == 0, result.output
+
+
+def test_running_out_of_context_is_said_on_stderr(tiny_artifact):
+    artifact = tiny_artifact("q4f32_1")
+    result = invoke("run", artifact, "--prompt", "word " * 40, "--max-tokens", 60)
+    assert result.exit_code == 0, result.output
+    assert f"the context of {TINY_CONTEXT} tokens (prompt and output) is full" in result.stderr
+    assert "--max-context" in result.stderr and "full" not in result.stdout
+    result = invoke("run", artifact, "--prompt", "word " * 40, "--max-tokens", 3)
+    assert "full" not in result.stderr
+
+
 def test_bench_json(tiny_artifact):
     result = invoke("bench", tiny_artifact("q4f32_1"), "--prompt-tokens", 20,
                     "--decode-tokens", 4, "--json")  # fmt: skip

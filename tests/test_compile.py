@@ -139,3 +139,33 @@ def test_a_cache_entry_compiles_in_one_process_at_a_time(tmp_path):
         events.append("first done")
     waiter.join(5)
     assert events == ["first done", "second"]
+
+
+def test_a_cache_entry_leaves_no_lock_file_behind(tmp_path):
+    import threading
+    import time
+
+    from tapml.cache import entry_lock
+
+    entry, inside, overlaps = tmp_path / "model-q4f32_1-llvm-0123", [], []
+
+    def compile_entry(fails: bool) -> None:
+        try:
+            with entry_lock(entry):
+                overlaps.extend(inside)
+                inside.append(fails)
+                time.sleep(0.05)
+                inside.pop()
+                if fails:
+                    raise RuntimeError("the compile failed")
+        except RuntimeError:
+            pass
+
+    # each one that finishes deletes the file the others wait on: none may run alongside another
+    threads = [threading.Thread(target=compile_entry, args=(i % 2 == 0,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    assert overlaps == [] and not inside
+    assert list(tmp_path.iterdir()) == []

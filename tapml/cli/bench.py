@@ -6,7 +6,7 @@ import json
 
 import click
 
-from .options import compile_options
+from .options import compile_options, refuse_artifact_conflicts
 
 
 @click.command("bench")
@@ -34,10 +34,10 @@ def command(
       tapml bench smollm2-135m --target llvm --threads 2 --json
       tapml bench smollm2-135m --compare llama.cpp
     """
-
     from tapml import bench
     from tapml.targets.llvm import use_threads
 
+    refuse_artifact_conflicts(model)
     use_threads(threads)
     from tapml.api import artifact_for
 

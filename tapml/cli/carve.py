@@ -8,7 +8,7 @@ import click
 
 from tapml.carving.scenarios import SCENARIOS
 
-from .options import quantization_option, threads_option
+from .options import quantization_option, refuse_artifact_conflicts, threads_option
 
 
 @click.command("carve")
@@ -59,6 +59,7 @@ def command(obj, model, source, quantization, scenarios, prompts, prompt_files,
     from tapml.targets import executes_here, get_target
     from tapml.targets.llvm import use_threads
 
+    refuse_artifact_conflicts(model, source="target")
     runs, why = executes_here(get_target(source))
     if not runs:
         raise click.ClickException(f"cannot carve on {source} here: {why}")

@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from .options import compile_options, threads_option
-from .run import load_engine, sampling_options, sampling_params
+from .options import compile_options, refuse_artifact_conflicts, threads_option
+from .run import context_notice, load_engine, sampling_options, sampling_params
 
 
 @click.command("chat")
@@ -35,6 +35,7 @@ def command(
     Example:
       tapml chat smollm2-135m --system "Answer in one sentence." -t 0.7 --seed 1
     """
+    refuse_artifact_conflicts(model)
     params = sampling_params(options, max_tokens)
     engine = load_engine(
         obj, model, target, quantization, max_context, chunk, target_options, kv_cache, threads
@@ -79,6 +80,7 @@ def _converse(engine, params, system: str | None) -> None:
             sys.stdout.flush()
         sys.stdout.write("\n")
         sys.stdout.flush()
+        context_notice(engine)
         history.append({"role": "assistant", "content": "".join(reply)})
 
 

@@ -20,8 +20,9 @@ def command(as_json: bool) -> None:
     rows = []
     for card in MODELS.values():
         installed = card.installed()
-        # Parts are joined on first use (gguf_path), not by listing: show where they will be.
-        path = (card.joined_path or card.gguf_path()) if installed else None
+        # Files are checked and parts joined on first use (gguf_path), not by listing: show
+        # where they are or will be.
+        path = (card.joined_path or card.parts[0].file()) if installed else None
         rows.append({
             "name": card.name, "architecture": card.architecture,
             "description": card.description, "packages": [p.package for p in card.parts],

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import click
+from dataclasses import fields
 
-from tapml.compiler import DEFAULT_CHUNK, DEFAULT_MAX_CONTEXT, KV_CACHE_DTYPES
+import click
+from click.core import ParameterSource
+
+from tapml.compiler import DEFAULT_CHUNK, DEFAULT_MAX_CONTEXT, KV_CACHE_DTYPES, CompileOptions
 from tapml.quantization import QUANTIZATION
 from tapml.targets import TARGETS
 
@@ -59,6 +62,37 @@ def compile_options(f):
     ):  # fmt: skip
         f = decorator(f)
     return f
+
+
+def refuse_artifact_conflicts(model: str | None, **renamed: str) -> None:
+    """A UsageError naming every compile option given on the command line that differs from the
+    one MODEL was compiled with, when MODEL is a compiled directory: it runs as compiled, so
+    the option would be ignored. `renamed`: parameter name -> the compile option it gives, for
+    one named otherwise (carve's --source is the target)."""
+    from tapml.artifact import Artifact
+
+    if model is None or not Artifact.is_artifact(model):
+        return
+    ctx = click.get_current_context()
+    compiled = Artifact(model).options
+    names = {f.name for f in fields(CompileOptions)}
+    conflicts = []
+    for param in ctx.command.params:
+        key = renamed.get(param.name, param.name)
+        if key not in names or ctx.get_parameter_source(param.name) != ParameterSource.COMMANDLINE:
+            continue
+        flag, given, has = param.opts[0], ctx.params[param.name], compiled[key]
+        if key == "target_options":
+            conflicts += [f"{flag} {k}={has.get(k)}, not {k}={v}"
+                          for k, v in given.items() if has.get(k) != v]  # fmt: skip
+        elif given != has:
+            conflicts.append(f"{flag} {has}, not {given}")
+    if conflicts:
+        raise click.UsageError(
+            f"{model} was compiled with {'; '.join(conflicts)}: a compiled directory runs as "
+            "compiled, so drop the option, or pass the model's name or GGUF file to compile it "
+            "with yours"
+        )
 
 
 def threads_option(f):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .options import compile_options, threads_option
+from .options import compile_options, refuse_artifact_conflicts, threads_option
 
 # the keyword arguments `sampling_options` adds, which `sampling_params` takes back out
 SAMPLING_KEYS = (
@@ -93,6 +93,16 @@ def load_engine(obj, model, target, quantization, max_context, chunk, target_opt
             kv_cache,
         )
     )
+
+
+def context_notice(engine) -> None:
+    """Say on stderr when the last generation ended because the compiled context was full."""
+    if engine.finish_reason == "context":
+        click.echo(
+            f"tapml: the output stops here: the context of {engine.max_context} tokens (prompt "
+            "and output) is full; compile the model with a larger --max-context for more",
+            err=True,
+        )
 
 
 def grammar_options(f):
@@ -195,6 +205,7 @@ def command(
 
         read_manifest(bundle)  # a bundle is an artifact directory with a manifest
         model = str(bundle)
+    refuse_artifact_conflicts(model)
     params = sampling_params(options, max_tokens)
     engine = load_engine(
         obj, model, target, quantization, max_context, chunk, target_options, kv_cache, threads
@@ -214,3 +225,4 @@ def command(
     )
     if constraint is not None and engine.finish_reason in INCOMPLETE:
         raise click.ClickException(f"output is incomplete: {INCOMPLETE[engine.finish_reason]}")
+    context_notice(engine)

@@ -41,6 +41,7 @@ def command(obj, suite, target, pattern, bundle, device_url, report_dir) -> None
       tapml test carved/smollm2 --target opencl -k attention
       tapml test carved/smollm2 --target webgpu --device tapml://192.168.1.7:9091
     """
+    from tapml.artifact import Artifact
     from tapml.carving import report as reports
     from tapml.carving.replay import compiled_for, matches, replay
     from tapml.carving.suite import Suite
@@ -49,6 +50,7 @@ def command(obj, suite, target, pattern, bundle, device_url, report_dir) -> None
     target = _target(target, bundle)
     device = _device(target, device_url)  # before compiling: fail fast where it cannot run
     artifact = bundle or compiled_for(loaded, target, obj["progress"])
+    Artifact(artifact).check()  # before its kernels load
     open_executor = _executors(target, artifact, device_url)
     result = replay(loaded, target, open_executor, device, lambda k: matches(pattern, k),
                     obj["progress"])
