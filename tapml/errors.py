@@ -22,7 +22,8 @@ class ExecutorError(TapmlError):
 
 
 class PlanError(TapmlError):
-    """A plan file that is malformed, of an unknown version, or inconsistent with its kernels."""
+    """A plan file that is malformed, of an unknown version, or inconsistent with its kernels;
+    or a request the plan refuses (a scalar or token id out of its bounds)."""
 
 
 class GenerationError(TapmlError):

@@ -182,7 +182,8 @@ def extract_plan(mod: tvm.IRModule, param_names: list[str], state_names: list[st
     """Read the plan off a fused module (see `fuse`), then place temporaries in storages.
 
     `task` says how a runtime drives the entry points (docs/formats.md): each entry point it
-    names becomes a function of the plan, with the scalar requirements the task gives it.
+    names becomes a function of the plan, with the scalar requirements the task gives it, and
+    its token input the range of ids the task allows.
     """
     ex = _Extractor(param_names, state_names)
     task = dict(task)
@@ -191,6 +192,8 @@ def extract_plan(mod: tvm.IRModule, param_names: list[str], state_names: list[st
         fname = entry["function"]
         ex.function(fname, mod[fname])
         ex.functions[fname]["requires"] = entry.pop("requires", [])
+        if "token_range" in entry:
+            ex.buffers[entry["tokens"]]["range"] = entry.pop("token_range")
         task[role] = entry
     kinds = {name: kernel_kind(func) for name, func in kernel_functions(mod).items()}
     used = {call["kernel"] for f in ex.functions.values() for call in f["calls"]}

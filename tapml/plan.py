@@ -135,9 +135,35 @@ class Plan:
                             f"buffer {arg['buffer']!r}"
                         )
 
+    def check_values(self, name: str, array: np.ndarray) -> None:
+        """Refuse values outside the buffer's `range` (token ids past the embedding would
+        be read out of bounds)."""
+        bounds = self.buffers[name].get("range")
+        if bounds is None or array.size == 0:
+            return
+        low, high = int(array.min()), int(array.max())
+        if low < bounds[0] or high >= bounds[1]:
+            bad = low if low < bounds[0] else high
+            raise PlanError(f"{name} holds {bad}; its values must lie in "
+                            f"[{bounds[0]}, {bounds[1]})")  # fmt: skip
+
+    def check_call(self, function: str, index: int, scalars: dict[str, int]) -> dict[str, Any]:
+        """Call `index` of `function`, refused unless it exists and the scalars satisfy the
+        function's requirements (a single call runs under the same bounds as the whole)."""
+        if function not in self.functions:
+            raise PlanError(f"the plan has no entry point {function!r}")
+        calls = self.functions[function]["calls"]
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) \
+                or not 0 <= index < len(calls):  # fmt: skip
+            raise PlanError(f"{function} has calls 0..{len(calls) - 1}, not {index!r}")
+        self.check_scalars(function, scalars)
+        return calls[index]
+
     def check_scalars(self, function: str, scalars: dict[str, int]) -> None:
         """Refuse scalars a function's `requires` rejects, naming the requirement: the
         kernels would read or write out of bounds."""
+        if function not in self.functions:
+            raise PlanError(f"the plan has no entry point {function!r}")
         f = self.functions[function]
         for name in f["scalars"]:
             value = scalars.get(name)

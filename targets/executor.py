@@ -9,7 +9,7 @@ fills in the hooks: `_alloc`, `_view`, `_upload`, `_download`, `_launch`, `_sync
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -72,6 +72,7 @@ class Executor:
             raise ExecutorError(
                 f"{name}: expected {b['dtype']}{b['shape']}, got {array.dtype}{list(array.shape)}"
             )
+        self.plan.check_values(name, array)
         self._upload(self.buffers[name], np.ascontiguousarray(array))
 
     def download(self, name: str) -> np.ndarray:
@@ -84,36 +85,35 @@ class Executor:
             b = self.plan.buffers[name]
             self._upload(self.buffers[name], np.zeros(b["shape"], b["dtype"]))
 
-    def run(self, function: str, scalars: Mapping[str, int], inputs: Mapping[str, np.ndarray]
-            ) -> np.ndarray:  # fmt: skip
-        """Run one entry point; returns its first output (the logits)."""
+    def run(self, function: str, scalars: Mapping[str, int], inputs: Mapping[str, np.ndarray],
+            interrupt: Callable[[], None] | None = None) -> np.ndarray:  # fmt: skip
+        """Run one entry point; returns its first output (the logits). `interrupt` is called
+        between kernel launches, where a backend launches them one by one: it raises to stop
+        the run (the device agent's, when the client has gone)."""
         f = self.begin_run(function, scalars, inputs)
         for call in f["calls"]:
+            if interrupt is not None:
+                interrupt()
             self._launch(call["kernel"], self._args(call, scalars))
         return self.download(f["outputs"][0])
 
     def begin_run(self, function: str, scalars: Mapping[str, int],
                   inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:  # fmt: skip
         """Check the scalars and upload the inputs of a run; returns the plan's function."""
-        if function not in self.plan.functions:
-            raise ExecutorError(f"the plan has no entry point {function!r}")
-        f = self.plan.functions[function]
-        missing = set(f["scalars"]) - set(scalars)
-        if missing:
-            raise ExecutorError(f"{function} needs scalars {sorted(missing)}")
         self.plan.check_scalars(function, dict(scalars))
+        f = self.plan.functions[function]
         for name, array in inputs.items():
             self.upload(name, array)
         return f
 
     def launch(self, function: str, index: int, scalars: Mapping[str, int]) -> None:
         """Launch call `index` of entry point `function` alone (carving, offloading)."""
-        call = self.plan.functions[function]["calls"][index]
+        call = self.plan.check_call(function, index, dict(scalars))
         self._launch(call["kernel"], self._args(call, scalars))
 
     def time_call(self, function: str, index: int, scalars: Mapping[str, int]) -> float:
         """Seconds call `index` of `function` takes, synchronized."""
-        call = self.plan.functions[function]["calls"][index]
+        call = self.plan.check_call(function, index, dict(scalars))
         args = self._args(call, scalars)
         self._sync()
         start = time.perf_counter()

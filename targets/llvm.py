@@ -12,7 +12,7 @@ import json
 import mmap
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +80,8 @@ class TvmRuntimeExecutor(Executor):
         # GPU launches are asynchronous; a CPU device's sync returns at once.
         self._device.sync()
 
-    def run(self, function: str, scalars: Mapping[str, int], inputs: Mapping[str, np.ndarray]
-            ) -> np.ndarray:  # fmt: skip
+    def run(self, function: str, scalars: Mapping[str, int], inputs: Mapping[str, np.ndarray],
+            interrupt: Callable[[], None] | None = None) -> np.ndarray:  # fmt: skip
         """Run one entry point; each call's kernel and buffers are looked up once, at its first
         run, and each distinct scalar expression is evaluated once per run (a decode step
         passes `pos` to some 200 calls)."""
@@ -91,6 +91,8 @@ class TvmRuntimeExecutor(Executor):
         calls, expressions = self._prepared[function]
         values = {key: evaluate(expr, scalars) for key, expr in expressions.items()}
         for kernel, args, slots in calls:
+            if interrupt is not None:
+                interrupt()
             for index, key in slots:
                 args[index] = values[key]
             kernel(*args)

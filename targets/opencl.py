@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,11 +188,13 @@ class OpenCLExecutor(Executor):
     def _sync(self) -> None:
         self.queue.finish()
 
-    def run(self, function: str, scalars: Mapping[str, int], inputs: Mapping[str, np.ndarray]
-            ) -> np.ndarray:  # fmt: skip
+    def run(self, function: str, scalars: Mapping[str, int], inputs: Mapping[str, np.ndarray],
+            interrupt: Callable[[], None] | None = None) -> np.ndarray:  # fmt: skip
         """Run one entry point with the calls prepared at load: only scalars are set per run."""
         f = self.begin_run(function, scalars, inputs)
         for call_scalars, dispatches in self._calls[function]:
+            if interrupt is not None:
+                interrupt()
             env = {p: evaluate(expr, scalars) for p, expr in call_scalars}
             for d in dispatches:
                 d.enqueue(self.queue, env)

@@ -6,7 +6,7 @@ outputs are checked against it (same inputs, same weights, same entry points).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -53,9 +53,13 @@ class RelaxVM:
             for b in (self.plan.buffers[n] for n in self._state_names)
         ]
 
-    def run(self, function: str, scalars: Mapping[str, int], inputs: Mapping[str, np.ndarray]
-            ) -> np.ndarray:  # fmt: skip
-        """Same contract as Executor.run: returns the logits."""
+    def run(self, function: str, scalars: Mapping[str, int], inputs: Mapping[str, np.ndarray],
+            interrupt: Callable[[], None] | None = None) -> np.ndarray:  # fmt: skip
+        """Same contract as Executor.run (one VM call: nothing to interrupt); returns the
+        logits."""
+        self.plan.check_scalars(function, dict(scalars))
+        for name, array in inputs.items():
+            self.plan.check_values(name, array)
         tvm = self._tvm
         state = dict(zip(self._state_names, self._state, strict=True))
         args = []

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -208,9 +208,10 @@ class WebGPUExecutor(Executor):
         return steps, uniform, np.zeros(max(total, 1) * SLOT // 4, "u4"), readback
 
     # -- running -----------------------------------------------------------------------
-    def run(self, function: str, scalars: Mapping[str, int], inputs: Mapping[str, np.ndarray]
-            ) -> np.ndarray:  # fmt: skip
-        """Run one entry point as one compute pass; returns its first output (the logits)."""
+    def run(self, function: str, scalars: Mapping[str, int], inputs: Mapping[str, np.ndarray],
+            interrupt: Callable[[], None] | None = None) -> np.ndarray:  # fmt: skip
+        """Run one entry point as one compute pass (submitted whole: `interrupt` has no point
+        between launches to stop at); returns its first output (the logits)."""
         f = self.begin_run(function, scalars, inputs)
         steps, uniform, values, readback = self._programs[function]
         output = self.buffers[f["outputs"][0]]

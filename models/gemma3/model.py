@@ -57,7 +57,8 @@ class Gemma3ForCausalLM(tnn.CausalLM):
         self.layers = nn.ModuleList([Block(config, options, i) for i in range(config.num_layers)])
         self.norm = tnn.RMSNorm(config.hidden_size, config.rms_norm_eps, options.dtype)
         self._entry_points(config.num_layers, config.num_kv_heads, config.head_dim,
-                           options.max_context, options.chunk, options.kv_cache)  # fmt: skip
+                           options.max_context, options.chunk, options.kv_cache,
+                           config.vocab_size)  # fmt: skip
 
     def forward_tokens(self, ids, pos, n_valid, caches):
         h = self.embed_tokens(ids) * math.sqrt(self.config.hidden_size)

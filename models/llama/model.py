@@ -83,7 +83,8 @@ class LlamaForCausalLM(tnn.CausalLM):
         if not config.tie_word_embeddings:
             self.lm_head = tnn.Linear(config.hidden_size, config.vocab_size, formats["lm_head"])
         self._entry_points(config.num_layers, config.num_kv_heads, config.head_dim,
-                           options.max_context, options.chunk, options.kv_cache)  # fmt: skip
+                           options.max_context, options.chunk, options.kv_cache,
+                           config.vocab_size)  # fmt: skip
 
     def forward_tokens(self, ids, pos, n_valid, caches):
         h = self.embed_tokens(ids)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
 
 import click
 
 from tapml.targets import BACKENDS
+from tapml.targets.remote.agent import IDLE_TIMEOUT, MAX_UPLOAD_MB
 from tapml.targets.webgpu import WGPU_BACKENDS
 
 
@@ -43,21 +46,30 @@ def _token(token_file: str | None) -> str | None:
               help="Pin wgpu to one native API (default: wgpu's choice; Vulkan for vulkan).")
 @click.option("--trust-native-code", is_flag=True,
               help="Accept native kernel libraries (.so: llvm, metal, cuda), which can run "
-                   "anything on this machine.")
+                   "anything on this machine; needs a token, loopback included.")
 @click.option("--allow-no-token", is_flag=True,
               help="Serve a non-loopback address without a token (anyone who reaches it can "
-                   "use the device).")  # fmt: skip
+                   "use the device).")
+@click.option("--max-upload-mb", type=click.IntRange(min=1), default=MAX_UPLOAD_MB,
+              show_default=True,
+              help="Memory all clients together may hold in transfers in progress (plans, "
+                   "kernels, buffers); a transfer past it is refused.")
+@click.option("--idle-timeout", type=click.FloatRange(min=1), default=IDLE_TIMEOUT,
+              show_default=True,
+              help="Seconds a client may stay silent before its session is closed.")  # fmt: skip
 def serve(backend: str, host: str, port: int, token_file: str | None, wgpu_backend: str | None,
-          trust_native_code: bool, allow_no_token: bool) -> None:  # fmt: skip
+          trust_native_code: bool, allow_no_token: bool, max_upload_mb: int,
+          idle_timeout: float) -> None:  # fmt: skip
     """Serve this device to tapml clients until interrupted (Ctrl-C).
 
     Prints the agent's URL (tapml://HOST:PORT) on stdout once it listens. The agent runs only
     its narrow service: plans, kernel records and buffers; never Python code, and native
-    libraries only with --trust-native-code.
+    libraries only with --trust-native-code, which needs a token even on loopback.
     """
     from tapml.errors import TapmlError
-    from tapml.targets.remote.agent import Agent, is_loopback
-    from tapml.targets.remote.agent import serve as serve_agent
+    from tapml.targets.remote.agent import Agent
+    from tapml.targets.remote.server import is_loopback
+    from tapml.targets.remote.server import serve as serve_agent
 
     token = _token(token_file)
     if not is_loopback(host) and token is None and not allow_no_token:
@@ -66,7 +78,9 @@ def serve(backend: str, host: str, port: int, token_file: str | None, wgpu_backe
                          "or pass --allow-no-token")  # fmt: skip
     if wgpu_backend and backend != "wgpu":
         raise click.UsageError("--wgpu-backend goes with --backend wgpu")
-    agent = Agent(backend, wgpu_backend, trust_native_code, token)
+    agent = Agent(backend, wgpu_backend, trust_native_code, token, max_upload_mb, idle_timeout)
+    # SIGTERM ends the agent as Ctrl-C does, through the cleanup of its files
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
     def ready(bound_host: str, bound_port: int) -> None:
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host

@@ -33,8 +33,9 @@ class CausalLM(nn.Module):
     for parameters computed at compile time, `tables()`."""
 
     def _entry_points(self, layers: int, kv_heads: int, head_dim: int, max_context: int,
-                      chunk: int, kv_cache: str) -> None:  # fmt: skip
+                      chunk: int, kv_cache: str, vocab_size: int) -> None:  # fmt: skip
         self.max_context, self.chunk, self.kv_cache = max_context, chunk, kv_cache
+        self.vocab_size = vocab_size
         self._cache_shapes = {"k": key_cache_shape(kv_heads, max_context, head_dim),
                               "v": [kv_heads, max_context, head_dim]}  # fmt: skip
         self._layers = layers
@@ -72,17 +73,19 @@ class CausalLM(nn.Module):
 
     def task(self) -> dict[str, Any]:
         """How a runtime drives the entry points (the plan's `task`), and what each requires
-        of its scalars (checked before any kernel runs: a position past the cache would
-        write out of bounds)."""
+        of its scalars and token ids (checked before any kernel runs: a position past the
+        cache or a token past the embedding would read or write out of bounds)."""
         pos, n_valid, limit = var("pos"), var("n_valid"), self.max_context
+        token_range = [0, self.vocab_size]
         return {
             "kind": "causal_lm",
             "max_context": limit,
             "chunk": self.chunk,
             "decode": {"function": "decode", "tokens": TOKENS["decode"], "position": "pos",
+                       "token_range": token_range,
                        "requires": [op("ge", pos, 0), op("lt", pos, limit)]},
             "prefill": {"function": "prefill", "tokens": TOKENS["prefill"], "position": "pos",
-                        "count": "n_valid",
+                        "count": "n_valid", "token_range": token_range,
                         "requires": [op("ge", pos, 0), op("ge", n_valid, 1),
                                      op("le", n_valid, self.chunk),
                                      op("le", op("add", pos, n_valid), limit)]},

@@ -1,6 +1,6 @@
-"""Remote devices: the device agent that runs on a device (agent.py), its wire protocol
-(wire.py), the clients that drive it or a TVM RPC server (client.py, tvm_rpc.py), and the
-device URLs every `--device` option takes (address.py)."""
+"""Remote devices: the device agent that runs on a device (agent.py, served by server.py),
+its wire protocol (wire.py), the clients that drive it or a TVM RPC server (client.py,
+tvm_rpc.py), and the device URLs every `--device` option takes (address.py)."""
 
 from .address import DeviceAddress, DeviceURL, parse_url
 from .client import (

@@ -1,7 +1,8 @@
 """Device URLs: what every `--device` option takes.
 
     tapml://HOST:PORT              a tapml device agent (`tapml device serve`)
-    tvm-rpc://HOST:PORT[/KEY]      a TVM RPC server (python -m tvm.exec.rpc_server)
+    tvm-rpc://HOST:PORT[/KEY]      a TVM RPC server (python -m tvm.exec.rpc_server --host
+                                   127.0.0.1: it runs uploaded code; see tvm_rpc.py)
     tvm-tracker://HOST:PORT/KEY    a server of KEY from a TVM RPC tracker
 """
 
@@ -29,13 +30,14 @@ class DeviceAddress:
 
 
 class DeviceURL(str):
-    """A device URL that carries the token of an agent this process started."""
+    """A device URL that carries the token and process id of an agent this process started."""
 
     token: str | None = None
+    pid: int | None = None
 
-    def __new__(cls, url: str, token: str | None = None) -> DeviceURL:
+    def __new__(cls, url: str, token: str | None = None, pid: int | None = None) -> DeviceURL:
         self = super().__new__(cls, url)
-        self.token = token
+        self.token, self.pid = token, pid
         return self
 
 

@@ -71,7 +71,7 @@ def connect(address: DeviceAddress, token: str | None, timeout: float):
                           "; is `tapml device serve` running there?") from e  # fmt: skip
     try:
         sock.sendall(wire.client_hello(token))
-        answer = wire.read_line(sock)
+        answer = wire.read_line(sock, time.monotonic() + timeout)
     except (OSError, ValueError) as e:
         sock.close()
         raise DeviceLost(f"{address.url} did not complete the handshake: {e}") from e
@@ -192,11 +192,11 @@ class AgentExecutor(Executor):
         return json.loads(self._call("info"))
 
     def close(self) -> None:
-        """End the session: the agent frees the plan's buffers."""
+        """End the session at once (the agent frees the plan's buffers, and stops a run it
+        is in the middle of)."""
         conn, self._conn = getattr(self, "_conn", None), None
         if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.close()
+            wire.hang_up(conn)
 
     def __enter__(self) -> AgentExecutor:
         return self
@@ -223,18 +223,22 @@ def device_info(url: str, *, token: str | None = None, timeout: float = DEFAULT_
     conn, _ = connect(address, token, timeout)
     try:
         return json.loads(conn.root.info())
+    except TimeoutError as e:  # rpyc's AsyncResultTimeout
+        raise DeviceLost(f"the device agent at {address.url} did not answer within "
+                         f"{timeout:.0f} s") from e  # fmt: skip
     except (EOFError, OSError) as e:
         raise DeviceLost(f"lost the device agent at {address.url}: {e}") from e
     finally:
-        conn.close()
+        wire.hang_up(conn)
 
 
 @contextlib.contextmanager
 def start_local_agent(backend: str, *, wgpu_backend: str | None = None,
-                      trust_native_code: bool = False, startup_timeout: float = 60.0
-                      ) -> Iterator[DeviceURL]:  # fmt: skip
+                      trust_native_code: bool = False, startup_timeout: float = 60.0,
+                      options: Mapping[str, Any] | None = None) -> Iterator[DeviceURL]:  # fmt: skip
     """Run `tapml device serve` on a free loopback port with a fresh token; yields its URL
-    (a DeviceURL carrying the token, which open_executor uses) and stops the agent after."""
+    (a DeviceURL carrying the token, which open_executor uses, and the agent's pid) and stops
+    the agent after. `options` are more of serve's options, e.g. {"idle_timeout": 5}."""
     token = secrets.token_hex(16)
     with tempfile.TemporaryDirectory(prefix="tapml-agent-") as tmp:
         token_file, log_file = Path(tmp) / "token", Path(tmp) / "agent.log"
@@ -244,12 +248,14 @@ def start_local_agent(backend: str, *, wgpu_backend: str | None = None,
                    "--host", "127.0.0.1", "--port", "0", "--token-file", str(token_file)]
         command += ["--wgpu-backend", wgpu_backend] * bool(wgpu_backend)
         command += ["--trust-native-code"] * trust_native_code
+        for name, value in (options or {}).items():
+            command += ["--" + name.replace("_", "-"), str(value)]
         with open(log_file, "wb") as log:
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log,
                                        stdin=subprocess.DEVNULL)  # fmt: skip
         try:
             url = _wait_for_url(process, log_file, startup_timeout)
-            yield DeviceURL(url, token)
+            yield DeviceURL(url, token, process.pid)
         finally:
             process.terminate()
             try:

@@ -6,6 +6,10 @@ the plan and calls each kernel remotely, so every call is a round trip (the tapm
 agent runs a whole entry point in one). TVM's RPC has no per-call timeout: `timeout` bounds
 connecting (and a tracker's wait for a free server); a server that dies mid-call closes its
 socket, which TVM reports at once.
+
+TVM's server is not hardened: it binds 0.0.0.0 unless given --host, has no authentication and
+runs any library a client uploads. Start it with `python -m tvm.exec.rpc_server --host
+127.0.0.1` and reach it over an SSH tunnel, or only on a network whose every machine you trust.
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ docs/formats.md ("Device agent protocol") documents it.
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import time
 
 from tapml.errors import DeviceError
 
@@ -57,11 +59,16 @@ def bounded_channel(sock: socket.socket):
     return BoundedChannel(SocketStream(sock), compress=False)
 
 
-def read_line(sock: socket.socket) -> str:
-    """One handshake line (without its newline); refuses a longer one."""
+def read_line(sock: socket.socket, deadline: float) -> str:
+    """One handshake line (without its newline), whole by `deadline` (time.monotonic());
+    refuses a longer or a later one."""
     data = b""
     while not data.endswith(b"\n"):
-        piece = sock.recv(1)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the handshake line did not come in time")
+        sock.settimeout(left)
+        piece = sock.recv(1)  # byte by byte: what follows the line belongs to rpyc
         if not piece:
             raise ConnectionError("the connection closed during the handshake")
         data += piece
@@ -84,3 +91,12 @@ def read_token_file(path: str) -> str:
     if not token:
         raise DeviceError(f"the token file {path} is empty")
     return token
+
+
+def hang_up(conn) -> None:
+    """Close an rpyc connection without its goodbye: rpyc's close sends one and waits for the
+    answer, a whole timeout when the peer is frozen, busy or gone."""
+    with contextlib.suppress(OSError, EOFError):  # EOFError: rpyc closed the stream already
+        conn._channel.stream.sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(Exception):
+        conn.close()
