@@ -7,25 +7,37 @@ before any model runs) and returns a `Constraint` (runtime/constraint.py). Backe
 - "xgrammar": the XGrammar engine; an optional extra, since importing it imports torch and
   transformers: `pip install 'tapml[grammar-xgrammar]'`.
 
-JSON whitespace is set the same for both: the separators of Python's `json.dumps` (", " between
-items, ": " after keys) and no other whitespace anywhere, so the model cannot stall in runs of
-newlines and the output is one line. Objects follow JSON Schema semantics for both: properties
-in the schema's order, other properties allowed unless additionalProperties is false.
+JSON whitespace is set the same for both: by default the separators of Python's `json.dumps`
+(", " between items, ": " after keys) and no other whitespace anywhere, so the model cannot
+stall in runs of newlines and the output is one line; `whitespace="any"` accepts any JSON
+whitespace (documents serialized by others). A JSON schema goes through runtime/schema.py
+first: keywords the backend does not enforce are checked after generation instead, and the
+generation defaults are added. With no backend named, llguidance compiles the grammar, and
+xgrammar when llguidance cannot.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
+from typing import Any
 
 import numpy as np
 
 from tapml.errors import GenerationError, TapmlError
 from tapml.tokenizer import Tokenizer
 
+from . import schema
+from .schema import Defaults, NumberDigits, violations
+
+log = logging.getLogger("tapml")
+
 KINDS = ("json_schema", "any_json", "regex", "grammar")
+FALLBACK = ("llguidance", "xgrammar")  # the backends tried, in turn, when none is named
 JSON_SEPARATORS = (", ", ": ")  # item, key; as json.dumps writes them
 ANY_JSON_SCHEMA = '{"type": "object"}'  # "any_json": any JSON object, like OpenAI's json_object
 
@@ -62,6 +74,11 @@ class Vocabulary:
     def size(self) -> int:
         return len(self.tokens)
 
+    @cached_property
+    def leading_digits(self) -> np.ndarray:
+        """How many ASCII digits each token starts with."""
+        return np.array([len(t) - len(t.lstrip(b"0123456789")) for t in self.tokens])
+
 
 class GrammarConstraint:
     """A compiled grammar's state; implements `Constraint`. Backends fill in the hooks."""
@@ -71,6 +88,9 @@ class GrammarConstraint:
 
     def __init__(self, vocab: Vocabulary):
         self.vocab = vocab
+        self.schema: Any = None  # a JSON schema's original, which the output is checked against
+        self.post_checked: list[str] = []  # its keywords this backend leaves to that check
+        self.digits: NumberDigits | None = None  # the cap on a JSON number's digits
         words = (vocab.size + 31) // 32
         self._bitmask = np.zeros((1, words), np.int32)  # bit i of word w: token 32 * w + i
         self._fresh = False  # _bitmask holds the mask for the current state
@@ -83,9 +103,13 @@ class GrammarConstraint:
 
     def allowed(self) -> np.ndarray:
         """One bool per vocabulary token: may it come next?"""
-        bitmask = self._current_bitmask()
+        bitmask = self.bitmask()
         bits = np.unpackbits(bitmask.view(np.uint8), bitorder="little", count=self.vocab.size)
-        return bits.view(np.bool_)
+        allowed = bits.view(np.bool_)
+        capped = self.digits.allowed() if self.digits is not None else None
+        if capped is not None and (allowed & capped).any():  # the schema may need the digits
+            allowed = allowed & capped
+        return allowed
 
     def mask(self, logits: np.ndarray) -> np.ndarray:
         """A float32 copy of `logits` with -inf for every token the grammar does not allow next;
@@ -112,6 +136,20 @@ class GrammarConstraint:
             )
         self._fresh = False
         self._stopped = token in self.vocab.stop_ids
+        if self.digits is not None:
+            self.digits.accept(token)
+
+    def reset(self) -> None:
+        """Back to the start of the grammar (no text generated)."""
+        self._matcher.reset()
+        self._fresh = self._stopped = False
+        if self.digits is not None:
+            self.digits = NumberDigits(self.vocab, self.digits.limit)
+
+    def violations(self, output: str) -> list[str]:
+        """What makes a finished JSON output fail its schema (runtime/schema.py); empty for
+        other grammars."""
+        return [] if self.schema is None else violations(output, self.schema)
 
     def is_complete(self) -> bool:
         """True once a stop token was accepted, or the grammar is satisfied and allows nothing
@@ -121,9 +159,11 @@ class GrammarConstraint:
         if not self._accepting():
             return False
         # the next mask, which mask() then reuses
-        return not np.any(self._current_bitmask()[0] & self._non_stop)
+        return not np.any(self.bitmask()[0] & self._non_stop)
 
-    def _current_bitmask(self) -> np.ndarray:
+    def bitmask(self) -> np.ndarray:
+        """The grammar's own mask of the next tokens, packed: bit i of int32 word w allows token
+        32 * w + i (computed once per state)."""
         if not self._fresh:
             self._fill(self._bitmask)
             self._fresh = True
@@ -172,7 +212,7 @@ class LLGuidanceConstraint(GrammarConstraint):
         wrapper = llguidance.TokenizerWrapper(Wrapped())
         return llguidance.LLTokenizer(wrapper, n_vocab=vocab.size, eos_token=list(vocab.stop_ids))
 
-    def __init__(self, info, vocab: Vocabulary, kind: str, value: str):
+    def __init__(self, info, vocab: Vocabulary, kind: str, value: str, whitespace: str):
         import llguidance
         from llguidance.gbnf_to_lark import gbnf_to_lark
 
@@ -183,11 +223,11 @@ class LLGuidanceConstraint(GrammarConstraint):
             elif kind == "grammar":
                 grammar = llguidance.LLMatcher.grammar_from_lark(gbnf_to_lark(value))
             else:
-                options = {
+                options = {"whitespace_flexible": True} if whitespace == "any" else {
                     "whitespace_flexible": False,
                     "item_separator": JSON_SEPARATORS[0],
                     "key_separator": JSON_SEPARATORS[1],
-                }
+                }  # fmt: skip
                 grammar = llguidance.LLMatcher.grammar_from_json_schema(value, overrides=options)
         except Exception as e:  # the GBNF converter raises bare Exceptions
             raise _invalid(kind, self.backend, str(e)) from e
@@ -228,15 +268,16 @@ class XGrammarConstraint(GrammarConstraint):
         )
         return xgrammar.GrammarCompiler(info)  # holds the info and a cache of compiled grammars
 
-    def __init__(self, compiler, vocab: Vocabulary, kind: str, value: str):
-        import xgrammar
-
+    def __init__(self, compiler, vocab: Vocabulary, kind: str, value: str, whitespace: str):
         super().__init__(vocab)
         try:
             if kind == "regex":
                 compiled = compiler.compile_regex(value)
             elif kind == "grammar":
                 compiled = compiler.compile_grammar(value)
+            elif whitespace == "any":
+                compiled = compiler.compile_json_schema(value, any_whitespace=True,
+                                                        strict_mode=False)  # fmt: skip
             else:
                 compiled = compiler.compile_json_schema(
                     value, any_whitespace=False, separators=JSON_SEPARATORS, strict_mode=False
@@ -244,6 +285,8 @@ class XGrammarConstraint(GrammarConstraint):
         except RuntimeError as e:
             # "[08:41:34] /project/cpp/regex_converter.cc:83: Regex parsing error ..."
             raise _invalid(kind, self.backend, re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(e))) from e
+        import xgrammar
+
         self._matcher = xgrammar.GrammarMatcher(compiled)
 
     def _fill(self, bitmask):
@@ -265,30 +308,75 @@ _CACHE: weakref.WeakKeyDictionary[Tokenizer, dict[str, object]] = weakref.WeakKe
 
 
 def make_constraint(
-    kind: str, value: str | None, tokenizer: Tokenizer, backend: str = "llguidance"
-) -> GrammarConstraint:
+    kind: str, value: str | None, tokenizer: Tokenizer, backend: str | None = None, *,
+    defaults: Defaults = schema.GENERATION, whitespace: str = "compact", strict: bool = False,
+) -> GrammarConstraint:  # fmt: skip
     """A constraint that lets generation produce only text of the grammar.
 
     kind: "json_schema" (value: the schema as JSON text), "any_json" (value: None; any JSON
     object), "regex" (value: the regex, matched in full) or "grammar" (value: GBNF, the EBNF
-    dialect of llama.cpp and xgrammar, with a rule named "root"). backend: a key of BACKENDS.
-    A malformed value raises TapmlError with the backend's message.
+    dialect of llama.cpp and xgrammar, with a rule named "root"). backend: a key of BACKENDS,
+    or None for the first of FALLBACK that compiles the grammar. For JSON: `defaults` are the
+    generation defaults (runtime/schema.py; schema.SPEC: none), `whitespace` "compact" or
+    "any", and `strict` refuses a schema with keywords the backend cannot enforce. A malformed
+    value raises TapmlError with the backend's message.
     """
     if kind not in KINDS:
         raise TapmlError(f"unknown grammar kind {kind!r}; tapml knows: {', '.join(KINDS)}")
-    if backend not in BACKENDS:
+    if backend is not None and backend not in BACKENDS:
         raise TapmlError(f"unknown grammar backend {backend!r}; tapml knows: {', '.join(BACKENDS)}")
+    if whitespace not in ("compact", "any"):
+        raise TapmlError(f"whitespace is 'compact' or 'any', not {whitespace!r}")
     if kind == "any_json":
         if value is not None:
             raise TapmlError("the 'any_json' grammar takes no value")
         value = ANY_JSON_SCHEMA
+        defaults = replace(defaults, extra_properties=True)  # any object: any properties
     elif not isinstance(value, str):
         raise TapmlError(f"the {kind!r} grammar needs its text as a str, got {value!r}")
-    elif kind == "json_schema":
+    document = schema.load(value) if kind in ("json_schema", "any_json") else None
+    candidates = [backend] if backend else list(FALLBACK)
+    if strict and document is not None:
+        able = [b for b in candidates if not schema.unenforced(document, b)]
+        if not able:
+            missing = schema.unenforced(document, candidates[0])
+            raise TapmlError(
+                f"--strict-schema: no grammar backend enforces {', '.join(missing)} "
+                f"({' or '.join(candidates)} tried); without --strict-schema the output is "
+                "checked against them after generation"
+            )
+        candidates = able
+    errors = []
+    for name in candidates:
+        text = value if document is None else json.dumps(
+            schema.for_grammar(document, name, defaults))  # fmt: skip
         try:
-            json.loads(value)
-        except ValueError as e:
-            raise _invalid(kind, None, f"not valid JSON: {e}") from e
+            constraint = compile_grammar(name, kind, text, tokenizer, whitespace)
+        except TapmlError as e:
+            if backend is not None or len(candidates) == 1:
+                raise
+            errors.append(str(e))
+            continue
+        if document is not None:
+            constraint.schema = document
+            constraint.post_checked = schema.unenforced(document, name)
+            if defaults.max_number_digits:
+                constraint.digits = NumberDigits(constraint.vocab, defaults.max_number_digits)
+        if errors:
+            log.info("grammar: %s compiles it; %s", name, "; ".join(errors))
+        else:
+            log.debug("grammar: %s compiles it", name)
+        if constraint.post_checked:
+            log.info("grammar: %s does not enforce %s; the output is checked against them "
+                     "after generation", name, ", ".join(constraint.post_checked))  # fmt: skip
+        return constraint
+    raise TapmlError("; ".join(errors))
+
+
+def compile_grammar(backend: str, kind: str, value: str, tokenizer: Tokenizer,
+                    whitespace: str = "compact") -> GrammarConstraint:  # fmt: skip
+    """`backend`'s constraint of the grammar exactly as given (make_constraint prepares JSON
+    schemas first); its tokenizer info is built once per tokenizer."""
     cls = BACKENDS[backend]
     cache = _CACHE.setdefault(tokenizer, {})
     if "vocab" not in cache:
@@ -301,7 +389,7 @@ def make_constraint(
                 f"the {backend} grammar backend is not installed ({e}); install it with: "
                 f"{cls.install}"
             ) from e
-    return cls(cache[backend], cache["vocab"], kind, value)
+    return cls(cache[backend], cache["vocab"], kind, value, whitespace)
 
 
 def _invalid(kind: str, backend: str | None, message: str) -> TapmlError:

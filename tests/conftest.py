@@ -101,6 +101,17 @@ def rewrite(path: Path, data: bytes) -> None:
     os.replace(new, path)
 
 
+def bench_module(name: str):
+    """The benchmark script bench/NAME.py as a module (tests run short versions of them)."""
+    import importlib.util
+
+    path = Path(__file__).parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def greedy_trace(engine, prompt_ids: list[int], steps: int) -> tuple[list[np.ndarray], list[int]]:
     """Logits after the prompt and after each greedy decode step, and the greedy ids."""
     engine.reset()

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import bench_module
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_device_agent import _skip_without, load
@@ -342,12 +343,7 @@ def test_random_frames_drop_only_their_own_connection(agents, backend, tiny_arti
 
 # -- the soak --------------------------------------------------------------------------------
 def test_sixteen_clients_at_once_are_all_answered_and_memory_stays_flat(tiny_artifact):
-    import importlib.util
-
-    path = Path(__file__).parent.parent / "bench" / "agent_soak.py"
-    spec = importlib.util.spec_from_file_location("agent_soak", path)
-    soak = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(soak)
+    soak = bench_module("agent_soak")
     report = soak.soak("llvm", tiny_artifact("q4f32_1", "llvm"), clients=16, seconds=3.0,
                        rounds=2, timeout=30.0)  # fmt: skip
     assert soak.failures(report) == []

@@ -122,6 +122,23 @@ def test_chat_page_json_schema_reply_validates(page, tmp_path):
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_chat_page_shows_an_error_rather_than_json_that_breaks_its_schema(page):
+    def send(schema: dict, max_tokens: int):
+        return page.evaluate(f"""(async () => {{
+          document.getElementById("schema").value = {json.dumps(json.dumps(schema))};
+          document.getElementById("max-tokens").value = "{max_tokens}";
+          const shown = () => document.querySelectorAll(".assistant").length, before = shown();
+          try {{ return ["sent", await window.tapml.send("Give two tags.")]; }}
+          catch (e) {{ return [String(e.message ?? e), shown() - before]; }}
+        }})()""")
+
+    tags = {"type": "array", "items": {"type": "string"}, "uniqueItems": True}
+    message, added = send(tags, 16)
+    assert "cannot enforce uniqueItems" in message and added == 0, message
+    message, added = send(SCHEMA, 2)
+    assert "the JSON output is incomplete: maxTokens ran out" in message and added == 0, message
+
+
 def test_missing_limit_and_feature_are_named(page):
     message = page.evaluate(
         """import("./runtime/executor.js")

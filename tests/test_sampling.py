@@ -352,7 +352,8 @@ def test_run_exits_1_when_a_constrained_output_is_incomplete(tiny_artifact, monk
     # the partial output is printed
     assert len(result.stdout.split()) == 3 and set(result.stdout.split()) <= {"yes", "no"}
     assert made == [{"json_schema": None, "any_json": True, "regex": None, "grammar": None,
-                     "grammar_backend": "llguidance"}]  # fmt: skip
+                     "grammar_backend": None, "strict_schema": False, "max_string_length": 64,
+                     "max_number_digits": 16, "extra_properties": False}]  # fmt: skip
 
 
 def test_run_with_a_real_constraint(tiny_artifact, tmp_path):

@@ -49,6 +49,7 @@ async function send(text) {
     return reply.textContent;
   } catch (e) {
     history.pop();
+    if (options().jsonSchema) reply.remove(); // an error, not output that breaks the schema
     showError(e);
     throw e;
   } finally {

@@ -129,13 +129,19 @@ export class Engine {
     }
     const constraint = options.jsonSchema ? await JsonSchemaConstraint.create(this.tokenizer, options.jsonSchema) : null;
     const stream = new StreamDecoder(this.tokenizer);
+    let output = "";
     try {
       for await (const token of this.generateIds(this.tokenizer.encode(text), { ...options, constraint })) {
         const piece = stream.add(token);
+        output += piece;
         if (piece) yield piece;
       }
       const tail = stream.flush();
+      output += tail;
       if (tail) yield tail;
+      if (constraint && !["stop", "grammar"].includes(this.finishReason))
+        throw new Error(`the JSON output is incomplete: ${this.finishReason === "length" ? "maxTokens" : "the context"} ran out`);
+      if (constraint) JSON.parse(output); // the grammar's promise, checked
     } finally {
       if (constraint) constraint.dispose();
     }

@@ -5,6 +5,37 @@ import "./vendor/web-xgrammar.js"; // a UMD module: it defines globalThis.xgramm
 const JSON_SEPARATORS = [", ", ": "]; // as runtime/grammar.py: json.dumps spacing
 const compilers = new WeakMap(); // tokenizer -> GrammarCompiler (holds the decoded vocabulary)
 
+// The JSON Schema keywords XGrammar enforces in full here. The browser has no check after
+// generation (tapml's Python runtime has one), so a schema using any other validation keyword
+// is refused instead: the page never shows JSON that breaks its schema. minLength and
+// maxLength are enforced except next to a pattern, which XGrammar then ignores.
+export const ENFORCED_KEYWORDS = new Set(["type", "properties", "required", "additionalProperties",
+  "items", "prefixItems", "minItems", "maxItems", "enum", "const", "anyOf", "$ref", "$defs",
+  "definitions", "minLength", "maxLength", "pattern", "format", "minimum", "maximum",
+  "exclusiveMinimum", "exclusiveMaximum", "minProperties", "maxProperties"]);
+const VALIDATION_KEYWORDS = new Set([...ENFORCED_KEYWORDS, "multipleOf", "uniqueItems", "contains",
+  "minContains", "maxContains", "dependentRequired", "dependencies", "dependentSchemas", "allOf",
+  "oneOf", "not", "if", "then", "else", "additionalItems", "patternProperties", "propertyNames",
+  "unevaluatedItems", "unevaluatedProperties", "$dynamicRef", "$recursiveRef"]);
+const SUBSCHEMA = { one: ["additionalProperties", "items", "additionalItems", "not", "if", "then", "else",
+  "contains", "propertyNames", "unevaluatedProperties", "unevaluatedItems"],
+  list: ["anyOf", "oneOf", "allOf", "prefixItems", "items"],
+  map: ["properties", "patternProperties", "$defs", "definitions", "dependentSchemas"] };
+
+// The validation keywords of `schema` the browser cannot enforce ("minLength with pattern"...).
+export function unenforcedKeywords(schema, found = new Set()) {
+  if (schema === null || typeof schema !== "object" || Array.isArray(schema)) return found;
+  for (const key of Object.keys(schema))
+    if (VALIDATION_KEYWORDS.has(key) && !ENFORCED_KEYWORDS.has(key)) found.add(key);
+  if ("pattern" in schema)
+    for (const key of ["minLength", "maxLength"]) if (key in schema) found.add(`${key} with pattern`);
+  for (const key of SUBSCHEMA.one) unenforcedKeywords(schema[key], found);
+  for (const key of SUBSCHEMA.list) if (Array.isArray(schema[key])) schema[key].forEach((s) => unenforcedKeywords(s, found));
+  for (const key of SUBSCHEMA.map)
+    if (schema[key] && typeof schema[key] === "object") Object.values(schema[key]).forEach((s) => unenforcedKeywords(s, found));
+  return found;
+}
+
 async function compilerFor(tokenizer) {
   if (!compilers.has(tokenizer)) {
     const { TokenizerInfo, GrammarCompiler } = globalThis.xgrammar;
@@ -24,6 +55,16 @@ export class JsonSchemaConstraint {
   // `schema`: a JSON Schema as a string or an object.
   static async create(tokenizer, schema) {
     const text = typeof schema === "string" ? schema : JSON.stringify(schema);
+    let parsed;
+    try {
+      parsed = JSON.parse(text);
+    } catch (e) {
+      throw new Error(`invalid JSON schema: not valid JSON: ${e.message}`);
+    }
+    const unenforced = [...unenforcedKeywords(parsed)].sort();
+    if (unenforced.length)
+      throw new Error(`the browser runtime cannot enforce ${unenforced.join(", ")} in this schema, and would not ` +
+        "show output that breaks it: drop those keywords, or run the model with tapml, which checks them after generation");
     const compiler = await compilerFor(tokenizer);
     let compiled;
     try {

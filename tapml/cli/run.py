@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from tapml.runtime.schema import MAX_NUMBER_DIGITS, MAX_STRING_LENGTH, Defaults
+
 from .options import compile_options, refuse_artifact_conflicts, threads_option
 
 # the keyword arguments `sampling_options` adds, which `sampling_params` takes back out
@@ -14,7 +16,8 @@ SAMPLING_KEYS = (
     "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
     "frequency_penalty", "seed", "stop",
 )  # fmt: skip
-GRAMMAR_KEYS = ("json_schema", "any_json", "regex", "grammar", "grammar_backend")
+GRAMMAR_KEYS = ("json_schema", "any_json", "regex", "grammar", "grammar_backend",
+                "strict_schema", "max_string_length", "max_number_digits", "extra_properties")
 INCOMPLETE = {
     "length": "--max-tokens ran out before the grammar completed",
     "context": "the compiled context ran out before the grammar completed "
@@ -126,7 +129,30 @@ def grammar_options(f):
             ),
             click.option(
                 "--grammar-backend", type=click.Choice(["llguidance", "xgrammar"]),
-                default="llguidance", show_default=True, help="What enforces the constraint.",
+                help="What enforces the constraint [default: llguidance, then xgrammar for a "
+                     "grammar llguidance cannot compile].",
+            ),
+            click.option(
+                "--strict-schema", is_flag=True,
+                help="Refuse a JSON schema with keywords the grammar cannot enforce (by "
+                     "default the output is checked against them after generation).",
+            ),
+            click.option(
+                "--max-string-length", type=click.IntRange(0), default=MAX_STRING_LENGTH,
+                show_default=True,
+                help="Longest string the model may write where the JSON schema sets no "
+                     "maxLength, pattern, format or enum (0: no limit).",
+            ),
+            click.option(
+                "--max-number-digits", type=click.IntRange(0), default=MAX_NUMBER_DIGITS,
+                show_default=True,
+                help="Most digits in each part (integral, fraction, exponent) of a JSON number "
+                     "(0: no limit).",
+            ),
+            click.option(
+                "--extra-properties", is_flag=True,
+                help="Let the model add object properties the JSON schema allows but does not "
+                     "name (by default it writes only those the schema names).",
             ),
         ]
     ):  # fmt: skip
@@ -136,7 +162,8 @@ def grammar_options(f):
 
 def constraint_from_options(
     tokenizer, json_schema=None, any_json=False, regex=None, grammar=None,
-    grammar_backend="llguidance",
+    grammar_backend=None, strict_schema=False, max_string_length=MAX_STRING_LENGTH,
+    max_number_digits=MAX_NUMBER_DIGITS, extra_properties=False,
 ):  # fmt: skip
     """The Constraint the grammar options ask for, or None when they ask for none.
 
@@ -157,7 +184,20 @@ def constraint_from_options(
         value = None
     from tapml.runtime.grammar import make_constraint
 
-    return make_constraint(kind, value, tokenizer, grammar_backend)
+    defaults = Defaults(max_string_length, max_number_digits, extra_properties)
+    return make_constraint(kind, value, tokenizer, grammar_backend, defaults=defaults,
+                           strict=strict_schema)  # fmt: skip
+
+
+def check_schema(constraint, output: str) -> None:
+    """Exit 1 naming each keyword and path a finished JSON output breaks (the keywords the
+    grammar left to this check)."""
+    problems = constraint.violations(output) if constraint is not None else []
+    if problems:
+        raise click.ClickException(
+            "the output does not match the JSON schema: " + "; ".join(problems[:5])
+            + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        )
 
 
 @click.command("run")
@@ -213,7 +253,9 @@ def command(
     constraint = constraint_from_options(
         engine.tokenizer, **{k: options.pop(k) for k in GRAMMAR_KEYS}
     )
+    pieces = []
     for piece in engine.generate(prompt, params, chat=chat, system=system, constraint=constraint):
+        pieces.append(piece)
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -226,3 +268,4 @@ def command(
     if constraint is not None and engine.finish_reason in INCOMPLETE:
         raise click.ClickException(f"output is incomplete: {INCOMPLETE[engine.finish_reason]}")
     context_notice(engine)
+    check_schema(constraint, "".join(pieces))

@@ -1,0 +1,203 @@
+"""JSON Schema for generation: every keyword accounted for, and defaults that let a model finish.
+
+A schema's validation keywords are each either enforced by the grammar backend that runs
+(`ENFORCED`, measured per backend: a violating document cannot be generated) or checked on the
+finished output (`violations`, with the `jsonschema` package), and are then taken out of the
+schema the backend compiles, so that it neither refuses the schema (llguidance does, for
+`uniqueItems`) nor half-applies it. A strict caller refuses the second kind up front.
+
+Generation defaults (`Defaults`) bound what a small model can loop on, the way llama.cpp's
+schema converter does: strings the schema leaves unbounded get a maximum length, objects allow
+only the properties the schema names (XGrammar's strict mode), and numbers at most 16 digits in
+each of their integral, fractional and exponent parts (applied to the token mask by
+`NumberDigits`, since JSON Schema cannot say it). Each is still a valid JSON Schema reading.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tapml.errors import TapmlError
+
+# What each backend's grammar enforces, besides the structure itself (type, properties, items):
+# tests/test_grammar.py tries to break each one and cannot.
+_COMMON = {
+    "type", "properties", "required", "additionalProperties", "items", "prefixItems",
+    "minItems", "maxItems", "enum", "const", "anyOf", "$ref", "$defs", "definitions",
+    "minLength", "maxLength", "pattern", "format", "minimum", "maximum", "exclusiveMinimum",
+    "exclusiveMaximum", "minProperties", "maxProperties",
+}  # fmt: skip
+ENFORCED = {
+    # oneOf: refused unless its branches are disjoint (then xgrammar compiles it)
+    "llguidance": _COMMON | {"allOf", "oneOf", "multipleOf", "patternProperties"},
+    # it ignores allOf, reads oneOf as anyOf, multipleOf on integers only, and mishandles
+    # patternProperties (its log says which it dropped)
+    "xgrammar": _COMMON,
+}
+# JSON Schema's validation keywords (drafts 4 to 2020-12), enforced or checked.
+VALIDATION = {
+    "type", "enum", "const", "multipleOf", "maximum", "exclusiveMaximum", "minimum",
+    "exclusiveMinimum", "maxLength", "minLength", "pattern", "format", "maxItems", "minItems",
+    "uniqueItems", "maxContains", "minContains", "contains", "maxProperties", "minProperties",
+    "required", "dependentRequired", "dependencies", "dependentSchemas", "allOf", "anyOf",
+    "oneOf", "not", "if", "then", "else", "prefixItems", "items", "additionalItems",
+    "properties", "patternProperties", "additionalProperties", "propertyNames",
+    "unevaluatedItems", "unevaluatedProperties", "$ref", "$dynamicRef", "$recursiveRef",
+}  # fmt: skip
+# Keywords that say nothing about validity, passed to the backends as they are.
+ANNOTATIONS = {
+    "$schema", "$id", "$anchor", "$comment", "$vocabulary", "$dynamicAnchor", "title",
+    "description", "default", "examples", "deprecated", "readOnly", "writeOnly",
+    "contentEncoding", "contentMediaType", "contentSchema",
+}  # fmt: skip
+# Keywords whose value is a schema, a list of schemas, or a map of names to schemas.
+_ONE = ("additionalProperties", "items", "additionalItems", "not", "if", "then", "else",
+        "contains", "propertyNames", "unevaluatedProperties", "unevaluatedItems")  # fmt: skip
+_LIST = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+_MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+MAX_NUMBER_DIGITS = 16  # in each part of a number, as llama.cpp's converter bounds them
+MAX_STRING_LENGTH = 64
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What generation adds to a schema so that a small model finishes (0 / True: off)."""
+
+    max_string_length: int = MAX_STRING_LENGTH
+    max_number_digits: int = MAX_NUMBER_DIGITS
+    extra_properties: bool = False
+
+
+GENERATION = Defaults()
+SPEC = Defaults(max_string_length=0, max_number_digits=0, extra_properties=True)  # as written
+
+
+def load(text: str) -> dict[str, Any] | bool:
+    """The schema in `text`; a TapmlError when it is not JSON or not a schema."""
+    try:
+        schema = json.loads(text)
+    except ValueError as e:
+        raise TapmlError(f"invalid JSON schema: not valid JSON: {e}") from e
+    if not isinstance(schema, (dict, bool)):
+        raise TapmlError(f"invalid JSON schema: a schema is an object or a boolean, not "
+                         f"{type(schema).__name__}")  # fmt: skip
+    return schema
+
+
+def transform(schema: Any, fn: Callable[[dict[str, Any], bool], dict[str, Any]],
+              in_all_of: bool = False) -> Any:  # fmt: skip
+    """A copy of `schema` with `fn(subschema, in_all_of)` applied to every subschema, innermost
+    first; `in_all_of` says whether it is a branch of an allOf."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _ONE:
+        if isinstance(out.get(key), dict):
+            out[key] = transform(out[key], fn)
+    for key in _LIST:
+        if isinstance(out.get(key), list):
+            out[key] = [transform(s, fn, key == "allOf") for s in out[key]]
+    for key in _MAP:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: transform(s, fn) for name, s in out[key].items()}
+    return fn(out, in_all_of)
+
+
+def keywords(schema: Any) -> set[str]:
+    """Every keyword used anywhere in `schema`."""
+    found: set[str] = set()
+
+    def collect(s: dict[str, Any], _: bool) -> dict[str, Any]:
+        found.update(s)
+        return s
+
+    transform(schema, collect)
+    return found
+
+
+def unenforced(schema: Any, backend: str) -> list[str]:
+    """The validation keywords of `schema` that `backend`'s grammar does not enforce."""
+    return sorted((keywords(schema) & VALIDATION) - ENFORCED[backend])
+
+
+def for_grammar(schema: Any, backend: str, defaults: Defaults) -> Any:
+    """The schema `backend` compiles: without the keywords it does not enforce (checked after
+    generation instead) or does not know (vendor extensions), and with the generation
+    `defaults`."""
+    dropped = keywords(schema) - ENFORCED[backend] - ANNOTATIONS
+
+    def rewrite(s: dict[str, Any], in_all_of: bool) -> dict[str, Any]:
+        s = {k: v for k, v in s.items() if k not in dropped}
+        types = s.get("type") if isinstance(s.get("type"), list) else [s.get("type")]
+        if defaults.max_string_length and "string" in types and not (
+                {"maxLength", "pattern", "format", "enum", "const"} & s.keys()):  # fmt: skip
+            s["maxLength"] = max(defaults.max_string_length, s.get("minLength", 0))
+        is_object = "object" in types or "properties" in s
+        if not defaults.extra_properties and is_object and not in_all_of and not (
+                {"additionalProperties", "patternProperties"} & s.keys()):  # fmt: skip
+            properties = dict(s.get("properties", {}))
+            for name in s.get("required", []):
+                properties.setdefault(name, {})  # required but not described: any value
+            s["properties"], s["additionalProperties"] = properties, False
+        return s
+
+    return transform(copy.deepcopy(schema), rewrite)
+
+
+def violations(output: str, schema: Any) -> list[str]:
+    """What makes `output` fail `schema`, each naming the keyword and where (JSONPath); the
+    empty list for a valid document."""
+    import jsonschema
+
+    try:
+        document = json.loads(output)
+    except ValueError as e:
+        return [f"not JSON ({e})"]
+    cls = jsonschema.validators.validator_for(schema)
+    validator = cls(schema, format_checker=cls.FORMAT_CHECKER)
+    errors = sorted(validator.iter_errors(document), key=lambda e: e.json_path)
+    return [f"{e.validator} at {e.json_path}: {e.message}" for e in errors]
+
+
+class NumberDigits:
+    """A token filter that ends a JSON number's integral, fractional or exponent digits at
+    `limit` each: it follows the text generated (outside strings) and refuses a token whose
+    leading digits would run past the limit."""
+
+    def __init__(self, vocab: Any, limit: int):
+        self.limit = limit
+        self._leading, self._tokens = vocab.leading_digits, vocab.tokens  # a grammar.Vocabulary
+        self._in_string = self._escaped = False
+        self._digits: int | None = None  # digits of the number part being written, if any
+
+    def allowed(self) -> np.ndarray | None:
+        """Which tokens may come next (None: any)."""
+        if self._digits is None:
+            return None
+        return self._leading <= self.limit - self._digits
+
+    def accept(self, token: int) -> None:
+        for byte in self._tokens[token] if 0 <= token < len(self._tokens) else b"":
+            self._step(chr(byte))
+
+    def _step(self, c: str) -> None:
+        if self._in_string:
+            self._in_string = self._escaped or c != '"'
+            self._escaped = not self._escaped and c == "\\"
+        elif c == '"':
+            self._in_string, self._digits = True, None
+        elif c.isdigit():
+            self._digits = (self._digits or 0) + 1
+        elif c in "-+" and (self._digits is None or self._digits == 0):
+            self._digits = 0  # a sign starts a number or its exponent
+        elif c in ".eE" and self._digits is not None:
+            self._digits = 0  # the next part of the same number
+        else:
+            self._digits = None
