@@ -228,6 +228,9 @@ class LLGuidanceConstraint(GrammarConstraint):
                     "item_separator": JSON_SEPARATORS[0],
                     "key_separator": JSON_SEPARATORS[1],
                 }  # fmt: skip
+                # oneOf whose branches may overlap is read as anyOf (it is refused otherwise);
+                # runtime/schema.py checks the "exactly one" after generation
+                options["coerce_one_of"] = True
                 grammar = llguidance.LLMatcher.grammar_from_json_schema(value, overrides=options)
         except Exception as e:  # the GBNF converter raises bare Exceptions
             raise _invalid(kind, self.backend, str(e)) from e

@@ -6,17 +6,19 @@ finished output (`violations`, with the `jsonschema` package), and are then take
 schema the backend compiles, so that it neither refuses the schema (llguidance does, for
 `uniqueItems`) nor half-applies it. A strict caller refuses the second kind up front.
 
-Generation defaults (`Defaults`) bound what a small model can loop on, the way llama.cpp's
-schema converter does: strings the schema leaves unbounded get a maximum length, objects allow
-only the properties the schema names (XGrammar's strict mode), and numbers at most 16 digits in
-each of their integral, fractional and exponent parts (applied to the token mask by
-`NumberDigits`, since JSON Schema cannot say it). Each is still a valid JSON Schema reading.
+Generation defaults (`Defaults`) bound what a small model can loop on: strings and arrays the
+schema leaves unbounded get a maximum length, objects allow only the properties the schema
+names (XGrammar's strict mode), and numbers at most 16 digits in each of their integral,
+fractional and exponent parts as llama.cpp's schema converter bounds them (applied to the
+token mask by `NumberDigits`, since JSON Schema cannot say it). Each narrows the documents the
+schema allows, never widens them.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,10 +36,10 @@ _COMMON = {
     "exclusiveMaximum", "minProperties", "maxProperties",
 }  # fmt: skip
 ENFORCED = {
-    # oneOf: refused unless its branches are disjoint (then xgrammar compiles it)
-    "llguidance": _COMMON | {"allOf", "oneOf", "multipleOf", "patternProperties"},
-    # it ignores allOf, reads oneOf as anyOf, multipleOf on integers only, and mishandles
-    # patternProperties (its log says which it dropped)
+    # both read oneOf as anyOf where its branches may overlap: "exactly one" is checked after
+    "llguidance": _COMMON | {"allOf", "multipleOf", "patternProperties"},
+    # it ignores allOf, takes multipleOf on integers only and mishandles patternProperties
+    # (its log says what it dropped)
     "xgrammar": _COMMON,
 }
 # JSON Schema's validation keywords (drafts 4 to 2020-12), enforced or checked.
@@ -64,6 +66,7 @@ _MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSch
 
 MAX_NUMBER_DIGITS = 16  # in each part of a number, as llama.cpp's converter bounds them
 MAX_STRING_LENGTH = 64
+MAX_ARRAY_ITEMS = 8
 
 
 @dataclass(frozen=True)
@@ -73,10 +76,12 @@ class Defaults:
     max_string_length: int = MAX_STRING_LENGTH
     max_number_digits: int = MAX_NUMBER_DIGITS
     extra_properties: bool = False
+    max_array_items: int = MAX_ARRAY_ITEMS
 
 
 GENERATION = Defaults()
-SPEC = Defaults(max_string_length=0, max_number_digits=0, extra_properties=True)  # as written
+SPEC = Defaults(max_string_length=0, max_number_digits=0, extra_properties=True,
+                max_array_items=0)  # the schema as written  # fmt: skip
 
 
 def load(text: str) -> dict[str, Any] | bool:
@@ -134,21 +139,50 @@ def for_grammar(schema: Any, backend: str, defaults: Defaults) -> Any:
     dropped = keywords(schema) - ENFORCED[backend] - ANNOTATIONS
 
     def rewrite(s: dict[str, Any], in_all_of: bool) -> dict[str, Any]:
-        s = {k: v for k, v in s.items() if k not in dropped}
+        s = {k: v for k, v in _describe_required(s).items() if k not in dropped}
         types = s.get("type") if isinstance(s.get("type"), list) else [s.get("type")]
         if defaults.max_string_length and "string" in types and not (
                 {"maxLength", "pattern", "format", "enum", "const"} & s.keys()):  # fmt: skip
             s["maxLength"] = max(defaults.max_string_length, s.get("minLength", 0))
+        if defaults.max_array_items and ("array" in types or "items" in s) and not (
+                {"maxItems", "enum", "const"} & s.keys()):  # fmt: skip
+            s["maxItems"] = max(defaults.max_array_items, s.get("minItems", 0),
+                                len(s.get("prefixItems", [])))  # fmt: skip
         is_object = "object" in types or "properties" in s
         if not defaults.extra_properties and is_object and not in_all_of and not (
                 {"additionalProperties", "patternProperties"} & s.keys()):  # fmt: skip
-            properties = dict(s.get("properties", {}))
-            for name in s.get("required", []):
-                properties.setdefault(name, {})  # required but not described: any value
-            s["properties"], s["additionalProperties"] = properties, False
+            s["properties"], s["additionalProperties"] = s.get("properties", {}), False
         return s
 
     return transform(copy.deepcopy(schema), rewrite)
+
+
+def _describe_required(s: dict[str, Any]) -> dict[str, Any]:
+    """`s` with each required property it does not list under `properties` listed there, with
+    the schema that governs it (the first patternProperties pattern it matches, else
+    additionalProperties): a backend that drops patternProperties, or bounds an object to the
+    properties it names, still writes it."""
+    required = s.get("required")
+    listed = s.get("properties", {})
+    if not isinstance(required, list) or not isinstance(listed, dict):
+        return s
+    missing = [n for n in required if isinstance(n, str) and n not in listed]
+    if not missing:
+        return s
+    patterns = s.get("patternProperties") if isinstance(s.get("patternProperties"), dict) else {}
+    rest = s.get("additionalProperties")
+    properties = dict(listed)
+    for name in missing:
+        governing = [sub for pattern, sub in patterns.items() if _search(pattern, name)]
+        properties[name] = governing[0] if governing else rest if isinstance(rest, dict) else {}
+    return {**s, "properties": properties}
+
+
+def _search(pattern: str, name: str) -> bool:
+    try:
+        return re.search(pattern, name) is not None
+    except re.error:  # an ECMA-262 pattern Python cannot read: no match claimed
+        return False
 
 
 def violations(output: str, schema: Any) -> list[str]:
@@ -167,15 +201,16 @@ def violations(output: str, schema: Any) -> list[str]:
 
 
 class NumberDigits:
-    """A token filter that ends a JSON number's integral, fractional or exponent digits at
-    `limit` each: it follows the text generated (outside strings) and refuses a token whose
-    leading digits would run past the limit."""
+    """A token filter that ends each run of digits at `limit`: a JSON number's integral,
+    fractional and exponent parts, and runs of digits inside strings (where a small model
+    otherwise counts on: "1234567891123456781123..."). It follows the text generated and
+    refuses a token whose leading digits would run past the limit."""
 
     def __init__(self, vocab: Any, limit: int):
         self.limit = limit
         self._leading, self._tokens = vocab.leading_digits, vocab.tokens  # a grammar.Vocabulary
         self._in_string = self._escaped = False
-        self._digits: int | None = None  # digits of the number part being written, if any
+        self._digits: int | None = None  # digits of the run being written, if in one
 
     def allowed(self) -> np.ndarray | None:
         """Which tokens may come next (None: any)."""
@@ -189,10 +224,15 @@ class NumberDigits:
 
     def _step(self, c: str) -> None:
         if self._in_string:
-            self._in_string = self._escaped or c != '"'
-            self._escaped = not self._escaped and c == "\\"
+            if self._escaped:
+                self._escaped, self._digits = False, 0
+            elif c == '"':
+                self._in_string, self._digits = False, None
+            else:
+                self._escaped = c == "\\"
+                self._digits = self._digits + 1 if c.isdigit() else 0
         elif c == '"':
-            self._in_string, self._digits = True, None
+            self._in_string, self._digits = True, 0
         elif c.isdigit():
             self._digits = (self._digits or 0) + 1
         elif c in "-+" and (self._digits is None or self._digits == 0):

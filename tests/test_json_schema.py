@@ -133,20 +133,32 @@ def test_a_schema_one_backend_cannot_compile_falls_back_to_the_other(tokenizer, 
         make_constraint("json_schema", document, tokenizer, "llguidance")
 
 
-def test_generation_defaults_bound_strings_and_objects():
+def test_generation_defaults_bound_strings_arrays_and_objects():
     document = {"type": "object", "properties": {
         "name": {"type": "string"}, "code": {"type": "string", "pattern": "^[A-Z]+$"},
         "long": {"type": "string", "minLength": 100}, "free": {"type": "object"},
         "open": {"type": "object", "additionalProperties": {"type": "integer"}},
     }, "required": ["name", "extra"]}  # fmt: skip
+    document["properties"]["list"] = {"type": "array", "items": {"type": "integer"}}
+    document["properties"]["long_list"] = {"type": "array", "minItems": 10}
     out = schema.for_grammar(document, "llguidance", schema.Defaults(max_string_length=64))
     props = out["properties"]
     assert props["name"]["maxLength"] == 64 and "maxLength" not in props["code"]
     assert props["long"]["maxLength"] == 100  # never below the schema's own minimum
     assert out["additionalProperties"] is False and props["extra"] == {}  # required: kept
     assert props["free"]["additionalProperties"] is False
+    assert props["list"]["maxItems"] == 8 and props["long_list"]["maxItems"] == 10
     assert props["open"]["additionalProperties"] == {"type": "integer"}  # the schema's own
-    assert schema.for_grammar(document, "llguidance", schema.SPEC) == document
+    assert schema.for_grammar(document, "llguidance", schema.SPEC)["properties"] == {
+        **document["properties"], "extra": {}}  # as written, but for a required property
+
+
+def test_required_properties_matched_by_a_pattern_are_listed_with_its_schema():
+    document = {"type": "object", "required": ["name:en", "id"], "additionalProperties": False,
+                "patternProperties": {"^name:(en|nl)$": {"type": "string"}}}  # fmt: skip
+    out = schema.for_grammar(document, "xgrammar", schema.SPEC)  # it drops patternProperties
+    assert "patternProperties" not in out
+    assert out["properties"] == {"name:en": {"type": "string"}, "id": {}}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -160,6 +172,13 @@ def test_numbers_stop_at_16_digits_in_each_part(tokenizer, backend):
     uncapped = make_constraint("json_schema", document, tokenizer, backend,
                                defaults=schema.SPEC)  # fmt: skip
     assert allows(uncapped, tokenizer, "[" + "9" * 40 + "]")
+    strings = json.dumps({"type": "string"})
+    for text, ok in [('"' + "1" * 16 + "-" + "1" * 16 + '"', True), ('"' + "1" * 17 + '"', False)]:
+        assert allows(make_constraint("json_schema", strings, tokenizer, backend), tokenizer,
+                      text) == ok, text  # fmt: skip
+    digits_only = json.dumps({"type": "string", "pattern": "^[0-9]{20}$"})
+    assert allows(make_constraint("json_schema", digits_only, tokenizer, backend), tokenizer,
+                  '"' + "1" * 20 + '"')  # the schema's own need comes first  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from tapml.runtime.schema import MAX_NUMBER_DIGITS, MAX_STRING_LENGTH, Defaults
+from tapml.runtime.schema import MAX_ARRAY_ITEMS, MAX_NUMBER_DIGITS, MAX_STRING_LENGTH, Defaults
 
 from .options import compile_options, refuse_artifact_conflicts, threads_option
 
@@ -17,7 +17,8 @@ SAMPLING_KEYS = (
     "frequency_penalty", "seed", "stop",
 )  # fmt: skip
 GRAMMAR_KEYS = ("json_schema", "any_json", "regex", "grammar", "grammar_backend",
-                "strict_schema", "max_string_length", "max_number_digits", "extra_properties")
+                "strict_schema", "max_string_length", "max_number_digits", "max_array_items",
+                "extra_properties")
 INCOMPLETE = {
     "length": "--max-tokens ran out before the grammar completed",
     "context": "the compiled context ran out before the grammar completed "
@@ -150,6 +151,11 @@ def grammar_options(f):
                      "(0: no limit).",
             ),
             click.option(
+                "--max-array-items", type=click.IntRange(0), default=MAX_ARRAY_ITEMS,
+                show_default=True,
+                help="Most items in a JSON array whose schema sets no maxItems (0: no limit).",
+            ),
+            click.option(
                 "--extra-properties", is_flag=True,
                 help="Let the model add object properties the JSON schema allows but does not "
                      "name (by default it writes only those the schema names).",
@@ -163,7 +169,7 @@ def grammar_options(f):
 def constraint_from_options(
     tokenizer, json_schema=None, any_json=False, regex=None, grammar=None,
     grammar_backend=None, strict_schema=False, max_string_length=MAX_STRING_LENGTH,
-    max_number_digits=MAX_NUMBER_DIGITS, extra_properties=False,
+    max_number_digits=MAX_NUMBER_DIGITS, max_array_items=MAX_ARRAY_ITEMS, extra_properties=False,
 ):  # fmt: skip
     """The Constraint the grammar options ask for, or None when they ask for none.
 
@@ -184,7 +190,7 @@ def constraint_from_options(
         value = None
     from tapml.runtime.grammar import make_constraint
 
-    defaults = Defaults(max_string_length, max_number_digits, extra_properties)
+    defaults = Defaults(max_string_length, max_number_digits, extra_properties, max_array_items)
     return make_constraint(kind, value, tokenizer, grammar_backend, defaults=defaults,
                            strict=strict_schema)  # fmt: skip
 
