@@ -2,9 +2,10 @@
 
 A schema's validation keywords are each either enforced by the grammar backend that runs
 (`ENFORCED`, measured per backend: a violating document cannot be generated) or checked on the
-finished output (`violations`, with the `jsonschema` package), and are then taken out of the
-schema the backend compiles, so that it neither refuses the schema (llguidance does, for
-`uniqueItems`) nor half-applies it. A strict caller refuses the second kind up front.
+finished output (`violations`, with the `jsonschema` package). Those a backend does not apply
+at all are taken out of the schema it compiles, so that it does not refuse the schema
+(llguidance does, for `uniqueItems`); those it applies in part (`PARTIAL`) stay in it. A strict
+caller refuses any keyword not enforced, up front.
 
 Generation defaults (`Defaults`) bound what a small model can loop on: strings and arrays the
 schema leaves unbounded get a maximum length, objects allow only the properties the schema
@@ -36,12 +37,13 @@ _COMMON = {
     "exclusiveMaximum", "minProperties", "maxProperties",
 }  # fmt: skip
 ENFORCED = {
-    # both read oneOf as anyOf where its branches may overlap: "exactly one" is checked after
     "llguidance": _COMMON | {"allOf", "multipleOf", "patternProperties"},
-    # it ignores allOf, takes multipleOf on integers only and mishandles patternProperties
-    # (its log says what it dropped)
-    "xgrammar": _COMMON,
+    "xgrammar": _COMMON,  # it mishandles patternProperties (its log says what it drops)
 }
+# What each backend applies in part: given to its grammar, and checked after generation too.
+# Both read a oneOf whose branches may overlap as anyOf; XGrammar applies allOf with one
+# branch only and multipleOf to integers only.
+PARTIAL = {"llguidance": {"oneOf"}, "xgrammar": {"oneOf", "allOf", "multipleOf"}}
 # JSON Schema's validation keywords (drafts 4 to 2020-12), enforced or checked.
 VALIDATION = {
     "type", "enum", "const", "multipleOf", "maximum", "exclusiveMaximum", "minimum",
@@ -136,7 +138,7 @@ def for_grammar(schema: Any, backend: str, defaults: Defaults) -> Any:
     """The schema `backend` compiles: without the keywords it does not enforce (checked after
     generation instead) or does not know (vendor extensions), and with the generation
     `defaults`."""
-    dropped = keywords(schema) - ENFORCED[backend] - ANNOTATIONS
+    dropped = keywords(schema) - ENFORCED[backend] - PARTIAL[backend] - ANNOTATIONS
 
     def rewrite(s: dict[str, Any], in_all_of: bool) -> dict[str, Any]:
         s = {k: v for k, v in _describe_required(s).items() if k not in dropped}

@@ -104,6 +104,15 @@ def test_each_keyword_is_enforced_or_checked_after_generation(
     assert result.exit_code == 1 and f"no grammar backend enforces {name}" in result.output
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_keyword_applied_in_part_still_shapes_the_grammar(tokenizer, backend):
+    document = json.dumps({"oneOf": [{"type": "integer"}, {"type": "string"}]})
+    assert "oneOf" in schema.PARTIAL[backend]  # "exactly one" is checked after generation
+    assert allows(make_constraint("json_schema", document, tokenizer, backend), tokenizer, '"a"')
+    assert not allows(make_constraint("json_schema", document, tokenizer, backend), tokenizer,
+                      "true")  # in no branch  # fmt: skip
+
+
 def test_the_keywords_llguidance_refuses_no_longer_refuse_the_schema(tokenizer):
     document, _ = BROKEN["uniqueItems"]
     constraint = make_constraint("json_schema", json.dumps(document), tokenizer, "llguidance")
