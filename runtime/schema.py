@@ -68,7 +68,7 @@ _MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSch
 
 MAX_NUMBER_DIGITS = 16  # in each part of a number, as llama.cpp's converter bounds them
 MAX_STRING_LENGTH = 64
-MAX_ARRAY_ITEMS = 8
+MAX_ARRAY_ITEMS = 4
 
 
 @dataclass(frozen=True)
@@ -143,20 +143,37 @@ def for_grammar(schema: Any, backend: str, defaults: Defaults) -> Any:
     def rewrite(s: dict[str, Any], in_all_of: bool) -> dict[str, Any]:
         s = {k: v for k, v in _describe_required(s).items() if k not in dropped}
         types = s.get("type") if isinstance(s.get("type"), list) else [s.get("type")]
-        if defaults.max_string_length and "string" in types and not (
-                {"maxLength", "pattern", "format", "enum", "const"} & s.keys()):  # fmt: skip
+        if defaults.max_string_length and "string" in types and _unbounded_string(s):
             s["maxLength"] = max(defaults.max_string_length, s.get("minLength", 0))
         if defaults.max_array_items and ("array" in types or "items" in s) and not (
                 {"maxItems", "enum", "const"} & s.keys()):  # fmt: skip
             s["maxItems"] = max(defaults.max_array_items, s.get("minItems", 0),
                                 len(s.get("prefixItems", [])))  # fmt: skip
         is_object = "object" in types or "properties" in s
+        open_ended = s.get("additionalProperties", True) is not False or "patternProperties" in s
         if not defaults.extra_properties and is_object and not in_all_of and not (
                 {"additionalProperties", "patternProperties"} & s.keys()):  # fmt: skip
             s["properties"], s["additionalProperties"] = s.get("properties", {}), False
+        elif defaults.max_array_items and is_object and open_ended and not (
+                {"maxProperties", "enum", "const"} & s.keys() or in_all_of):  # fmt: skip
+            # properties the schema does not name, as many as an array's items
+            s["maxProperties"] = max(len(s.get("properties", {})) + defaults.max_array_items,
+                                     s.get("minProperties", 0))  # fmt: skip
         return s
 
     return transform(copy.deepcopy(schema), rewrite)
+
+
+def _unbounded_string(s: dict[str, Any]) -> bool:
+    """Whether a string schema lets a string grow without end: no maxLength, enum or const,
+    and a pattern (if any) with an open repetition that asks for no more than a few."""
+    if {"maxLength", "enum", "const"} & s.keys():
+        return False
+    pattern = s.get("pattern")
+    if not isinstance(pattern, str):
+        return True
+    least = [int(n) for n in re.findall(r"\{(\d+),\}", pattern)]
+    return bool(re.search(r"[+*]|\{\d+,\}", pattern)) and max(least, default=0) <= 16
 
 
 def _describe_required(s: dict[str, Any]) -> dict[str, Any]:

@@ -145,6 +145,7 @@ def test_a_schema_one_backend_cannot_compile_falls_back_to_the_other(tokenizer, 
 def test_generation_defaults_bound_strings_arrays_and_objects():
     document = {"type": "object", "properties": {
         "name": {"type": "string"}, "code": {"type": "string", "pattern": "^[A-Z]+$"},
+        "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
         "long": {"type": "string", "minLength": 100}, "free": {"type": "object"},
         "open": {"type": "object", "additionalProperties": {"type": "integer"}},
     }, "required": ["name", "extra"]}  # fmt: skip
@@ -152,12 +153,15 @@ def test_generation_defaults_bound_strings_arrays_and_objects():
     document["properties"]["long_list"] = {"type": "array", "minItems": 10}
     out = schema.for_grammar(document, "llguidance", schema.Defaults(max_string_length=64))
     props = out["properties"]
-    assert props["name"]["maxLength"] == 64 and "maxLength" not in props["code"]
+    assert props["name"]["maxLength"] == 64 and props["code"]["maxLength"] == 64  # [A-Z]+
+    assert "maxLength" not in props["zip"]  # a pattern of bounded length is its own bound
     assert props["long"]["maxLength"] == 100  # never below the schema's own minimum
     assert out["additionalProperties"] is False and props["extra"] == {}  # required: kept
     assert props["free"]["additionalProperties"] is False
-    assert props["list"]["maxItems"] == 8 and props["long_list"]["maxItems"] == 10
+    assert props["list"]["maxItems"] == schema.MAX_ARRAY_ITEMS
+    assert props["long_list"]["maxItems"] == 10
     assert props["open"]["additionalProperties"] == {"type": "integer"}  # the schema's own
+    assert props["open"]["maxProperties"] == schema.MAX_ARRAY_ITEMS  # ...but not endless
     assert schema.for_grammar(document, "llguidance", schema.SPEC)["properties"] == {
         **document["properties"], "extra": {}}  # as written, but for a required property
 

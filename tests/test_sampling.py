@@ -353,7 +353,7 @@ def test_run_exits_1_when_a_constrained_output_is_incomplete(tiny_artifact, monk
     assert len(result.stdout.split()) == 3 and set(result.stdout.split()) <= {"yes", "no"}
     assert made == [{"json_schema": None, "any_json": True, "regex": None, "grammar": None,
                      "grammar_backend": None, "strict_schema": False, "max_string_length": 64,
-                     "max_number_digits": 16, "max_array_items": 8,
+                     "max_number_digits": 16, "max_array_items": 4,
                      "extra_properties": False}]  # fmt: skip
 
 

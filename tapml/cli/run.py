@@ -141,8 +141,8 @@ def grammar_options(f):
             click.option(
                 "--max-string-length", type=click.IntRange(0), default=MAX_STRING_LENGTH,
                 show_default=True,
-                help="Longest string the model may write where the JSON schema sets no "
-                     "maxLength, pattern, format or enum (0: no limit).",
+                help="Longest string the model may write where the JSON schema lets one grow "
+                     "without end (0: no limit).",
             ),
             click.option(
                 "--max-number-digits", type=click.IntRange(0), default=MAX_NUMBER_DIGITS,
@@ -153,7 +153,8 @@ def grammar_options(f):
             click.option(
                 "--max-array-items", type=click.IntRange(0), default=MAX_ARRAY_ITEMS,
                 show_default=True,
-                help="Most items in a JSON array whose schema sets no maxItems (0: no limit).",
+                help="Most items in a JSON array whose schema sets no maxItems, and most "
+                     "properties an open object adds to those it names (0: no limit).",
             ),
             click.option(
                 "--extra-properties", is_flag=True,
