@@ -65,6 +65,7 @@ _ONE = ("additionalProperties", "items", "additionalItems", "not", "if", "then",
         "contains", "propertyNames", "unevaluatedProperties", "unevaluatedItems")  # fmt: skip
 _LIST = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
 _MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_COMBINATORS = ("allOf", "anyOf", "oneOf")  # what joins one schema's object to another's
 
 MAX_NUMBER_DIGITS = 16  # in each part of a number, as llama.cpp's converter bounds them
 MAX_STRING_LENGTH = 64
@@ -98,10 +99,11 @@ def load(text: str) -> dict[str, Any] | bool:
     return schema
 
 
-def transform(schema: Any, fn: Callable[[dict[str, Any], bool], dict[str, Any]],
-              in_all_of: bool = False) -> Any:  # fmt: skip
-    """A copy of `schema` with `fn(subschema, in_all_of)` applied to every subschema, innermost
-    first; `in_all_of` says whether it is a branch of an allOf."""
+def transform(schema: Any, fn: Callable[[dict[str, Any], str], dict[str, Any]],
+              where: str = "") -> Any:  # fmt: skip
+    """A copy of `schema` with `fn(subschema, where)` applied to every subschema, innermost
+    first; `where` is "branch" for a branch of an allOf, anyOf or oneOf, "definition" for one
+    of $defs or definitions, else ""."""
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
@@ -110,18 +112,20 @@ def transform(schema: Any, fn: Callable[[dict[str, Any], bool], dict[str, Any]],
             out[key] = transform(out[key], fn)
     for key in _LIST:
         if isinstance(out.get(key), list):
-            out[key] = [transform(s, fn, key == "allOf") for s in out[key]]
+            inner = "branch" if key in _COMBINATORS else ""
+            out[key] = [transform(s, fn, inner) for s in out[key]]
     for key in _MAP:
         if isinstance(out.get(key), dict):
-            out[key] = {name: transform(s, fn) for name, s in out[key].items()}
-    return fn(out, in_all_of)
+            inner = "definition" if key in ("$defs", "definitions") else ""
+            out[key] = {name: transform(s, fn, inner) for name, s in out[key].items()}
+    return fn(out, where)
 
 
 def keywords(schema: Any) -> set[str]:
     """Every keyword used anywhere in `schema`."""
     found: set[str] = set()
 
-    def collect(s: dict[str, Any], _: bool) -> dict[str, Any]:
+    def collect(s: dict[str, Any], _: str) -> dict[str, Any]:
         found.update(s)
         return s
 
@@ -138,9 +142,14 @@ def for_grammar(schema: Any, backend: str, defaults: Defaults) -> Any:
     """The schema `backend` compiles: without the keywords it does not enforce (checked after
     generation instead) or does not know (vendor extensions), and with the generation
     `defaults`."""
-    dropped = keywords(schema) - ENFORCED[backend] - PARTIAL[backend] - ANNOTATIONS
+    used = keywords(schema)
+    dropped = used - ENFORCED[backend] - PARTIAL[backend] - ANNOTATIONS
 
-    def rewrite(s: dict[str, Any], in_all_of: bool) -> dict[str, Any]:
+    def rewrite(s: dict[str, Any], where: str) -> dict[str, Any]:
+        # an object joined with others (a combinator's branch, one with a combinator of its
+        # own, a definition where combinators are used) must stay open to their properties
+        joined = (where == "branch" or bool({*_COMBINATORS, "$ref"} & s.keys())
+                  or (where == "definition" and bool(used.intersection(_COMBINATORS))))  # fmt: skip
         s = {k: v for k, v in _describe_required(s).items() if k not in dropped}
         types = s.get("type") if isinstance(s.get("type"), list) else [s.get("type")]
         if defaults.max_string_length and "string" in types and _unbounded_string(s):
@@ -151,11 +160,11 @@ def for_grammar(schema: Any, backend: str, defaults: Defaults) -> Any:
                                 len(s.get("prefixItems", [])))  # fmt: skip
         is_object = "object" in types or "properties" in s
         open_ended = s.get("additionalProperties", True) is not False or "patternProperties" in s
-        if not defaults.extra_properties and is_object and not in_all_of and not (
+        if not defaults.extra_properties and is_object and not joined and not (
                 {"additionalProperties", "patternProperties"} & s.keys()):  # fmt: skip
             s["properties"], s["additionalProperties"] = s.get("properties", {}), False
         elif defaults.max_array_items and is_object and open_ended and not (
-                {"maxProperties", "enum", "const"} & s.keys() or in_all_of):  # fmt: skip
+                {"maxProperties", "enum", "const"} & s.keys() or joined):  # fmt: skip
             # properties the schema does not name, as many as an array's items
             s["maxProperties"] = max(len(s.get("properties", {})) + defaults.max_array_items,
                                      s.get("minProperties", 0))  # fmt: skip

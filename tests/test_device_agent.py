@@ -242,8 +242,8 @@ def test_frozen_agent_is_device_lost_within_the_timeout(own_agent, tiny_artifact
         executor.run("decode", {"pos": 0}, {"decode.token": np.array([1], "int32")})
     assert 1.9 < time.monotonic() - start < 3, "closing after the timeout waited again"
     start = time.monotonic()
-    with pytest.raises(DeviceLost, match="did not answer within 2 s"):
-        device_info(url, token=token, timeout=2)
+    with pytest.raises(DeviceLost, match="did not complete the handshake: timed out"):
+        device_info(url, token=token, timeout=2)  # a frozen agent does not even answer hello
     assert time.monotonic() - start < 3
 
 

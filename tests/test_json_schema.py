@@ -166,6 +166,17 @@ def test_generation_defaults_bound_strings_arrays_and_objects():
         **document["properties"], "extra": {}}  # as written, but for a required property
 
 
+def test_objects_an_allof_joins_stay_open_to_each_others_properties(tokenizer):
+    base = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    document = {"$defs": {"base": base}, "type": "object", "allOf": [
+        {"$ref": "#/$defs/base"}, {"properties": {"b": {"type": "integer"}}, "required": ["b"]}]}
+    out = schema.for_grammar(document, "llguidance", schema.GENERATION)
+    assert "additionalProperties" not in out["$defs"]["base"]
+    assert "additionalProperties" not in out["allOf"][1]
+    constraint = make_constraint("json_schema", json.dumps(document), tokenizer, "llguidance")
+    assert allows(constraint, tokenizer, '{"a": 1, "b": 2}')
+
+
 def test_required_properties_matched_by_a_pattern_are_listed_with_its_schema():
     document = {"type": "object", "required": ["name:en", "id"], "additionalProperties": False,
                 "patternProperties": {"^name:(en|nl)$": {"type": "string"}}}  # fmt: skip
