@@ -227,7 +227,7 @@ def test_an_unbounded_integer_ends_within_256_tokens(real_artifact, tmp_path):
     assert looping.exit_code == 1 and "--max-tokens ran out" in looping.output  # SmolLM2 loops
     result = CliRunner().invoke(main, command)
     assert result.exit_code == 0, result.output
-    document = json.loads(result.output.splitlines()[0])
+    document = json.loads(result.stdout.splitlines()[0])
     assert 0 < len(str(document["id"])) <= 16
 
 
