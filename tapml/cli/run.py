@@ -138,24 +138,15 @@ def grammar_options(f):
                 help="Refuse a JSON schema with keywords the grammar cannot enforce (by "
                      "default the output is checked against them after generation).",
             ),
-            click.option(
-                "--max-string-length", type=click.IntRange(0), default=MAX_STRING_LENGTH,
-                show_default=True,
-                help="Longest string the model may write where the JSON schema lets one grow "
-                     "without end (0: no limit).",
-            ),
-            click.option(
-                "--max-number-digits", type=click.IntRange(0), default=MAX_NUMBER_DIGITS,
-                show_default=True,
-                help="Most digits in each part (integral, fraction, exponent) of a JSON number "
-                     "(0: no limit).",
-            ),
-            click.option(
-                "--max-array-items", type=click.IntRange(0), default=MAX_ARRAY_ITEMS,
-                show_default=True,
-                help="Most items in a JSON array whose schema sets no maxItems, and most "
-                     "properties an open object adds to those it names (0: no limit).",
-            ),
+            _bound("--max-string-length", MAX_STRING_LENGTH,
+                   "Longest string the model may write where the JSON schema lets one grow "
+                   "without end."),
+            _bound("--max-number-digits", MAX_NUMBER_DIGITS,
+                   "Most digits in a row: in each part (integral, fraction, exponent) of a JSON "
+                   "number, and inside strings."),
+            _bound("--max-array-items", MAX_ARRAY_ITEMS,
+                   "Most items in a JSON array whose schema sets no maxItems, and most "
+                   "properties an open object adds to those it names."),
             click.option(
                 "--extra-properties", is_flag=True,
                 help="Let the model add object properties the JSON schema allows but does not "
@@ -165,6 +156,12 @@ def grammar_options(f):
     ):  # fmt: skip
         f = decorator(f)
     return f
+
+
+def _bound(flag: str, default: int, help: str):
+    """An option bounding what the model may write under a JSON schema; 0 lifts the bound."""
+    return click.option(flag, type=click.IntRange(0), default=default, show_default=True,
+                        help=f"{help} 0: no limit.")  # fmt: skip
 
 
 def constraint_from_options(
