@@ -6,7 +6,9 @@
 Acceptance (the default): the grammar layer true to the spec. Each file's schema is compiled by
 three engines in one run: tapml (its schema handling, default backend and fallback, with the
 generation defaults off and any JSON whitespace accepted), raw llguidance and raw xgrammar
-(the schema as given, spec semantics, any whitespace). Each test instance is serialized
+(the schema as given, any whitespace, through tapml's adapters: spec semantics, so XGrammar's
+strict_mode is off, and llguidance reads an overlapping oneOf as anyOf instead of refusing
+it). Each test instance is serialized
 (json.dumps), tokenized with SmolLM2's tokenizer and fed through the engine's token mask one
 token at a time: a valid instance must get through and may end there, an invalid one must be
 stopped. A file passes when its grammar compiles and every instance is judged right. tapml's

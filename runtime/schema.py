@@ -7,12 +7,12 @@ at all are taken out of the schema it compiles, so that it does not refuse the s
 (llguidance does, for `uniqueItems`); those it applies in part (`PARTIAL`) stay in it. A strict
 caller refuses any keyword not enforced, up front.
 
-Generation defaults (`Defaults`) bound what a small model can loop on: strings and arrays the
-schema leaves unbounded get a maximum length, objects allow only the properties the schema
-names (XGrammar's strict mode), and numbers at most 16 digits in each of their integral,
-fractional and exponent parts as llama.cpp's schema converter bounds them (applied to the
-token mask by `NumberDigits`, since JSON Schema cannot say it). Each narrows the documents the
-schema allows, never widens them.
+Generation defaults (`Defaults`) bound what a small model can loop on: strings and arrays get
+a maximum length where the schema allows longer ones (or sets none), objects allow only the
+properties the schema names (XGrammar's strict mode), and runs of digits at most 16 (each part
+of a number, as llama.cpp's schema converter bounds them, and inside strings), applied to the
+token mask by `NumberDigits` since JSON Schema cannot say it. Each narrows the documents the
+schema allows, never widens them, and gives way where the schema needs more.
 """
 
 from __future__ import annotations
@@ -152,12 +152,13 @@ def for_grammar(schema: Any, backend: str, defaults: Defaults) -> Any:
                   or (where == "definition" and bool(used.intersection(_COMBINATORS))))  # fmt: skip
         s = {k: v for k, v in _describe_required(s).items() if k not in dropped}
         types = s.get("type") if isinstance(s.get("type"), list) else [s.get("type")]
-        if defaults.max_string_length and "string" in types and _unbounded_string(s):
-            s["maxLength"] = max(defaults.max_string_length, s.get("minLength", 0))
-        if defaults.max_array_items and ("array" in types or "items" in s) and not (
-                {"maxItems", "enum", "const"} & s.keys()):  # fmt: skip
-            s["maxItems"] = max(defaults.max_array_items, s.get("minItems", 0),
-                                len(s.get("prefixItems", [])))  # fmt: skip
+        cap = defaults.max_string_length
+        if cap and "string" in types and _longer_string(s, cap):
+            s["maxLength"] = max(cap, s.get("minLength", 0))
+        cap = defaults.max_array_items
+        if cap and ("array" in types or "items" in s) and s.get("maxItems", cap + 1) > cap \
+                and not {"enum", "const"} & s.keys():  # fmt: skip
+            s["maxItems"] = max(cap, s.get("minItems", 0), len(s.get("prefixItems", [])))
         is_object = "object" in types or "properties" in s
         open_ended = s.get("additionalProperties", True) is not False or "patternProperties" in s
         if not defaults.extra_properties and is_object and not joined and not (
@@ -173,10 +174,11 @@ def for_grammar(schema: Any, backend: str, defaults: Defaults) -> Any:
     return transform(copy.deepcopy(schema), rewrite)
 
 
-def _unbounded_string(s: dict[str, Any]) -> bool:
-    """Whether a string schema lets a string grow without end: no maxLength, enum or const,
-    and a pattern (if any) with an open repetition that asks for no more than a few."""
-    if {"maxLength", "enum", "const"} & s.keys():
+def _longer_string(s: dict[str, Any], cap: int) -> bool:
+    """Whether a string schema allows strings longer than `cap`: no enum or const, no
+    maxLength up to `cap`, and a pattern (if any) with an open repetition that asks for no
+    more than a few."""
+    if {"enum", "const"} & s.keys() or s.get("maxLength", cap + 1) <= cap:
         return False
     pattern = s.get("pattern")
     if not isinstance(pattern, str):

@@ -146,6 +146,8 @@ def test_generation_defaults_bound_strings_arrays_and_objects():
     document = {"type": "object", "properties": {
         "name": {"type": "string"}, "code": {"type": "string", "pattern": "^[A-Z]+$"},
         "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+        "essay": {"type": "string", "maxLength": 32767},
+        "short": {"type": "string", "maxLength": 8},
         "long": {"type": "string", "minLength": 100}, "free": {"type": "object"},
         "open": {"type": "object", "additionalProperties": {"type": "integer"}},
     }, "required": ["name", "extra"]}  # fmt: skip
@@ -155,6 +157,7 @@ def test_generation_defaults_bound_strings_arrays_and_objects():
     props = out["properties"]
     assert props["name"]["maxLength"] == 64 and props["code"]["maxLength"] == 64  # [A-Z]+
     assert "maxLength" not in props["zip"]  # a pattern of bounded length is its own bound
+    assert props["essay"]["maxLength"] == 64 and props["short"]["maxLength"] == 8
     assert props["long"]["maxLength"] == 100  # never below the schema's own minimum
     assert out["additionalProperties"] is False and props["extra"] == {}  # required: kept
     assert props["free"]["additionalProperties"] is False

@@ -139,13 +139,13 @@ def grammar_options(f):
                      "default the output is checked against them after generation).",
             ),
             _bound("--max-string-length", MAX_STRING_LENGTH,
-                   "Longest string the model may write where the JSON schema lets one grow "
-                   "without end."),
+                   "Longest string the model may write where the JSON schema allows longer "
+                   "ones."),
             _bound("--max-number-digits", MAX_NUMBER_DIGITS,
                    "Most digits in a row: in each part (integral, fraction, exponent) of a JSON "
                    "number, and inside strings."),
             _bound("--max-array-items", MAX_ARRAY_ITEMS,
-                   "Most items in a JSON array whose schema sets no maxItems, and most "
+                   "Most items in a JSON array where the schema allows more, and most "
                    "properties an open object adds to those it names."),
             click.option(
                 "--extra-properties", is_flag=True,
