@@ -29,7 +29,7 @@ import numpy as np
 from tapml.errors import TapmlError
 
 # What each backend's grammar enforces, besides the structure itself (type, properties, items):
-# tests/test_grammar.py tries to break each one and cannot.
+# tests/test_json_schema.py tries to break each one and cannot.
 _COMMON = {
     "type", "properties", "required", "additionalProperties", "items", "prefixItems",
     "minItems", "maxItems", "enum", "const", "anyOf", "$ref", "$defs", "definitions",
@@ -83,8 +83,9 @@ class Defaults:
 
 
 GENERATION = Defaults()
+# the schema as written: no bound added
 SPEC = Defaults(max_string_length=0, max_number_digits=0, extra_properties=True,
-                max_array_items=0)  # the schema as written  # fmt: skip
+                max_array_items=0)  # fmt: skip
 
 
 def load(text: str) -> dict[str, Any] | bool:
