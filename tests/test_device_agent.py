@@ -211,7 +211,11 @@ def own_agent(tmp_path):
     finally:
         if process.poll() is None:
             os.kill(process.pid, signal.SIGCONT)
-            process.kill()
+            process.terminate()  # as a user would stop it: it cleans up after itself
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
         process.wait()
         process.stdout.close()
 

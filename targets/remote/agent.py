@@ -64,7 +64,7 @@ class Agent:
     # one device, one request at a time: sessions interleave between calls, never inside one
     lock: threading.Lock = field(default_factory=threading.Lock)
     staging: Staging = field(init=False)
-    workdir: Path = field(init=False)
+    _workdir: Path | None = field(default=None, init=False)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -88,16 +88,23 @@ class Agent:
                      "chunk": wire.CHUNK, "max_upload_mb": self.max_upload_mb,
                      "idle_timeout": self.idle_timeout, **device}  # fmt: skip
         self.staging = Staging(self.max_upload_mb << 20)
-        self.workdir = Path(tempfile.mkdtemp(prefix="tapml-agent-"))
 
     @property
     def runs(self) -> Backend:
         """The backend this agent runs kernels with."""
         return BACKENDS[self.backend]
 
+    @property
+    def workdir(self) -> Path:
+        """Where uploaded native libraries are written while they load (made on first use)."""
+        if self._workdir is None:
+            self._workdir = Path(tempfile.mkdtemp(prefix="tapml-agent-"))
+        return self._workdir
+
     def close(self) -> None:
-        """Remove what the agent wrote to disk (uploaded native libraries)."""
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        """Remove what the agent wrote to disk."""
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
 
 
 @dataclass
