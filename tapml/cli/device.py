@@ -10,7 +10,7 @@ import sys
 import click
 
 from tapml.targets import BACKENDS
-from tapml.targets.remote.agent import IDLE_TIMEOUT, MAX_UPLOAD_MB
+from tapml.targets.remote.wire import IDLE_TIMEOUT, MAX_UPLOAD_MB
 from tapml.targets.webgpu import WGPU_BACKENDS
 
 

@@ -44,8 +44,6 @@ log = logging.getLogger("tapml")
 MAX_PLAN_TEXT = 64 << 20
 MAX_KERNELS = 512 << 20
 MAX_DEVICE_BYTES = 16 << 30  # what one plan may allocate: storages and own buffers
-MAX_UPLOAD_MB = 512  # bytes staged at once by all sessions together (--max-upload-mb)
-IDLE_TIMEOUT = 600.0  # a session silent this long is closed (offload runs pause on the host)
 CANCEL_POLL = 0.02  # seconds between checks, during a run, that its client is still there
 
 
@@ -58,8 +56,8 @@ class Agent:
     wgpu_backend: str | None = None
     trust_native_code: bool = False
     token: str | None = None
-    max_upload_mb: int = MAX_UPLOAD_MB
-    idle_timeout: float = IDLE_TIMEOUT
+    max_upload_mb: int = wire.MAX_UPLOAD_MB
+    idle_timeout: float = wire.IDLE_TIMEOUT
     info: dict[str, Any] = field(default_factory=dict)
     # one device, one request at a time: sessions interleave between calls, never inside one
     lock: threading.Lock = field(default_factory=threading.Lock)

@@ -22,6 +22,9 @@ CHUNK = 4 << 20  # bytes of one upload/download message; bigger buffers go in se
 MAX_FRAME = CHUNK + (64 << 10)  # a chunk and its call's other arguments
 MAX_LINE = 1024  # the handshake's lines
 TOKEN_ENV = "TAPML_DEVICE_TOKEN"
+# an agent's defaults, here so that `tapml device serve --help` needs no agent to show them
+MAX_UPLOAD_MB = 512  # MiB staged at once by all sessions together (--max-upload-mb)
+IDLE_TIMEOUT = 600.0  # a session silent this long is closed (offload runs pause on the host)
 
 # Both ends: no attribute but the agent's exposed_ methods, no pickling, no tracebacks sent.
 CONFIG = {
