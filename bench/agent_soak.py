@@ -99,7 +99,7 @@ def _asker(url: str, tally: Tally, seconds: float) -> None:
         time.sleep(0.05)
 
 
-def _abuser(url: str, target: str, plan: Plan, artifact: Path, params, tally: Tally,
+def _abuser(url: str, target: str, plan: Plan, artifact: Path, tally: Tally,
             seconds: float) -> None:  # fmt: skip
     lm = CausalLM(plan)
     token = plan.task["decode"]["tokens"]
@@ -127,7 +127,7 @@ def soak_round(url: str, target: str, plan: Plan, artifact: Path, clients: int, 
         "runner": lambda: _runner(url, target, plan, artifact, params, tally, seconds),
         "loader": lambda: _loader(url, target, plan, artifact, params, tally, seconds),
         "asker": lambda: _asker(url, tally, seconds),
-        "abuser": lambda: _abuser(url, target, plan, artifact, params, tally, seconds),
+        "abuser": lambda: _abuser(url, target, plan, artifact, tally, seconds),
     }  # fmt: skip
     threads = [threading.Thread(target=work[ROLES[i % len(ROLES)]], daemon=True)
                for i in range(clients)]  # fmt: skip

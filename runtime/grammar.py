@@ -356,7 +356,7 @@ def make_constraint(
         try:
             constraint = compile_grammar(name, kind, text, tokenizer, whitespace)
         except TapmlError as e:
-            if backend is not None or len(candidates) == 1:
+            if len(candidates) == 1:  # a backend named, or the only one strict allows
                 raise
             errors.append(str(e))
             continue
