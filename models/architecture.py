@@ -60,6 +60,28 @@ class WeightMap:
     def all(self) -> dict[str, list[str]]:
         return {**self.matrices, **self.vectors}
 
+    @classmethod
+    def gguf_layers(cls, num_layers: int, matrices: Mapping[str, Sequence[str]],
+                    norms: Mapping[str, str], biases: Sequence[str] = (),
+                    untied_output: bool = False) -> WeightMap:  # fmt: skip
+        """llama.cpp's layout of a decoder's GGUF: the token embedding (and the output matrix,
+        when untied) and the final norm, then per layer i each fused matrix `layers.{i}.OURS`
+        stacked from `blk.{i}.T.weight` for T in `matrices[OURS]`, each norm
+        `layers.{i}.OURS.weight` from `blk.{i}.norms[OURS].weight`, and for each matrix named
+        in `biases` its bias `layers.{i}.OURS.bias` from its parts' `.bias` tensors."""
+        tops = {"embed_tokens": ["token_embd.weight"]}
+        if untied_output:
+            tops["lm_head"] = ["output.weight"]
+        vectors = {"norm.weight": ["output_norm.weight"]}
+        for i in range(num_layers):
+            for ours, theirs in matrices.items():
+                tops[f"layers.{i}.{ours}"] = [f"blk.{i}.{t}.weight" for t in theirs]
+            for ours, theirs in norms.items():
+                vectors[f"layers.{i}.{ours}.weight"] = [f"blk.{i}.{theirs}.weight"]
+            for ours in biases:
+                vectors[f"layers.{i}.{ours}.bias"] = [f"blk.{i}.{t}.bias" for t in matrices[ours]]
+        return cls(tops, vectors)
+
 
 @dataclass(frozen=True)
 class Architecture:

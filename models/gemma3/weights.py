@@ -23,11 +23,4 @@ _NORMS = {
 
 
 def weight_map(config: Gemma3Config) -> WeightMap:
-    matrices = {"embed_tokens": ["token_embd.weight"]}
-    vectors = {"norm.weight": ["output_norm.weight"]}
-    for i in range(config.num_layers):
-        for ours, theirs in _MATRICES.items():
-            matrices[f"layers.{i}.{ours}"] = [f"blk.{i}.{t}.weight" for t in theirs]
-        for ours, theirs in _NORMS.items():
-            vectors[f"layers.{i}.{ours}.weight"] = [f"blk.{i}.{theirs}.weight"]
-    return WeightMap(matrices, vectors)
+    return WeightMap.gguf_layers(config.num_layers, _MATRICES, _NORMS)

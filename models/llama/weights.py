@@ -21,16 +21,6 @@ _NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"
 
 
 def weight_map(config: LlamaConfig) -> WeightMap:
-    matrices = {"embed_tokens": ["token_embd.weight"]}
-    if not config.tie_word_embeddings:
-        matrices["lm_head"] = ["output.weight"]
-    vectors = {"norm.weight": ["output_norm.weight"]}
-    for i in range(config.num_layers):
-        for ours, theirs in _MATRICES.items():
-            matrices[f"layers.{i}.{ours}"] = [f"blk.{i}.{t}.weight" for t in theirs]
-        for ours, theirs in _NORMS.items():
-            vectors[f"layers.{i}.{ours}.weight"] = [f"blk.{i}.{theirs}.weight"]
-        if config.attention_bias:
-            qkv = _MATRICES["self_attn.qkv_proj"]
-            vectors[f"layers.{i}.self_attn.qkv_proj.bias"] = [f"blk.{i}.{t}.bias" for t in qkv]
-    return WeightMap(matrices, vectors)
+    biases = ["self_attn.qkv_proj"] if config.attention_bias else []
+    return WeightMap.gguf_layers(config.num_layers, _MATRICES, _NORMS, biases,
+                                 untied_output=not config.tie_word_embeddings)  # fmt: skip
