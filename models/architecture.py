@@ -47,6 +47,7 @@ class ModuleOptions:
     max_context: int
     chunk: int
     kv_cache: str
+    buckets: tuple[tuple[int, int], ...] = ()  # an encoder's (batch, length) entry points
 
 
 @dataclass(frozen=True)
@@ -92,20 +93,27 @@ class Architecture:
     drives it (docs/formats.md, "task"), and `tables()` the parameters computed rather than
     read from the model file (e.g. RoPE's). `weight_map(config)` says where every weight
     comes from (`WeightMap`); matrices are stored in the quantization's formats, vectors
-    in the activations' dtype. `reference(weights, config, tokens, observe=None,
-    kv_cache="float64")` is an independent numpy forward pass giving float64 logits per
-    token, over `{matrix}.weight` and the vectors: the judge of the compiled model and what
-    calibrates tapml's 4-bit groups.
+    in the activations' dtype. `reference` is an independent numpy forward pass over
+    `{matrix}.weight` and the vectors, the judge of the compiled model: for a causal LM
+    `reference(weights, config, tokens, observe=None, kv_cache="float64")` gives float64
+    logits per token (and calibrates tapml's 4-bit groups); for an embedding model
+    `reference(weights, config, texts)` gives each text's (token ids') unit vector.
+
+    A GGUF's `general.architecture` picks the architecture by `gguf_names`; a Hugging Face
+    checkpoint's config.json `model_type` by `hf_names` (its config read by
+    `config.from_hf`).
     """
 
     name: str
-    task: str  # "causal_lm"
+    task: str  # "causal_lm" or "embedding"
     config: type
     module: Callable[[Any, ModuleOptions], Any]
     weight_map: Callable[[Any], WeightMap]
     reference: Callable[..., np.ndarray]
     gguf_names: tuple[str, ...]  # the GGUF general.architecture values it reads
-    tokenizer: str = "gguf"  # where the tokenizer comes from: the GGUF's metadata
+    hf_names: tuple[str, ...] = ()  # the config.json model_type values it reads
+    tokenizer: str = "gguf"  # where the tokenizer comes from: the GGUF's metadata, or
+    # "tokenizer.json" next to a Hugging Face checkpoint
     chat: bool = True  # whether the model's chat template (if any) is used
     dtypes: tuple[str, ...] = ("float32", "float16")  # activation dtypes it computes in
     description: str = field(default="", compare=False)

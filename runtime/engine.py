@@ -12,8 +12,8 @@ import numpy as np
 
 from tapml.artifact import Artifact
 from tapml.errors import GenerationError
-from tapml.plan import CausalLM
-from tapml.tokenizer import StreamDecoder
+from tapml.plan import CausalLM, Plan
+from tapml.tokenizer import StreamDecoder, Tokenizer
 
 from .constraint import Constraint
 from .sampling import Sampler, SamplingParams
@@ -37,27 +37,60 @@ class Stats:
         return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
 
 
+@dataclass
+class Opened:
+    """A compiled artifact's parts, its kernels and weights on an executor."""
+
+    path: Path
+    config: dict[str, Any]
+    target: str
+    plan: Plan
+    task: Any  # how to drive the plan (CausalLM, SentenceEmbedding)
+    tokenizer: Tokenizer
+    executor: Any
+
+
+def open_artifact(artifact: Path, task: type, verify_weights: bool = True,
+                  executor: Any = None) -> Opened:  # fmt: skip
+    """Check a compiled artifact and read its plan's `task` (refused before anything loads
+    when the plan is of another kind), then load it: `executor` if given (one that already
+    holds its kernels and weights, a remote device's, say), else the artifact's target
+    executor here, weights loaded."""
+    from tapml.targets import load_executor
+
+    artifact = Artifact(artifact)
+    artifact.check()  # before the kernels load: a damaged library can crash the process
+    plan = artifact.plan()
+    driver = task(plan)
+    if executor is None:
+        executor = load_executor(artifact.target, plan, artifact.path)
+        executor.load_params(artifact.weights(verify=verify_weights))
+    return Opened(artifact.path, artifact.config, artifact.target, plan, driver,
+                  artifact.tokenizer(), executor)  # fmt: skip
+
+
+def load_runtime(artifact: Path, **kwargs: Any) -> Any:
+    """An Engine for a causal LM's artifact, an Embedder for an embedding model's."""
+    from tapml.models import get_architecture
+
+    from .embedder import Embedder
+
+    architecture = Artifact(artifact).config["model"]["architecture"]
+    embeds = get_architecture(architecture).task == "embedding"
+    return (Embedder if embeds else Engine)(artifact, **kwargs)
+
+
 class Engine:
     """Runs a compiled artifact: prefill in fixed chunks, decode one token at a time."""
 
     def __init__(self, artifact: Path, verify_weights: bool = True, executor: Any = None):
         """`executor`: one that already holds this artifact's kernels and weights (a remote
         device's, say); by default the artifact's target executor here, weights loaded."""
-        from tapml.targets import load_executor
-
-        artifact = Artifact(artifact)
-        self.artifact = artifact.path
-        self.config = artifact.config
-        artifact.check()  # before the kernels load: a damaged library can crash the process
-        self.target = artifact.target
-        self.plan = artifact.plan()
-        self.task = CausalLM(self.plan)
+        opened = open_artifact(artifact, CausalLM, verify_weights, executor)
+        self.artifact, self.config, self.target = opened.path, opened.config, opened.target
+        self.plan, self.tokenizer, self.executor = opened.plan, opened.tokenizer, opened.executor
+        self.task = opened.task
         self.max_context, self.chunk = self.task.max_context, self.task.chunk
-        self.tokenizer = artifact.tokenizer()
-        if executor is None:
-            executor = load_executor(self.target, self.plan, artifact.path)
-            executor.load_params(artifact.weights(verify=verify_weights))
-        self.executor = executor
         self.pos = 0
         self.stats = Stats()
         # why the last generation ended: "stop", "length", "grammar" or "context"

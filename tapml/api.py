@@ -19,13 +19,16 @@ def load(
     chunk: int | None = None,
     progress: bool = True,
 ):
-    """A ready-to-generate Engine for a compiled artifact directory, a model name or a GGUF path.
+    """A compiled artifact directory, a model name, a GGUF path or a checkpoint, ready to run:
+    an Engine that generates for a causal LM, an Embedder whose `embed(texts)` gives a numpy
+    array of unit vectors for an embedding model.
 
-    Names and GGUF files are converted and compiled on first use and cached (see `tapml cache`).
+    Names and model files are converted and compiled on first use and cached (see `tapml
+    cache`).
     """
-    from tapml.runtime.engine import Engine
+    from tapml.runtime.engine import load_runtime
 
-    return Engine(
+    return load_runtime(
         artifact_for(str(model), target, quantization, max_context, chunk, progress=progress)
     )
 
@@ -39,12 +42,14 @@ def artifact_for(
     target_options: dict[str, str] | None = None,
     progress: bool = True,
     kv_cache: str | None = None,
+    buckets: tuple[tuple[int, int], ...] | None = None,
 ) -> Path:
     """`model` itself if it is a compiled artifact directory, else its cached build."""
     if Artifact.is_artifact(model):
         return Path(model)
     return ensure_compiled(
-        model, target, quantization, max_context, chunk, target_options, progress, kv_cache
+        model, target, quantization, max_context, chunk, target_options, progress, kv_cache,
+        buckets,
     )
 
 
@@ -57,13 +62,14 @@ def ensure_compiled(
     target_options: dict[str, str] | None = None,
     progress: bool = True,
     kv_cache: str | None = None,
+    buckets: tuple[tuple[int, int], ...] | None = None,
 ) -> Path:
     """The cached artifact for these settings, compiling it first if the cache lacks it."""
     from tapml.models import resolve_gguf
 
     name, gguf_path = resolve_gguf(model)
     options = CompileOptions.resolve(target, quantization, max_context, chunk, target_options,
-                                     kv_cache)  # fmt: skip
+                                     kv_cache, buckets=buckets, source=gguf_path)  # fmt: skip
     return compiled(name, gguf_path, options, progress)
 
 

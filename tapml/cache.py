@@ -50,12 +50,24 @@ def cache_key(gguf_path: Path, options: CompileOptions) -> str:
 
     inputs = {
         "weights": remembered_sha256(gguf_path),
+        **_companions(gguf_path),
         "options": asdict(options),
         "tapml": __version__,
         "tapml_source": _source_digest(),
         "tvm": tvm.__version__,
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def _companions(model_path: Path) -> dict[str, str]:
+    """The sha256 of a checkpoint's config.json and tokenizer.json (a GGUF has none: its
+    file holds both)."""
+    from .safetensors_file import CONFIG_FILE, TOKENIZER_FILE, is_checkpoint
+
+    if not is_checkpoint(model_path):
+        return {}
+    files = [Path(model_path).parent / name for name in (CONFIG_FILE, TOKENIZER_FILE)]
+    return {path.name: remembered_sha256(path) for path in files if path.is_file()}
 
 
 def entry_dir(name: str, gguf_path: Path, options: CompileOptions) -> Path:

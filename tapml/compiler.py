@@ -25,12 +25,13 @@ from .errors import CompileError, TapmlError
 from .fileio import write_atomic
 from .formats import WeightFormat
 from .gguf import GGUFFile
-from .models import Architecture, gguf_architecture
+from .models import Architecture, gguf_architecture, hf_architecture
 from .models.architecture import ModuleOptions
 from .quantization import DEFAULT, Quantization, format_names, get_quantization, split_rows
 
 if TYPE_CHECKING:
     from .plan import Plan
+    from .safetensors_file import SafetensorsFile
     from .tokenizer import Tokenizer
 
 log = logging.getLogger("tapml")
@@ -38,6 +39,27 @@ log = logging.getLogger("tapml")
 DEFAULT_MAX_CONTEXT = 2048
 DEFAULT_CHUNK = 32
 KV_CACHE_DTYPES = ("float32", "float16")
+# an embedding model's entry points, (batch, length); texts are padded to the next one
+DEFAULT_BUCKETS = ((1, 128), (8, 128), (1, 256))
+
+
+def default_quantization(model_path: Path | None) -> str:
+    """The scheme a model file compiles with unless told: as stored for a GGUF, float32 for a
+    float checkpoint (model.safetensors)."""
+    from .safetensors_file import is_checkpoint
+
+    return "q0f32" if model_path is not None and is_checkpoint(model_path) else DEFAULT
+
+
+def parse_buckets(text: str) -> tuple[tuple[int, int], ...]:
+    """"1x128,8x128" -> ((1, 128), (8, 128)), sorted, or a TapmlError naming the bad item."""
+    buckets = set()
+    for item in text.split(","):
+        batch, sep, length = item.strip().partition("x")
+        if not (sep and batch.isdigit() and length.isdigit()) or not int(batch) or not int(length):
+            raise TapmlError(f"bucket {item.strip()!r} is not BATCHxLENGTH (e.g. 8x128)")
+        buckets.add((int(batch), int(length)))
+    return tuple(sorted(buckets, key=lambda b: (b[1], b[0])))
 
 
 @dataclass(frozen=True)
@@ -52,21 +74,24 @@ class CompileOptions:
     target_options: dict[str, Any] = field(hash=False)
     kv_cache: str  # the KV cache's dtype
     max_binding: int  # bytes: larger weights are split into row ranges (0: never)
+    buckets: tuple[tuple[int, int], ...]  # an embedding model's (batch, length) entry points
 
     @classmethod
     def resolve(cls, target: str = "llvm", quantization: str | None = None,
                 max_context: int | None = None, chunk: int | None = None,
                 target_options: Mapping[str, Any] | None = None,
-                kv_cache: str | None = None, max_binding: int | None = None
-                ) -> CompileOptions:  # fmt: skip
-        """The options with every default decided, here alone: the quantization as stored
-        (gguf), the KV cache the target's default for it (`TargetSpec.kv_cache`), the
-        target's machine-dependent options (llvm's CPU model), and weights split at the
-        binding limit every target shares (`tapml.targets.binding_limit`)."""
+                kv_cache: str | None = None, max_binding: int | None = None,
+                buckets: Iterable[Iterable[int]] | str | None = None,
+                source: Path | None = None) -> CompileOptions:  # fmt: skip
+        """The options with every default decided, here alone: the quantization as `source`
+        stores it (`default_quantization`), the KV cache the target's default for it
+        (`TargetSpec.kv_cache`), the target's machine-dependent options (llvm's CPU model),
+        weights split at the binding limit every target shares
+        (`tapml.targets.binding_limit`), and `DEFAULT_BUCKETS`."""
         from tapml.targets import binding_limit, get_target
 
         spec = get_target(target)
-        quantization = quantization or DEFAULT
+        quantization = quantization or default_quantization(source)
         get_quantization(quantization)
         kv_cache = kv_cache or spec.kv_cache(quantization)
         if kv_cache not in KV_CACHE_DTYPES:
@@ -82,9 +107,12 @@ class CompileOptions:
         max_binding = binding_limit() if max_binding is None else max_binding
         if max_binding < 0:
             raise TapmlError(f"max_binding must be >= 0 bytes, got {max_binding}")
+        if isinstance(buckets, str):
+            buckets = parse_buckets(buckets)
+        buckets = tuple(tuple(int(n) for n in b) for b in (buckets or DEFAULT_BUCKETS))
         return cls(target, quantization, max_context, chunk,
                    spec.resolved_options(dict(target_options or {})), kv_cache,
-                   max_binding)  # fmt: skip
+                   max_binding, buckets)  # fmt: skip
 
     def replace(self, **changes: Any) -> CompileOptions:
         """These options with some changed, resolved again (e.g. another target)."""
@@ -93,17 +121,18 @@ class CompileOptions:
 
 @dataclass(frozen=True)
 class ModelFile:
-    """A model file opened for compiling: its architecture, config and source tensors."""
+    """A model file opened for compiling (a GGUF, or a Hugging Face checkpoint's
+    model.safetensors): its architecture, config and source tensors."""
 
     path: Path
-    gguf: GGUFFile
+    file: GGUFFile | SafetensorsFile
     architecture: Architecture
     config: Any
 
     def sources(self):
-        from tapml.convert import gguf_sources
+        from tapml.convert import file_sources
 
-        return gguf_sources(self.gguf, self.architecture.weight_map(self.config).all())
+        return file_sources(self.file, self.architecture.weight_map(self.config).all())
 
     def float_weights(self) -> dict[str, np.ndarray]:
         """Every weight as float32, as the architecture's reference forward pass reads them."""
@@ -115,15 +144,21 @@ class ModelFile:
         """The tokenizer where the architecture says it is (`Architecture.tokenizer`)."""
         from tapml.tokenizer import Tokenizer
 
-        arch = self.architecture
-        if arch.tokenizer != "gguf":
-            raise CompileError(f"{arch.name} reads its tokenizer from {arch.tokenizer!r}, "
-                               "which tapml cannot read yet")  # fmt: skip
-        return Tokenizer.from_gguf_metadata(self.gguf.metadata)
+        if self.architecture.tokenizer == "tokenizer.json":
+            return Tokenizer.from_file(self.file.tokenizer_file)
+        return Tokenizer.from_gguf_metadata(self.file.metadata)
 
 
 def load_model_file(path: Path) -> ModelFile:
-    """A GGUF file, its architecture found by its `general.architecture`."""
+    """A GGUF file, its architecture found by its `general.architecture`, or a Hugging Face
+    checkpoint (model.safetensors or its directory), by its config.json's `model_type`."""
+    from .safetensors_file import SafetensorsFile, is_checkpoint
+
+    if is_checkpoint(path):
+        checkpoint = SafetensorsFile(path)
+        arch = hf_architecture(checkpoint.architecture, str(checkpoint.directory))
+        config = arch.config.from_hf(checkpoint.metadata, str(checkpoint.directory / "config.json"))
+        return ModelFile(checkpoint.path, checkpoint, arch, config)
     gguf = GGUFFile(path)
     arch = gguf_architecture(gguf.architecture, str(path))
     return ModelFile(Path(path), gguf, arch, arch.config.from_gguf(gguf.metadata,
@@ -165,7 +200,8 @@ def compile_model(model_path: Path, output: Path, options: CompileOptions,
         from tapml.weights import save_shards
 
         log.info("converting weights to %s", quant.name)
-        importance = calibrate(arch, sources, config, tokenizer) if quant.calibrated else {}
+        calibrated = quant.calibrated and arch.task == "causal_lm"  # from generated logits
+        importance = calibrate(arch, sources, config, tokenizer) if calibrated else {}
         params = convert(sources, wmap, quant, formats, importance)
         params = _every_param(params, module.tables(), plan.names("param"),
                               plan.model["row_splits"])  # fmt: skip
@@ -212,7 +248,8 @@ def build_plan(arch: Architecture, config: Any, quant: Quantization, options: Co
 
     formats = dict(formats) if formats is not None else model_formats(arch, config, quant)
     module = arch.module(config, ModuleOptions(quant.dtype, formats, options.max_context,
-                                               options.chunk, options.kv_cache))  # fmt: skip
+                                               options.chunk, options.kv_cache,
+                                               options.buckets))  # fmt: skip
     row_splits = split_bindings(module, options.max_binding)
     mod, named = module.export_tvm(spec=module.export_spec())
     fused = fuse(mod, list(module.export_spec()))

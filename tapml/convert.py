@@ -18,21 +18,23 @@ from .formats import WeightFormat
 from .gguf import GGUFFile
 from .models.architecture import WeightMap
 from .quantization import Quantization, format_names, part_prefixes
+from .safetensors_file import SafetensorsFile
 from .source import SourceTensor
 
 Sources = dict[str, list[SourceTensor]]
 
 
-def gguf_sources(gguf: GGUFFile, weight_map: Mapping[str, Sequence[str]]) -> Sources:
-    """Each weight's source tensors in the GGUF; a missing one is named."""
-    present = set(gguf.tensor_names())
+def file_sources(file: GGUFFile | SafetensorsFile, weight_map: Mapping[str, Sequence[str]]
+                 ) -> Sources:  # fmt: skip
+    """Each weight's source tensors in the model file; a missing one is named."""
+    present = set(file.tensor_names())
     missing = [f"{theirs} (for {ours})" for ours, parts in weight_map.items()
                for theirs in parts if theirs not in present]  # fmt: skip
     if missing:
         raise WeightsError(
-            f"{gguf.path} lacks {len(missing)} tensors the model needs: {', '.join(missing[:4])}"
+            f"{file.path} lacks {len(missing)} tensors the model needs: {', '.join(missing[:4])}"
         )
-    return {ours: [gguf.source(t) for t in parts] for ours, parts in weight_map.items()}
+    return {ours: [file.source(t) for t in parts] for ours, parts in weight_map.items()}
 
 
 def stored_types(matrices: Sources) -> dict[str, tuple[str, ...]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,7 +193,9 @@ class CausalLM:
     def __init__(self, plan: Plan):
         task = plan.task
         if task.get("kind") != "causal_lm":
-            raise PlanError(f"this plan's task is {task.get('kind')!r}, not a causal LM")
+            raise PlanError(f"this plan's task is {task.get('kind')!r}, not a causal LM"
+                            + (" (embed texts with `tapml embed`)"
+                               if task.get("kind") == "embedding" else ""))
         self.max_context, self.chunk = task["max_context"], task["chunk"]
         self._prefill, self._decode = task["prefill"], task["decode"]
 
@@ -208,6 +211,34 @@ class CausalLM:
         entry = self._decode
         inputs = {entry["tokens"]: np.array([token], "int32")}
         return entry["function"], {entry["position"]: pos}, inputs
+
+
+class SentenceEmbedding:
+    """How to run a sentence encoder's entry points, as its plan's task names them: one per
+    (batch, length) bucket, shortest first, then smallest batch."""
+
+    def __init__(self, plan: Plan):
+        task = plan.task
+        if task.get("kind") != "embedding":
+            raise PlanError(f"this plan's task is {task.get('kind')!r}, not sentence embedding")
+        self.dim, self.max_length = task["dim"], task["max_length"]
+        self.buckets = sorted((e for e in task.values() if isinstance(e, dict)),
+                              key=lambda e: (e["length"], e["batch"]))  # fmt: skip
+
+    def lengths(self) -> list[int]:
+        return sorted({b["length"] for b in self.buckets})
+
+    def call(self, bucket: dict[str, Any], rows: Sequence[Sequence[int]]
+             ) -> tuple[str, dict[str, int], dict[str, Any]]:  # fmt: skip
+        """Up to `batch` rows of ids, each at most `length` long, padded (mask 0)."""
+        if len(rows) > bucket["batch"] or any(len(r) > bucket["length"] for r in rows):
+            raise PlanError(f"{len(rows)} texts of up to {max(map(len, rows), default=0)} "
+                            f"tokens do not fit bucket {bucket['batch']}x{bucket['length']}")
+        shape = (bucket["batch"], bucket["length"])
+        ids, mask = np.zeros(shape, "int32"), np.zeros(shape, "int32")
+        for i, row in enumerate(rows):
+            ids[i, : len(row)], mask[i, : len(row)] = row, 1
+        return bucket["function"], {}, {bucket["tokens"]: ids, bucket["mask"]: mask}
 
 
 def describe_expr(expr: Any) -> str:

@@ -1,4 +1,5 @@
-"""Text <-> token ids for GGUF byte-level BPE vocabularies, matching llama.cpp's tokenizer."""
+"""Text <-> token ids: GGUF byte-level BPE and SentencePiece vocabularies, matching llama.cpp's
+tokenizer, and a Hugging Face checkpoint's WordPiece tokenizer.json (BERT)."""
 
 from __future__ import annotations
 
@@ -67,7 +68,8 @@ class Tokenizer:
         self._config = {key: config[key] for key in _CONFIG_KEYS}
         added = hf.get_added_tokens_decoder()
         self._control = {i for i, token in added.items() if token.special}
-        piece_bytes = _spm_bytes if self._config["model"] == "llama" else _byte_level_bytes
+        piece_bytes = {"llama": _spm_bytes, "wordpiece": _wordpiece_bytes}.get(
+            self._config["model"], _byte_level_bytes)
         self._bytes = [b""] * self.vocab_size
         for text, i in hf.get_vocab(with_added_tokens=True).items():
             self._bytes[i] = text.encode() if i in added else piece_bytes(text)
@@ -127,6 +129,29 @@ class Tokenizer:
             "add_bos": bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
             "chat_template": metadata.get("tokenizer.chat_template"),
         }
+        return cls(hf, config)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Tokenizer:
+        """A checkpoint's WordPiece tokenizer.json (BERT): `encode` adds its [CLS] and [SEP]
+        (the file's own post-processor); its truncation and padding are dropped, as the
+        runtime pads and truncates to the compiled buckets."""
+        path = Path(path)
+        if not path.is_file():
+            raise TapmlError(f"tokenizer file missing: {path}")
+        try:
+            hf = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            raise TapmlError(f"{path} is not a valid tokenizer file: {e}") from e
+        kind = json.loads(hf.to_str())["model"]["type"]
+        if kind != "WordPiece":
+            raise TapmlError(f"{path} is a {kind} tokenizer; tapml reads WordPiece tokenizer.json "
+                             "files (GGUF files carry their own vocabularies)")  # fmt: skip
+        hf.no_truncation()
+        hf.no_padding()
+        config = {"model": "wordpiece", "pre": "bert", "vocab_size": hf.get_vocab_size(),
+                  "bos_id": hf.token_to_id("[CLS]"), "eos_id": hf.token_to_id("[SEP]"),
+                  "stop_ids": [], "add_bos": False, "chat_template": None}  # fmt: skip
         return cls(hf, config)
 
     @classmethod
@@ -192,7 +217,8 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """The ids of `text`; special tokens written in it (e.g. "<|im_start|>") become one id."""
-        ids = self._hf.encode(text, add_special_tokens=False).ids
+        # a WordPiece tokenizer's special tokens frame every text ([CLS] ... [SEP])
+        ids = self._hf.encode(text, add_special_tokens=self._config["model"] == "wordpiece").ids
         if self.add_bos if add_bos is None else add_bos:
             if self.bos_id is None:
                 raise TapmlError("cannot add a BOS token: this vocabulary has none")
@@ -318,6 +344,10 @@ def _spm_bytes(piece: str) -> bytes:
     if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
         return bytes([int(piece[3:5], 16)])
     return piece.replace(SPACE, " ").encode()
+
+
+def _wordpiece_bytes(piece: str) -> bytes:
+    return piece.removeprefix("##").encode()
 
 
 def _byte_level_bytes(piece: str) -> bytes:

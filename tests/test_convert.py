@@ -7,7 +7,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from tapml.artifact import describe
-from tapml.convert import bits_per_parameter, convert, gguf_sources, stored_types, weight_summary
+from tapml.convert import bits_per_parameter, convert, file_sources, stored_types, weight_summary
 from tapml.errors import WeightsError
 from tapml.models.architecture import WeightMap
 from tapml.quantization import QUANTIZATION, dequantize_params, format_names
@@ -15,7 +15,7 @@ from tapml.source import SourceTensor
 
 
 class FakeGGUF:
-    """What gguf_sources reads of a GGUF, over stored rows of given types."""
+    """What file_sources reads of a GGUF, over stored rows of given types."""
 
     path = "fake.gguf"
 
@@ -44,7 +44,7 @@ QKV_MAP = WeightMap(QKV, {})
 def test_parts_stack_in_the_maps_order_whatever_the_files():
     g = FakeGGUF({name: stored("Q8_0", 2, 32, value) for name, value in
                   (("v", 3.0), ("q", 1.0), ("k", 2.0))})  # fmt: skip
-    sources = gguf_sources(g, QKV)
+    sources = file_sources(g, QKV)
     assert stored_types(sources) == {"qkv": ("Q8_0", "Q8_0", "Q8_0")}
     quant = QUANTIZATION["gguf"]
     formats = quant.formats(stored_types(sources))
@@ -59,7 +59,7 @@ def test_parts_stack_in_the_maps_order_whatever_the_files():
 def test_parts_stored_in_different_types_keep_their_own():
     g = FakeGGUF({"q": stored("Q8_0", 2, 32, 1.0), "k": stored("Q4_0", 2, 32, 2.0),
                   "v": stored("Q8_0", 2, 32, 3.0)})  # fmt: skip
-    sources = gguf_sources(g, QKV)
+    sources = file_sources(g, QKV)
     quant = QUANTIZATION["gguf"]
     formats = quant.formats(stored_types(sources))
     assert format_names(formats) == {"qkv": ["Q8_0", "Q4_0", "Q8_0"]}
@@ -77,13 +77,13 @@ def test_parts_stored_in_different_types_keep_their_own():
 def test_a_missing_tensor_is_named_with_the_weight_it_makes():
     g = FakeGGUF({"q": stored("Q8_0", 2, 32, 1.0)})
     with pytest.raises(WeightsError, match=r"fake.gguf lacks 2 tensors.*k \(for qkv\)"):
-        gguf_sources(g, QKV)
+        file_sources(g, QKV)
 
 
 def test_the_summary_counts_matrices_parameters_and_bytes():
     g = FakeGGUF({"q": stored("Q8_0", 2, 64, 1.0), "k": stored("Q4_0", 4, 64, 2.0),
                   "v": stored("Q8_0", 2, 64, 3.0)})  # fmt: skip
-    sources = gguf_sources(g, QKV)
+    sources = file_sources(g, QKV)
     formats = QUANTIZATION["gguf"].formats(stored_types(sources))
     summary = weight_summary(sources, formats)
     assert summary["matrices"] == {"qkv": ["Q8_0", "Q4_0", "Q8_0"]}

@@ -123,12 +123,12 @@ def test_plan_matches_relax_vm_and_numpy(tiny_config, tiny_artifact, quantizatio
 
 def test_stored_blocks_plan_matches_relax_vm_and_numpy(tiny_stored_gguf, tiny_stored_artifact):
     """Every GGUF block type, and Q, K, V parts in different types (kept apart)."""
-    from tapml.convert import gguf_sources, stored_types
+    from tapml.convert import file_sources, stored_types
     from tapml.models.llama.weights import weight_map
 
     g = GGUFFile(tiny_stored_gguf)
     config = LlamaConfig.from_gguf(g.metadata, g.tensor_names())
-    sources = gguf_sources(g, weight_map(config).all())
+    sources = file_sources(g, weight_map(config).all())
     formats = QUANTIZATION["gguf"].formats(stored_types(
         {name: sources[name] for name in weight_map(config).matrices}))
     _, plan, fused = tiny_plan(config, "gguf", "float32", formats)

@@ -57,6 +57,7 @@ def _register() -> None:
         chat,
         compile,
         device,
+        embed,
         matrix,
         migrate,
         models,
@@ -69,8 +70,8 @@ def _register() -> None:
     )
 
     # in the order of the user's workflow, as `tapml --help` lists them
-    for module in (models, targets, compile, run, chat, carve, test, offload, migrate, device,
-                   package, verify, bench, matrix, cache):
+    for module in (models, targets, compile, run, chat, embed, carve, test, offload, migrate,
+                   device, package, verify, bench, matrix, cache):
         main.add_command(module.command)
 
 

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import fields
 
 import click
 from click.core import ParameterSource
 
-from tapml.compiler import DEFAULT_CHUNK, DEFAULT_MAX_CONTEXT, KV_CACHE_DTYPES, CompileOptions
+from tapml.compiler import (
+    DEFAULT_BUCKETS,
+    DEFAULT_CHUNK,
+    DEFAULT_MAX_CONTEXT,
+    KV_CACHE_DTYPES,
+    CompileOptions,
+    parse_buckets,
+)
+from tapml.errors import TapmlError
 from tapml.quantization import QUANTIZATION
 from tapml.targets import TARGETS
 
@@ -64,6 +73,24 @@ def compile_options(f):
     return f
 
 
+def _parse_buckets(ctx, param, value: str | None):
+    if value is None:
+        return None
+    try:
+        return parse_buckets(value)
+    except TapmlError as e:
+        raise click.BadParameter(str(e), ctx, param) from e
+
+
+buckets_option = click.option(
+    "--buckets", callback=_parse_buckets, metavar="BxS,...",
+    help="An embedding model's compiled (batch, length) shapes [default: "
+    + ",".join(f"{b}x{s}" for b, s in DEFAULT_BUCKETS) + "]. Texts are padded to the "
+    "shortest length that holds them; a text longer than the longest is cut to it (with a "
+    "warning).",
+)  # fmt: skip
+
+
 def refuse_artifact_conflicts(model: str | None, **renamed: str) -> None:
     """A UsageError naming every compile option given on the command line that differs from the
     one MODEL was compiled with, when MODEL is a compiled directory: it runs as compiled, so
@@ -85,7 +112,7 @@ def refuse_artifact_conflicts(model: str | None, **renamed: str) -> None:
         if key == "target_options":
             conflicts += [f"{flag} {k}={has.get(k)}, not {k}={v}"
                           for k, v in given.items() if has.get(k) != v]  # fmt: skip
-        elif given != has:
+        elif json.loads(json.dumps(given)) != has:  # buckets: tuples given, lists compiled
             conflicts.append(f"{flag} {has}, not {given}")
     if conflicts:
         raise click.UsageError(
