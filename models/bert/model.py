@@ -9,6 +9,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
 from tapml import nn as tnn
+from tapml.errors import CompileError
 from tapml.nn.encoder import SentenceEncoder, attention_bias
 
 from ..architecture import ModuleOptions
@@ -53,8 +54,8 @@ class BertEncoder(SentenceEncoder):
         self.layers = nn.ModuleList([Layer(config, options, i) for i in range(config.num_layers)])
         too_long = [b for b in options.buckets if b[1] > config.max_positions]
         if too_long:
-            raise ValueError(f"bucket {too_long[0][0]}x{too_long[0][1]} is longer than the "
-                             f"model's {config.max_positions} positions")  # fmt: skip
+            raise CompileError(f"bucket {too_long[0][0]}x{too_long[0][1]} is longer than the "
+                               f"model's {config.max_positions} positions")  # fmt: skip
         self._entry_points(options.buckets, config.vocab_size, hidden)
 
     def encode(self, ids: nn.Tensor, mask: nn.Tensor) -> nn.Tensor:
