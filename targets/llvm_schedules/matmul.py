@@ -12,6 +12,7 @@ from tvm.s_tir.schedule import SBlockRV
 
 from .base import (
     GEMM_COLS,
+    GEMM_ROWS,
     GEMM_UNROLL,
     GEMV_CHAINS,
     PARALLEL_MIN_ELEMENTS,
@@ -31,16 +32,19 @@ class Matmul:
     reduction: SBlockRV
     epilogue: list[SBlockRV]
     rows: int  # M
+    batch: int  # leading batch axes (attention's [batch, heads]), 0 for a plain matmul
 
 
 def match_matmul(kernel: Kernel) -> Matmul | None:
-    """One static [M, N, K] reduction reading x[m, k], with only elementwise blocks around."""
+    """One static [..., M, N, K] reduction reading x[..., m, k], with only elementwise blocks
+    around; leading batch axes (a batched matmul's) index x and the output alike."""
     reductions = [i for i, b in enumerate(kernel.blocks) if "R" in kernel.kinds(b)]
     if len(reductions) != 1:
         return None
     i = reductions[0]
     block = kernel.blocks[i]
-    if not kernel.is_simple(block) or kernel.kinds(block) != "SSR":
+    kinds = kernel.kinds(block)
+    if not kernel.is_simple(block) or not kinds.endswith("SSR") or set(kinds[:-3]) - {"S"}:
         return None
     others = kernel.blocks[:i] + kernel.blocks[i + 1 :]
     if not all(kernel.is_injective(b) for b in others):
@@ -48,15 +52,18 @@ def match_matmul(kernel: Kernel) -> Matmul | None:
     extents = [extent(kernel.sch, loop) for loop in kernel.sch.get_loops(block)]
     if None in extents or x_read(kernel, block) is None:
         return None
-    return Matmul(kernel.blocks[:i], block, kernel.blocks[i + 1 :], extents[0])
+    batch = len(kinds) - 3
+    return Matmul(kernel.blocks[:i], block, kernel.blocks[i + 1 :], extents[batch], batch)
 
 
 def x_read(kernel: Kernel, block: SBlockRV) -> int | None:
-    """Index (in the block's reads) of the activations x[m, k] of a matmul block."""
-    m, _, k = (v.var for v in kernel.get(block).iter_vars)
+    """Index (in the block's reads) of the activations x[..., m, k] of a matmul block."""
+    *batch, m, _, k = (v.var for v in kernel.get(block).iter_vars)
     for i, read in enumerate(kernel.get(block).reads):
         mins = [r.min for r in read.region]
-        if len(mins) == 2 and mins[0].same_as(m) and mins[1].same_as(k):
+        if len(mins) == len(batch) + 2 and all(
+            a.same_as(b) for a, b in zip(mins, [*batch, m, k], strict=True)
+        ):
             return i
     return None
 
@@ -69,7 +76,7 @@ def gemv(kernel: Kernel) -> bool:
     `_lanes`).
     """
     match = match_matmul(kernel)
-    if match is None or match.rows != 1:
+    if match is None or match.rows != 1 or match.batch:
         return False
     sch = kernel.sch
     for block in match.producers:
@@ -112,7 +119,10 @@ def gemm(kernel: Kernel) -> bool:
     x is transposed once per call so that a weight element multiplies a contiguous vector
     of rows; weight stages that do work (dequantization) fill a tile per task, vectorized
     along K, while plain casts are read in place. GEMM_UNROLL output columns times up to
-    two vectors of rows accumulate in registers over all of K.
+    two vectors of rows accumulate in registers over all of K. Rows go in blocks of at most
+    GEMM_ROWS, whose transposed x stays in cache while every column tile reads it. A batched
+    matmul (attention's scores and weighted values) does the same per batch element; batch
+    elements, row blocks and column tiles are the parallel tasks.
     """
     match = match_matmul(kernel)
     if match is None or match.rows == 1:
@@ -126,27 +136,28 @@ def gemm(kernel: Kernel) -> bool:
         else:
             staged.append(producer)
     x_t = sch.cache_read(block, x_read(kernel, block), "global")
-    sch.transform_layout(x_t, ("write", 0), lambda m, k: (k, m))
+    sch.transform_layout(x_t, ("write", 0), lambda *i: (*i[:-2], i[-1], i[-2]))
     acc = sch.cache_write(block, 0, "global")
-    sch.transform_layout(block, ("write", 0), lambda m, n: (n, m))
+    sch.transform_layout(block, ("write", 0), lambda *i: (*i[:-2], i[-1], i[-2]))
 
-    m, n, k = sch.get_loops(block)
+    *batch, m, n, k = sch.get_loops(block)
     cols = divisor(extent(sch, n), GEMM_COLS)
     unroll = divisor(cols, GEMM_UNROLL)
     n_task, n_group, n_unroll = sch.split(n, [None, cols // unroll, unroll])
-    m_outer, m_inner = sch.split(m, [None, divisor(match.rows, 2 * kernel.lanes())])
-    sch.reorder(n_task, n_group, m_outer, k, n_unroll, m_inner)
+    lanes = divisor(match.rows, 2 * kernel.lanes())
+    block_rows = divisor(match.rows // lanes, GEMM_ROWS // lanes) * lanes
+    m_block, m_outer, m_inner = sch.split(m, [None, block_rows // lanes, lanes])
+    sch.reorder(*batch, m_block, n_task, n_group, m_outer, k, n_unroll, m_inner)
     sch.vectorize(m_inner)
     sch.unroll(n_unroll)
     sch.reverse_compute_at(acc, n_group)
     if match.epilogue:
         last = inline_chain(kernel, match.epilogue)
         sch.reverse_compute_at(last, n_group)
+    task = sch.fuse(*batch, m_block, n_task)
     for producer in reversed(staged):  # consumers first
-        sch.compute_at(producer, n_task)
+        sch.compute_at(producer, task)
         vectorize_inner(kernel, producer)
-    sch.parallel(n_task)
+    sch.parallel(task)
     sch.decompose_reduction(block, k)
     return True
-
-

@@ -274,7 +274,7 @@ def packed_gemv(kernel: Kernel) -> bool:
     fields are an unrolled sequence of shifts, and its lanes are summed at the end.
     """
     match = match_matmul(kernel)
-    if match is None or match.rows != 1 or len(match.producers) != 1:
+    if match is None or match.rows != 1 or match.batch or len(match.producers) != 1:
         return False
     packed = packed_weight(kernel, match.producers[0])
     lanes = kernel.lanes()
