@@ -23,6 +23,6 @@ ARCHITECTURE = Architecture(
     hf_names=("bert",),
     tokenizer="tokenizer.json",
     chat=False,
-    description="BERT encoders as sentence embedders: post-LayerNorm, learned positions, "
-    "erf GELU, mean pooling then L2 norm",
+    description="BERT sentence encoders: post-LayerNorm, learned positions, erf GELU, mean "
+    "pooling",
 )

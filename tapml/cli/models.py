@@ -38,6 +38,6 @@ def command(as_json: bool) -> None:
         weights = f"{first} .. {rest[-1]}, {len(rest) + 1} parts" if rest else first
         click.echo(f"{r['name']:20} {r['architecture']:8} {r['description']}")
         click.echo(f"{'':20} weights: {weights} ({state})")
-    click.echo("\narchitectures (a .gguf of one works as a model too):")
+    click.echo("\narchitectures (a .gguf of one, or a checkpoint's directory, is a model too):")
     for arch in ARCHITECTURES.values():
         click.echo(f"  {arch.name:14} {arch.description}")
