@@ -4,7 +4,8 @@ A bundle IS an artifact directory (tapml-config.json, plan.json, the kernels fil
 tokenizer/), so everything that runs artifacts runs bundles, plus `bundle.json`: a versioned
 manifest with the size and sha256 of every file and the record of the device limits and
 features the bundle needs. A web bundle also holds the JavaScript runtime (`runtime/`, the
-third-party modules it imports under `runtime/vendor/`) and `index.html`, a chat page.
+third-party modules it imports under `runtime/vendor/`) and `index.html`, the page of the plan's
+task: a chat page for a causal LM, sentence similarity for an embedding model.
 Layout and fields: docs/formats.md ("Bundle").
 """
 
@@ -28,7 +29,7 @@ from .fileio import read_document, write_atomic
 log = logging.getLogger("tapml")
 
 MANIFEST = "bundle.json"
-FORMAT, VERSION = "tapml-bundle", 1
+FORMAT, VERSION = "tapml-bundle", 2  # 2: the plan's task replaces max_context and chunk
 # what `tapml package --target` offers, and the compile target whose kernels each one ships
 PLATFORMS = {"webgpu": "webgpu", "android": "opencl"}
 # npm packages the web runtime imports: bundle file name -> (package, file inside it)
@@ -36,6 +37,8 @@ VENDOR = {
     "web-tokenizers.js": ("@mlc-ai/web-tokenizers", "lib/index.js"),
     "web-xgrammar.js": ("@mlc-ai/web-xgrammar", "lib/index.js"),
 }
+# the page a web bundle opens (its index.html) for each task kind, from runtime/web
+PAGES = {"causal_lm": "index.html", "embedding": "similarity.html"}
 CHUNK = 1 << 20
 
 
@@ -66,9 +69,11 @@ def package(
     max_context: int | None = None,
     chunk: int | None = None,
     progress: bool = True,
+    buckets: tuple[tuple[int, int], ...] | None = None,
 ) -> Packaged:
     """Package MODEL (a name, a .gguf, or an artifact compiled for the platform's target) for
-    `platform` ("webgpu" or "android") into the directory `output`.
+    `platform` ("webgpu" or "android") into the directory `output`. `max_context` and `chunk`
+    shape a causal LM, `buckets` an embedding model, when MODEL is compiled here.
 
     The bundle is built in `output.partial` and renamed to `output` when complete; an
     existing `output` is replaced only when it is a bundle itself.
@@ -83,9 +88,9 @@ def package(
         raise BundleError(f"{output} exists and is not a bundle; choose another -o directory")
     vendor = _vendor_files() if platform == "webgpu" else {}  # fail before compiling
     artifact = Artifact(artifact_for(model, target, quantization, max_context, chunk,
-                                     progress=progress))  # fmt: skip
+                                     progress=progress, buckets=buckets))  # fmt: skip
     artifact.check()  # a bundle's manifest must not vouch for damaged files
-    config, options = artifact.config, artifact.options
+    config, options, plan = artifact.config, artifact.options, artifact.plan()
     if options["target"] != target:
         raise BundleError(
             f"{artifact.path} was compiled for {options['target']}; a {platform} bundle needs "
@@ -96,6 +101,7 @@ def package(
             f"{artifact.path} holds {options['quantization']} weights, not {quantization}: pass "
             "the model's name to compile it anew"
         )
+    page = _page(plan.task["kind"]) if platform == "webgpu" else None
 
     work = output.with_name(output.name + ".partial")
     if work.exists():
@@ -105,14 +111,14 @@ def package(
     if platform == "webgpu":
         sources += [(f"runtime/{p.name}", p) for p in _runtime_sources()]
         sources += [(f"runtime/vendor/{name}", path) for name, (path, _) in vendor.items()]
-        sources.append(("index.html", runtime_web_dir() / "index.html"))
+        sources.append(("index.html", page))
     files = _copy_all(sources, work, progress)
     name = config["model"].get("source", "")
     if artifact.path != Path(model):  # a model name or a GGUF, not an artifact directory
         from tapml.models import resolve_gguf
 
         name = resolve_gguf(model)[0]
-    manifest = _manifest(config, platform, name, artifact, files, vendor)
+    manifest = _manifest(config, platform, name, artifact, plan, files, vendor)
     write_atomic(work / MANIFEST, json.dumps(manifest, indent=1).encode())
     if output.exists():
         shutil.rmtree(output)
@@ -142,6 +148,14 @@ def _runtime_sources() -> list[Path]:
     if not sources:
         raise BundleError(f"{runtime_web_dir()} holds no JavaScript runtime; reinstall tapml")
     return sources
+
+
+def _page(kind: str) -> Path:
+    """The web page of a plan's task kind."""
+    if kind not in PAGES:
+        raise BundleError(f"web bundles have no page for a {kind} model; they have pages for: "
+                          f"{', '.join(PAGES)}")  # fmt: skip
+    return runtime_web_dir() / PAGES[kind]
 
 
 def _vendor_files() -> dict[str, tuple[Path, dict[str, str]]]:
@@ -186,12 +200,11 @@ def _copy_hashed(source: Path, destination: Path, name: str, advance) -> dict[st
     return {"path": name, "nbytes": nbytes, "sha256": sha.hexdigest()}
 
 
-def _manifest(config: dict, platform: str, name: str, artifact: Artifact, files: list[dict],
+def _manifest(config: dict, platform: str, name: str, artifact: Artifact, plan, files: list[dict],
               vendor: dict) -> dict[str, Any]:  # fmt: skip
     from tapml.targets import get_target
 
     options = config["options"]
-    plan = artifact.plan()
     spec = get_target(options["target"])
     if platform == "webgpu":
         from tapml.targets.records import load_records
@@ -209,8 +222,8 @@ def _manifest(config: dict, platform: str, name: str, artifact: Artifact, files:
         "source": config["model"].get("source", ""),
         "quantization": options["quantization"],
         "weights": config["weights"],  # each matrix's format, and totals per format
-        "max_context": options["max_context"],
-        "chunk": options["chunk"],
+        # the task's kind and sizes, without its entry points (those are in plan.json)
+        "task": {k: v for k, v in plan.task.items() if not isinstance(v, dict)},
         "requirements": requirements,
         "chat": chat_format(artifact.tokenizer()),
         "third_party": [meta for _, meta in vendor.values()],

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import PROMPT, PROMPT_IDS, greedy_trace
+from conftest import PROMPT, PROMPT_IDS, TINY_CHUNK, TINY_CONTEXT, greedy_trace
 
 from tapml.cli import main
 from tapml.errors import BundleError, ExecutorError
@@ -18,6 +18,7 @@ from tapml.package import (
     package,
     read_manifest,
     render_chat,
+    runtime_web_dir,
     verify,
 )
 from tapml.plan import Plan
@@ -54,9 +55,12 @@ def copy_of(bundle, tmp_path):
 def test_web_bundle_is_an_artifact_plus_manifest_runtime_and_page(bundles, tiny_artifact):
     bundle = bundles("webgpu")
     manifest = read_manifest(bundle)
-    assert (manifest["format"], manifest["version"]) == ("tapml-bundle", 1)
+    assert (manifest["format"], manifest["version"]) == ("tapml-bundle", 2)
     assert (manifest["platform"], manifest["target"], manifest["quantization"]) == (
         "webgpu", "webgpu", "q4f32_1")  # fmt: skip
+    assert manifest["task"] == {"kind": "causal_lm", "max_context": TINY_CONTEXT,
+                                "chunk": TINY_CHUNK}  # fmt: skip
+    assert (bundle / "index.html").read_bytes() == (runtime_web_dir() / "index.html").read_bytes()
     files = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()}
     assert files - {MANIFEST} == {f["path"] for f in manifest["files"]}
     for f in manifest["files"]:

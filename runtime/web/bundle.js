@@ -2,7 +2,7 @@
 // server), each checked against the size and sha256 that bundle.json lists for it.
 
 export const FORMAT = "tapml-bundle";
-export const VERSION = 1;
+export const VERSION = 2; // tapml/package.py VERSION
 
 const hex = (buffer) => [...new Uint8Array(buffer)].map((b) => b.toString(16).padStart(2, "0")).join("");
 

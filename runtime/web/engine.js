@@ -1,27 +1,18 @@
 // engine.js: a tapml web bundle ready to generate: prefill in fixed chunks (the last one
 // padded) and decode one token at a time, as runtime/engine.py does.
-import { Bundle } from "./bundle.js";
-import { PlanExecutor, requestDevice } from "./executor.js";
 import { JsonSchemaConstraint } from "./grammar.js";
+import { loadBundle } from "./load.js";
 import { Sampler } from "./sampler.js";
-import { StreamDecoder, TextTokenizer } from "./tokenizer.js";
-
-// The adapter's description as a plain object (GPUAdapterInfo does not serialize).
-function adapterInfo(adapter) {
-  const info = adapter.info ?? {};
-  const { vendor = "", architecture = "", device = "", description = "" } = info;
-  return { vendor, architecture, device, description, fallback: Boolean(info.isFallbackAdapter) };
-}
+import { StreamDecoder } from "./tokenizer.js";
 
 export class Engine {
-  constructor(bundle, device, adapter, executor, tokenizer, stats) {
-    Object.assign(this, { bundle, device, adapter, executor, tokenizer, stats });
+  // `loaded`: what loadBundle gives (bundle, device, adapter, executor, tokenizer, stats)
+  constructor(loaded) {
+    Object.assign(this, loaded);
     // how to drive the plan's entry points: its task (tapml/plan.py `CausalLM`)
-    const task = executor.plan.task;
-    if (task.kind !== "causal_lm") throw new Error(`this bundle's task is ${task.kind}, not a causal LM`);
-    this.task = task;
-    this.chunk = task.chunk;
-    this.maxContext = task.max_context;
+    this.task = this.executor.plan.task;
+    this.chunk = this.task.chunk;
+    this.maxContext = this.task.max_context;
     this.pos = 0;
     this.finishReason = null; // why the last generation ended: stop, length, grammar or context
   }
@@ -29,26 +20,7 @@ export class Engine {
   // Load the bundle whose directory is `base` (default: the page's own). onProgress(stage, done,
   // total) follows the stages "weights" and "kernels".
   static async load(base = new URL("./", document.baseURI), onProgress = () => {}) {
-    const start = performance.now();
-    const bundle = await Bundle.open(base);
-    const { adapter, device } = await requestDevice(bundle.manifest.requirements);
-    const kernels = await bundle.json(`kernels_${bundle.manifest.target}.json`);
-    if (kernels.format !== "tapml-kernels" || kernels.version !== 1)
-      throw new Error(`kernels_${bundle.manifest.target}.json is not a tapml-kernels v1 file`);
-    const plan = await bundle.json("plan.json");
-    if (plan.format !== "tapml-plan" || plan.version !== 2) throw new Error("plan.json is not a tapml-plan v2 file");
-    const tokenizer = await TextTokenizer.load(bundle);
-    const executor = new PlanExecutor(device, plan, kernels.kernels);
-    const weightsStart = performance.now();
-    const weights = await bundle.loadWeights(executor, (done, total) => onProgress("weights", done, total));
-    const kernelsStart = performance.now();
-    onProgress("kernels", 0, 1);
-    await executor.prepare();
-    onProgress("kernels", 1, 1);
-    const end = performance.now();
-    const stats = { load_ms: end - start, weights_ms: kernelsStart - weightsStart, kernels_ms: end - kernelsStart,
-                    weight_bytes: weights.bytes, adapter: adapterInfo(adapter) };
-    return new Engine(bundle, device, adapter, executor, tokenizer, stats);
+    return new Engine(await loadBundle(base, "causal_lm", onProgress));
   }
 
   reset() {

@@ -1,6 +1,7 @@
 // executor.js: run a tapml plan's kernels on WebGPU, as targets/webgpu.py does with wgpu.
-// Every buffer stays on the GPU; one compute pass per entry point call; only the logits are
-// read back. Formats: docs/formats.md ("Execution plan", "Kernel records").
+// Every buffer stays on the GPU; one compute pass per entry point call; only its first output
+// (the logits, or the vectors) is read back. Formats: docs/formats.md ("Execution plan",
+// "Kernel records").
 
 export const SLOT = 256; // uniform bytes per dispatch: WebGPU's default minUniformBufferOffsetAlignment
 const MAX_GROUPS = 65535; // WebGPU's default maxComputeWorkgroupsPerDimension
@@ -192,7 +193,7 @@ export class PlanExecutor {
   }
 
   // Run entry point `name` with its scalars and inputs ({buffer name: typed array}); returns its
-  // first output (the logits) as a typed array.
+  // first output (the logits, or the vectors) as a typed array.
   async run(name, scalars, inputs) {
     const f = this.plan.functions[name], program = this.programs[name], d = this.device;
     for (const s of f.scalars) if (!(s in scalars)) throw new Error(`${name} needs the scalar ${s}`);

@@ -2,6 +2,18 @@
 // compiled to WebAssembly by @mlc-ai/web-tokenizers), the chat format and streaming decode.
 import "./vendor/web-tokenizers.js"; // a UMD module: it defines globalThis.tokenizers
 
+// The ids tokenizer.json's post-processor puts [before, after] one text (BERT: [CLS], [SEP]):
+// web-tokenizers' encode leaves them out, where Python's adds them (tapml/tokenizer.py).
+function framing(json) {
+  const p = json.post_processor;
+  if (!p) return [[], []];
+  if (p.type === "BertProcessing" || p.type === "RobertaProcessing") return [[p.cls[1]], [p.sep[1]]];
+  if (p.type !== "TemplateProcessing") throw new Error(`tokenizer.json's post-processor ${p.type} is not supported`);
+  const text = p.single.findIndex((item) => "Sequence" in item);
+  const ids = (items) => items.flatMap((item) => p.special_tokens[item.SpecialToken.id].ids);
+  return [ids(p.single.slice(0, text)), ids(p.single.slice(text + 1))];
+}
+
 export class TextTokenizer {
   constructor(hf, config, json, chat) {
     this.hf = hf;
@@ -9,6 +21,8 @@ export class TextTokenizer {
     this.json = json;
     this.chat = chat; // bundle.json "chat": the chat template as plain strings, or null
     this.stopIds = [...new Set([...config.stop_ids, ...(config.eos_id == null ? [] : [config.eos_id])])];
+    // a WordPiece tokenizer's special tokens frame every text ([CLS] ... [SEP])
+    this.frame = config.model === "wordpiece" ? framing(json) : [[], []];
   }
 
   static async load(bundle) {
@@ -23,7 +37,7 @@ export class TextTokenizer {
   }
 
   encode(text) {
-    const ids = Array.from(this.hf.encode(text));
+    const ids = [...this.frame[0], ...this.hf.encode(text), ...this.frame[1]];
     if (this.config.add_bos) {
       if (this.config.bos_id == null) throw new Error("the tokenizer adds a bos token but has none");
       ids.unshift(this.config.bos_id);
