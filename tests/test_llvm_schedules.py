@@ -309,6 +309,45 @@ def test_rms_norm(dtype, dim):
         assert_close(arrays[-1], ref, dtype)
 
 
+class EncoderParts(nn.Module):
+    """BERT's row reductions (LayerNorm: two sums a row; softmax: a max and a sum) and its
+    attention scores (a batched matmul over [batch, heads])."""
+
+    def __init__(self, dim: int):
+        self.norm = tnn.LayerNorm(dim, 1e-12, "float32")
+
+    def decode(self, x, scores, q, k):
+        return self.norm(x), op.softmax(scores, axis=-1), op.matmul(q, k)
+
+    prefill = decode
+
+
+@pytest.mark.parametrize("rows", [3, 256])  # 256: two blocks of GEMM_ROWS
+def test_layer_norm_softmax_and_batched_matmuls_are_scheduled_by_rows(rows):
+    specs = lambda _: {"x": nn.spec.Tensor([rows, 96], "float32"),  # noqa: E731
+                       "scores": nn.spec.Tensor([2, 3, rows, 40], "float32"),
+                       "q": nn.spec.Tensor([2, 3, rows, 32], "float32"),
+                       "k": nn.spec.Tensor([2, 3, 32, 24], "float32")}  # fmt: skip
+    norm, softmax, matmul = entry_calls(EncoderParts(96), specs)["decode"]
+    x = rng.standard_normal((rows, 96)).astype("float32")
+    w, b = rng.standard_normal(96).astype("float32"), rng.standard_normal(96).astype("float32")
+    arrays, rule = run(norm, [x, w, b, np.zeros_like(x)])
+    centered = x - x.mean(-1, keepdims=True)
+    want = centered / np.sqrt((centered**2).mean(-1, keepdims=True) + 1e-12) * w + b
+    assert rule == "row_reduction"
+    assert_close(arrays[-1], want, "float32")
+    scores = rng.standard_normal((2, 3, rows, 40)).astype("float32")
+    arrays, rule = run(softmax, [scores, np.zeros_like(scores)])
+    e = np.exp(scores - scores.max(-1, keepdims=True))
+    assert rule == "row_reduction"
+    assert_close(arrays[-1], e / e.sum(-1, keepdims=True), "float32")
+    q = rng.standard_normal((2, 3, rows, 32)).astype("float32")
+    k = rng.standard_normal((2, 3, 32, 24)).astype("float32")
+    arrays, rule = run(matmul, [q, k, np.zeros((2, 3, rows, 24), "float32")])
+    assert rule == "gemm"
+    assert_close(arrays[-1], q @ k, "float32")
+
+
 # -- elementwise: embedding lookups, RoPE, KV writes, the last valid row -------------------
 class Embed(nn.Module):
     def __init__(self, vocab: int, dim: int, quant):
@@ -330,9 +369,7 @@ def test_embedding(quantization, dim):
     for entry, rows in (("decode", 1), ("prefill", CHUNK)):
         ids = rng.integers(0, vocab, rows).astype("int32")
         out = np.zeros((rows, dim), quant.dtype)
-        # take's arguments are (weight, ids); dequantize_take's are (ids, words, scale)
-        args = [ids, *params, out] if quant.matrix.quantized else [*params, ids, out]
-        arrays, rule = run(kernels[entry], args)
+        arrays, rule = run(kernels[entry], [ids, *params, out])  # the lookup's (ids, planes)
         assert rule == "elementwise"
         assert_close(arrays[-1], w[ids], quant.dtype)
 

@@ -18,6 +18,7 @@ from .base import (
     PARALLEL_MIN_ELEMENTS,
     Kernel,
     divisor,
+    elements,
     extent,
     inline_chain,
     is_elementwise,
@@ -137,6 +138,7 @@ def gemm(kernel: Kernel) -> bool:
             staged.append(producer)
     x_t = sch.cache_read(block, x_read(kernel, block), "global")
     sch.transform_layout(x_t, ("write", 0), lambda *i: (*i[:-2], i[-1], i[-2]))
+    _transpose_in_tiles(kernel, x_t)
     acc = sch.cache_write(block, 0, "global")
     sch.transform_layout(block, ("write", 0), lambda *i: (*i[:-2], i[-1], i[-2]))
 
@@ -161,3 +163,18 @@ def gemm(kernel: Kernel) -> bool:
     sch.parallel(task)
     sch.decompose_reduction(block, k)
     return True
+
+
+def _transpose_in_tiles(kernel: Kernel, block: SBlockRV) -> None:
+    """x -> x^T a tile at a time (each tile's rows in L1, its columns stored as vectors),
+    tiles in parallel: a naive transpose of a large x strides through memory on one thread."""
+    sch = kernel.sch
+    *batch, m, k = sch.get_loops(block)
+    tile = kernel.lanes()
+    m_tiles, m_inner = sch.split(m, [None, divisor(extent(sch, m), tile)])
+    k_tiles, k_inner = sch.split(k, [None, divisor(extent(sch, k), tile)])
+    sch.reorder(*batch, m_tiles, k_tiles, k_inner, m_inner)
+    sch.vectorize(m_inner)
+    outer = sch.fuse(*batch, m_tiles)
+    if elements(kernel, sch.get_loops(block)) >= PARALLEL_MIN_ELEMENTS:
+        sch.parallel(outer)

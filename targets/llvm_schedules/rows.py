@@ -20,42 +20,57 @@ from .base import (
 )
 
 
-# -- row reduction (RMSNorm): s[i] = sum_k f(x[i, k]); y[i, j] = g(x[i, j], s[i]) -------------
+# -- row reductions (RMSNorm, LayerNorm, softmax): reductions over each row's last axis, ------
+# -- with elementwise blocks between and after them --------------------------------------------
 def row_reduction(kernel: Kernel) -> bool:
-    """Rows in parallel (if large), the sum vectorized in lanes, the output vectorized."""
+    """Rows in parallel (if large), each row's blocks in turn: sums vectorized in lanes,
+    elementwise blocks and the output vectorized."""
     if not all(kernel.is_simple(b) for b in kernel.blocks):
         return False
     kinds = [kernel.kinds(b) for b in kernel.blocks]
-    if len(kinds) < 2 or not kinds[0].endswith("R") or kinds[0].count("R") != 1:
+    reductions = [i for i, k in enumerate(kinds) if "R" in k]
+    if not reductions or "R" in kinds[-1]:
         return False
-    if any(set(k) != {"S"} for k in kinds[1:]):
+    if any(kinds[i].count("R") != 1 or not kinds[i].endswith("R") for i in reductions):
+        return False
+    if any(set(k) != {"S"} for i, k in enumerate(kinds) if i not in reductions):
         return False
     sch = kernel.sch
-    reduce_block = kernel.blocks[0]
-    last = inline_chain(kernel, kernel.blocks[1:])
-    rows = sch.get_loops(reduce_block)[:-1]
-    if len(rows) > 1:  # e.g. (token, head) of a norm over each head: one loop of rows
-        sch.fuse(*rows)
-    k = sch.get_loops(reduce_block)[-1]
-    lanes = divisor(extent(sch, k), kernel.lanes())
-    rf = None
-    if 1 < lanes < extent(sch, k):  # a row of one vector: its sum stays scalar
-        _, k_lane = sch.split(k, [None, lanes])
-        rf = sch.rfactor(k_lane, factor_axis=len(kernel.kinds(reduce_block)) - 1)
+    last = inline_chain(kernel, kernel.blocks[reductions[-1] + 1 :])
     loops = sch.get_loops(last)
     row = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
-    sch.compute_at(reduce_block, row)
-    if rf is not None:
-        sch.compute_at(rf, row)
-        lane, k_outer = sch.get_loops(rf)[-2:]
-        sch.reorder(k_outer, lane)
-        sch.vectorize(lane)
+    factored = []
+    for block in reversed(kernel.blocks[: reductions[-1] + 1]):  # consumers first
+        if "R" not in kernel.kinds(block):
+            sch.compute_at(block, row)
+            vectorize_inner(kernel, block)
+            continue
+        rf = _sum_in_lanes(kernel, block)
+        sch.compute_at(block, row)
+        if rf is not None:
+            sch.compute_at(rf, row)
+            lane, k_outer = sch.get_loops(rf)[-2:]
+            sch.reorder(k_outer, lane)
+            sch.vectorize(lane)
+            factored.append(rf)
     vectorize_inner(kernel, last)
     if elements(kernel, sch.get_loops(last)) >= PARALLEL_MIN_ELEMENTS:
         sch.parallel(row)
-    if rf is not None:
+    for rf in factored:
         sch.decompose_reduction(rf, sch.get_loops(rf)[-2])
     return True
+
+
+def _sum_in_lanes(kernel: Kernel, block) -> object | None:
+    """Split a row's sum into vector lanes (rfactor), summed at the end; the lanes' block, or
+    None for a row of one vector or less (its sum stays scalar)."""
+    sch = kernel.sch
+    k = sch.get_loops(block)[-1]
+    lanes = divisor(extent(sch, k), kernel.lanes())
+    if not 1 < lanes < extent(sch, k):
+        return None
+    _, k_lane = sch.split(k, [None, lanes])
+    return sch.rfactor(k_lane, factor_axis=len(kernel.kinds(block)) - 1)
 
 
 # -- elementwise (gathers, copies, RoPE, casts) -------------------------------------------------
