@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 
 from tapml.artifact import Artifact
-from tapml.carving.carve import schedule
 from tapml.carving.offload import Offloader, SplitRun, kernel_order
 from tapml.carving.scenarios import SCENARIOS
 from tapml.carving.workflow import artifacts
@@ -56,7 +55,7 @@ def main() -> None:
     source_dir, target_dir = artifacts(args.model, "webgpu", None, progress=False)
     source = Engine(source_dir)
     plan, scenario = source.plan, SCENARIOS["chat"]
-    runs = schedule(scenario.prompt_ids(source.tokenizer), scenario, source.task)
+    runs = scenario.runs(source)
     order = kernel_order(plan, "plan")
     with start_local_agent("wgpu") as url, tempfile.TemporaryDirectory() as tmp:
         print(f"{'N':>3} {'bad kernel':<40} {'runs':>4} {'bound':>5} {'wall s':>7} "

@@ -1,11 +1,11 @@
 """Carve: run the real model on the source executor and record chosen kernel calls.
 
-Each scenario is a prompt's prefill (chunk by chunk) and a few greedy decode steps. Which
-calls to keep is decided before running, from the plan alone (a run's scalars and the
-layer a call's weights belong to are known in advance): per kernel, the first call, then
-the calls that add the most unseen scalar values, entry points, layers and steps. A kept
-call stores its arguments as they were before the launch (the buffers it only writes start
-zeroed), and the written ones after it.
+Each scenario's runs (a causal LM's prefill chunks and greedy decode steps, an embedding
+model's batches of texts; see runs.py) go through the source. Which calls to keep is decided
+before running, from the plan alone (a run's scalars and the layer a call's weights belong to
+are known in advance): per kernel, the first call, then the calls that add the most unseen
+scalar values, entry points, layers and steps. A kept call stores its arguments as they were
+before the launch (the buffers it only writes start zeroed), and the written ones after it.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import logging
 import re
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,49 +23,14 @@ import numpy as np
 
 from tapml.errors import SuiteError
 from tapml.fileio import write_atomic
-from tapml.plan import CausalLM, Plan, evaluate
+from tapml.plan import Plan, evaluate
 
-from .scenarios import Scenario
+from .runs import Inputs, Run, drive
+from .scenarios import AnyScenario, check
 from .suite import FORMAT, VERSION, ArrayStore, Suite, tolerance
 
 log = logging.getLogger("tapml")
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-@dataclass(frozen=True)
-class Run:
-    """One entry-point run of a scenario: its step number, its position, and its prefill
-    chunk's ids (a decode step feeds the last token generated), run as the plan's task
-    says."""
-
-    step: int
-    task: CausalLM = field(repr=False)
-    pos: int
-    ids: tuple[int, ...] | None
-
-    @property
-    def decodes(self) -> bool:
-        return self.ids is None
-
-    @cached_property
-    def _call(self) -> tuple[str, dict[str, int], dict[str, np.ndarray]]:
-        if self.decodes:
-            return self.task.decode(self.pos, 0)
-        return self.task.prefill(self.pos, list(self.ids))
-
-    @property
-    def function(self) -> str:
-        return self._call[0]
-
-    @property
-    def scalars(self) -> dict[str, int]:
-        return self._call[1]
-
-    def inputs(self, token: int | None = None) -> dict[str, np.ndarray]:
-        """The run's input: its prefill chunk, or `token` for a decode step."""
-        if self.decodes:
-            return self.task.decode(self.pos, token)[2]
-        return self._call[2]
 
 
 @dataclass(frozen=True)
@@ -79,16 +43,6 @@ class Event:
     kernel: str
     values: tuple[tuple[int, Any], ...]  # (argument position, scalar value)
     layer: int | None
-
-
-def schedule(prompt_ids: list[int], scenario: Scenario, task: CausalLM) -> list[Run]:
-    """The runs of a scenario: prefill chunks (the last one padded), then decode steps."""
-    runs = []
-    for start in range(0, len(prompt_ids), task.chunk):
-        runs.append(Run(len(runs), task, start, tuple(prompt_ids[start : start + task.chunk])))
-    for i in range(scenario.decode_steps):
-        runs.append(Run(len(runs), task, len(prompt_ids) + i, None))
-    return runs
 
 
 def events(plan: Plan, runs: list[Run]) -> Iterator[Event]:
@@ -139,44 +93,34 @@ def select(plan: Plan, runs: list[Run], limit: int) -> tuple[dict[tuple[int, int
 
 
 class Carver:
-    """Records a scenario's chosen calls from an Engine's executor into a suite's arrays."""
+    """Records a scenario's chosen calls from a runtime's executor (an Engine's, an
+    Embedder's) into a suite's arrays."""
 
-    def __init__(self, engine, store: ArrayStore, limit: int):
-        self.engine, self.store, self.limit = engine, store, limit
-        self.fresh = {f: fresh_outputs(engine.plan, f) for f in engine.plan.functions}
+    def __init__(self, runtime: Any, store: ArrayStore, limit: int):
+        self.runtime, self.store, self.limit = runtime, store, limit
+        self.fresh = {f: fresh_outputs(runtime.plan, f) for f in runtime.plan.functions}
 
-    def scenario(self, scenario: Scenario, progress: Any = None) -> dict[str, Any]:
-        engine = self.engine
-        ids = scenario.prompt_ids(engine.tokenizer)
-        if len(ids) + scenario.decode_steps > engine.max_context:
-            raise SuiteError(
-                f"scenario {scenario.name}: {len(ids)} prompt tokens and "
-                f"{scenario.decode_steps} decode steps do not fit the compiled context of "
-                f"{engine.max_context}"
-            )
-        runs = schedule(ids, scenario, engine.task)
-        keep, counts = select(engine.plan, runs, self.limit)
-        engine.reset()
-        calls, seen, generated = [], set(), []
-        logits = None
-        for run in runs:
-            if run.decodes:
-                generated.append(int(np.argmax(logits)))
-            inputs = run.inputs(generated[-1] if generated else None)
-            logits = self._run(scenario, run, inputs, keep, calls, seen)[0]
+    def scenario(self, scenario: AnyScenario, progress: Any = None) -> dict[str, Any]:
+        ids = scenario.ids(self.runtime)  # once: a text cut to the longest bucket warns
+        runs = scenario.runs(self.runtime, ids)
+        keep, counts = select(self.runtime.plan, runs, self.limit)
+        self.runtime.executor.reset_state()
+        calls: list[dict[str, Any]] = []
+        seen: set = set()
+
+        def run(r: Run, inputs: Inputs) -> np.ndarray:
+            output = self._run(scenario, r, inputs, keep, calls, seen)
             if progress is not None:
                 progress.update(1)
-        return {
-            "scenario": scenario.to_dict(),
-            "prompt_ids": ids,
-            "generated_ids": generated,
-            "kernel_calls": counts,
-            "calls": calls,
-        }
+            return output
 
-    def _run(self, scenario: Scenario, run: Run, inputs: dict, keep: dict, calls: list,
+        _, fed = drive(runs, run)
+        return {"scenario": scenario.to_dict(), **scenario.record(ids, fed),
+                "kernel_calls": counts, "calls": calls}  # fmt: skip
+
+    def _run(self, scenario: AnyScenario, run: Run, inputs: Inputs, keep: dict, calls: list,
              seen: set) -> np.ndarray:  # fmt: skip
-        executor, plan = self.engine.executor, self.engine.plan
+        executor, plan = self.runtime.executor, self.runtime.plan
         fresh = self.fresh[run.function]
         f = executor.begin_run(run.function, run.scalars, inputs)
         for index, call in enumerate(f["calls"]):
@@ -233,7 +177,7 @@ def fresh_outputs(plan: Plan, function: str) -> list[set[str]]:
 def carve(
     artifact: Path,
     out: Path,
-    scenarios: list[Scenario],
+    scenarios: list[AnyScenario],
     model: str,
     max_calls: int = 3,
     progress: bool = True,
@@ -246,7 +190,7 @@ def carve(
     from tqdm import tqdm
 
     from tapml.artifact import Artifact, describe
-    from tapml.runtime.engine import Engine
+    from tapml.runtime.engine import load_runtime
 
     out = Path(out)
     config = describe(artifact)
@@ -260,9 +204,10 @@ def carve(
         log.info("resuming %s: %d of %d scenarios carved already", out,
                  len(scenarios) - len(todo), len(scenarios))  # fmt: skip
     if todo:
-        engine = Engine(artifact)
-        carver = Carver(engine, ArrayStore(out / "arrays"), max_calls)
-        total = sum(len(schedule(s.prompt_ids(engine.tokenizer), s, engine.task)) for s in todo)
+        runtime = load_runtime(artifact)
+        check(todo, runtime.plan.task["kind"])
+        carver = Carver(runtime, ArrayStore(out / "arrays"), max_calls)
+        total = sum(len(s.runs(runtime)) for s in todo)
         with tqdm(total=total, desc="carving", unit="run", disable=not progress) as bar:
             for s in todo:
                 bar.set_postfix_str(s.name)
@@ -275,6 +220,9 @@ def carve(
     return suite
 
 
+_CARVED = ("scenario", "kernel_calls", "calls")  # a carved scenario's fields besides its ids
+
+
 def _merge(scenarios: list[dict[str, Any]]) -> dict[str, Any]:
     kernels: dict[str, dict[str, int]] = {}
     for s in scenarios:
@@ -284,8 +232,9 @@ def _merge(scenarios: list[dict[str, Any]]) -> dict[str, Any]:
         for call in s["calls"]:
             kernels[call["kernel"]]["kept"] += 1
     return {
-        "scenarios": [{**s["scenario"], "prompt_ids": s["prompt_ids"],
-                       "generated_ids": s["generated_ids"]} for s in scenarios],  # fmt: skip
+        # each scenario's definition and the ids its runs were given (Scenario.record)
+        "scenarios": [{**s["scenario"], **{k: v for k, v in s.items() if k not in _CARVED}}
+                      for s in scenarios],  # fmt: skip
         "kernels": kernels,
         "calls": [c for s in scenarios for c in s["calls"]],
     }
@@ -295,7 +244,7 @@ def _scenario_path(out: Path, name: str) -> Path:
     return out / "scenarios" / f"{name}.json"
 
 
-def _load_scenario(out: Path, scenario: Scenario) -> dict[str, Any] | None:
+def _load_scenario(out: Path, scenario: AnyScenario) -> dict[str, Any] | None:
     """A finished scenario's record, if it was carved with the same definition."""
     path = _scenario_path(out, scenario.name)
     if not path.is_file():

@@ -1,11 +1,12 @@
 """Offload: run the plan with some kernels on the target device and the rest on the source.
 
-An evaluation run is a scenario's prefill and decode steps under teacher forcing (the
-source's greedy tokens are fed), with the kernels of an offloaded set on the target; every
-run's logits are compared with the all-source run's. Offloading orders the plan's N kernels
-and offloads growing prefixes of that order: all N first, and if that diverges, a bisection
-over the prefix length finds the first kernel whose offloading makes the logits diverge, in
-at most ceil(log2 N) + 2 evaluation runs (the all-source reference and all N included).
+An evaluation run is a scenario's runs (a causal LM's prefill and decode steps under teacher
+forcing: the source's greedy tokens are fed; an embedding model's batches of texts), with the
+kernels of an offloaded set on the target; every run's results (the logits, the embeddings)
+are compared with the all-source run's. Offloading orders the plan's N kernels and offloads
+growing prefixes of that order: all N first, and if that diverges, a bisection over the
+prefix length finds the first kernel whose offloading makes the results diverge, in at most
+ceil(log2 N) + 2 evaluation runs (the all-source reference and all N included).
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ from tapml.errors import TapmlError
 from tapml.fileio import write_atomic
 from tapml.plan import KERNEL_KINDS, Plan
 
-from .carve import Run
+from .runs import Run, drive
 
 log = logging.getLogger("tapml")
 FORMAT, VERSION = "tapml-offload", 1
-# max |logit - source logit| / max |source logit| over every run of an evaluation
+# max |result - source result| / max |source result| (logits, embeddings) over every run of
+# an evaluation
 TOLERANCES = {"float32": 2e-3, "float16": 2e-2}
 SOURCE, TARGET = "source", "target"
 
@@ -132,17 +134,11 @@ def kernel_order(plan: Plan, order: str) -> list[str]:
 
 def forward(split: SplitRun, runs: list[Run], offloaded: frozenset[str],
             tokens: list[int] | None = None) -> tuple[list[np.ndarray], list[int]]:  # fmt: skip
-    """Every run's logits and the tokens decoding was fed: `tokens` (teacher forcing) or,
+    """Every run's results and the tokens decoding was fed: `tokens` (teacher forcing) or,
     without them, the greedy choices."""
     split.reset()
-    logits: list[np.ndarray] = []
-    fed: list[int] = []
-    for run in runs:
-        if run.decodes:
-            fed.append(tokens[len(fed)] if tokens is not None else int(np.argmax(logits[-1])))
-        inputs = run.inputs(fed[-1] if fed else None)
-        logits.append(split.run(run.function, run.scalars, inputs, offloaded)[0])
-    return logits, fed
+    return drive(runs, lambda run, inputs: split.run(run.function, run.scalars, inputs,
+                                                     offloaded), tokens)  # fmt: skip
 
 
 def divergence(got: list[np.ndarray], want: list[np.ndarray]) -> list[float]:

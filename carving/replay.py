@@ -213,4 +213,5 @@ def compiled_for(suite: Suite, target: str, progress: bool = True) -> Path:
     # the source's own CPU options must match for a bit-exact replay; other targets' defaults
     same = options["target_options"] if target == m["source"] else None
     return ensure_compiled(m["model"], target, m["quantization"], options["max_context"],
-                           options["chunk"], same, progress, options["kv_cache"])  # fmt: skip
+                           options["chunk"], same, progress, options["kv_cache"],
+                           options.get("buckets"))  # fmt: skip

@@ -143,11 +143,28 @@ def offload_summary(report: dict) -> str:
             f"evaluation runs (bound {report['run_bound']}; the all-source reference included)")
     if report["migrated"]:
         tail = f"all {n} kernels run on {report['target']} and match: migrated"
+    elif report["culprit"] is None:
+        tail = (f"every kernel it ran matches, but the {report['scenario']} scenario never runs "
+                f"{', '.join(report['not_run'])}: evaluate one that runs every entry point "
+                "(--scenario)")  # fmt: skip
     else:
         check = report.get("cross_check", {})
         tail = (f"the first diverging kernel is {report['culprit']}"
                 + (f"\n  carved tests: {check['verdict']}" if check else ""))
     return "\n".join([head, *lines, tail])
+
+
+def alone_summary(report: dict) -> str | None:
+    """What the target made of the scenario alone once every kernel matched: the completion
+    it generated, or how close its embeddings are to the source's; None before that."""
+    if report.get("completion") is not None:
+        return f"{report['target']} alone: {report['completion']!r}"
+    e = report.get("embeddings")
+    if e is None:
+        return None
+    return (f"{report['target']} alone: {e['texts']} texts embedded, cosine similarity to "
+            f"{e['source']}'s embeddings >= {e['min_cosine']:.6f} (max |difference| "
+            f"{e['max_abs']:.2e})")  # fmt: skip
 
 
 def write_offload(report: dict, directory: Path) -> Path:
@@ -169,14 +186,14 @@ def _offload_html(report: dict) -> str:
         for s in report["steps"]
     )
     summary = html.escape(offload_summary(report))
-    completion = report.get("completion")
+    alone = alone_summary(report)
     return (f"<h1>Offloading {html.escape(report['model'])} to {html.escape(report['target'])}"
-            f"</h1><pre>{summary}</pre><h2>Logit divergence per step (dashed: tolerance)</h2>"
+            f"</h1><pre>{summary}</pre><h2>Divergence per step (dashed: tolerance)</h2>"
             f"{_chart(steps, report['tolerance'])}<table><tr><th>kernels offloaded</th>"
             "<th>last added</th><th>divergence</th><th>verdict</th><th>seconds</th>"
             f"<th>buffer moves</th></tr>{rows}</table>"
-            + (f"<h2>Generated on {html.escape(report['target'])} alone</h2><pre>"
-               f"{html.escape(completion)}</pre>" if completion is not None else ""))
+            + (f"<h2>On {html.escape(report['target'])} alone</h2><pre>{html.escape(alone)}</pre>"
+               if alone is not None else ""))
 
 
 # -- migrate -----------------------------------------------------------------------------------

@@ -1,20 +1,39 @@
-"""Scenarios: realistic inputs that drive the real runs kernel calls are carved from."""
+"""Scenarios: realistic inputs that drive the real runs kernel calls are carved from.
+
+Which scenarios apply is the plan's task kind: a causal LM's are prompts (prefill and greedy
+decode steps), an embedding model's are requests of texts. Each scenario makes its runs
+through the runtime of its kind (`Engine`, `Embedder`), as that runtime would run them.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from tapml.errors import TapmlError
+import numpy as np
+
+from tapml.errors import SuiteError, TapmlError
+
+from .runs import Run, batches, schedule
 
 if TYPE_CHECKING:
+    from tapml.runtime.embedder import Embedder
+    from tapml.runtime.engine import Engine
     from tapml.tokenizer import Tokenizer
 
+log = logging.getLogger("tapml")
 DECODE_STEPS = 8  # greedy tokens generated after each prompt
+COMPLETION_TOKENS = 24  # tokens a migrated model generates on the target alone
+TASKS = {"causal_lm": "a causal LM", "embedding": "an embedding model"}
 
 
 @dataclass(frozen=True)
 class Scenario:
+    """A causal LM's scenario: a prompt's prefill, chunk by chunk, and greedy decode steps."""
+
+    kind: ClassVar[str] = "causal_lm"
     name: str
     description: str
     prompt: str
@@ -32,10 +51,76 @@ class Scenario:
             text = tokenizer.apply_chat_template([{"role": "user", "content": self.prompt}])
         return tokenizer.encode(text)
 
+    def ids(self, engine: Engine) -> list[int]:
+        return self.prompt_ids(engine.tokenizer)
+
+    def runs(self, engine: Engine, ids: list[int] | None = None) -> list[Run]:
+        """The runs of the prompt's `ids` (default: `self.ids(engine)`)."""
+        ids = self.ids(engine) if ids is None else ids
+        if len(ids) + self.decode_steps > engine.max_context:
+            raise SuiteError(
+                f"scenario {self.name}: {len(ids)} prompt tokens and {self.decode_steps} decode "
+                f"steps do not fit the compiled context of {engine.max_context}"
+            )
+        return schedule(ids, self, engine.task)
+
+    def record(self, ids: list[int], fed: list[int]) -> dict[str, Any]:
+        """The ids its runs were given: the prompt's, and the greedy tokens decoding was fed."""
+        return {"prompt_ids": ids, "generated_ids": fed}
+
+    def alone(self, engine: Engine, source: Engine) -> dict[str, Any]:
+        """What the target makes of the scenario on its own: the prompt's greedy completion."""
+        log.info("generating on %s alone", engine.target)
+        text = "".join(engine.generate(self.prompt, chat=self.chats(engine.tokenizer),
+                                       max_tokens=COMPLETION_TOKENS))  # fmt: skip
+        return {"completion": text}
+
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "prompt": self.prompt,
                 "chat": self.chat, "decode_steps": self.decode_steps}  # fmt: skip
 
+
+@dataclass(frozen=True)
+class EmbeddingScenario:
+    """An embedding model's scenario: requests of texts, each embedded as one `embed` call
+    (its texts padded into the compiled buckets and batched as the runtime does)."""
+
+    kind: ClassVar[str] = "embedding"
+    name: str
+    description: str
+    requests: tuple[tuple[str, ...], ...]
+
+    def ids(self, embedder: Embedder) -> list[list[list[int]]]:
+        """Each request's texts' token ids (cut to the longest bucket)."""
+        return [embedder.tokenize(texts) for texts in self.requests]
+
+    def embed(self, embedder: Embedder) -> np.ndarray:
+        """Every text's embedding, request by request, [texts, dim]."""
+        return np.concatenate([embedder.embed(list(texts)) for texts in self.requests])
+
+    def runs(self, embedder: Embedder, ids: list[list[list[int]]] | None = None) -> list[Run]:
+        """The runs of the requests' `ids` (default: `self.ids(embedder)`)."""
+        return batches(self.ids(embedder) if ids is None else ids, embedder)
+
+    def record(self, ids: list[list[list[int]]], fed: list[int]) -> dict[str, Any]:
+        """The ids its runs were given: each request's texts' token ids."""
+        return {"token_ids": ids}
+
+    def alone(self, embedder: Embedder, source: Embedder) -> dict[str, Any]:
+        """What the target makes of the scenario on its own: every text's embedding, compared
+        with the source's (unit vectors: their dot product is the cosine similarity)."""
+        log.info("embedding on %s alone", embedder.target)
+        got, want = self.embed(embedder), self.embed(source)
+        return {"embeddings": {"texts": len(got), "source": source.target,
+                               "min_cosine": float((got * want).sum(axis=1).min()),
+                               "max_abs": float(np.abs(got - want).max())}}  # fmt: skip
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "description": self.description,
+                "requests": [list(texts) for texts in self.requests]}  # fmt: skip
+
+
+AnyScenario = Scenario | EmbeddingScenario
 
 _LONG = (
     "Summarize the following notes in two sentences.\n"
@@ -68,14 +153,81 @@ SCENARIOS: dict[str, Scenario] = {
 }  # fmt: skip
 
 
-def select(names: tuple[str, ...] = (), prompts: tuple[str, ...] = ()) -> list[Scenario]:
-    """The named scenarios plus one per user prompt; every built-in one when none is given."""
-    unknown = [n for n in names if n not in SCENARIOS]
+_PASSAGES = (
+    "The Eiffel Tower was completed in 1889 for the World's Fair in Paris.",
+    "Mount Everest is the highest mountain above sea level.",
+    "Photosynthesis turns sunlight, water and carbon dioxide into sugar and oxygen.",
+    "The Great Barrier Reef lies off the coast of Queensland, Australia.",
+    "Penicillin was discovered by Alexander Fleming in 1928.",
+)
+_DOCUMENT = (
+    "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris. It is "
+    "named after the engineer Gustave Eiffel, whose company designed and built it between "
+    "1887 and 1889 as the entrance arch of the 1889 World's Fair, held for the centennial of "
+    "the French Revolution. Many of France's leading artists and intellectuals criticised its "
+    "design at first, but it became a global cultural icon of France and one of the most "
+    "recognisable structures in the world. The tower is 330 metres tall, about the height of "
+    "an 81-storey building, and was the tallest man-made structure in the world until the "
+    "Chrysler Building in New York City was finished in 1930. It has three levels for "
+    "visitors, with restaurants on the first and second; the top level's upper platform is "
+    "276 metres above the ground, and tickets can be bought to ascend by stairs or lift."
+)
+
+EMBEDDING_SCENARIOS: dict[str, EmbeddingScenario] = {
+    s.name: s
+    for s in [
+        EmbeddingScenario(
+            "search", "a query, a batch of passages and a long document, as a search index "
+            "embeds them (with the default buckets: 1x128, 8x128 and 1x256)",
+            (("When was the Eiffel Tower built?",), _PASSAGES, (_DOCUMENT,)),
+        ),
+        EmbeddingScenario(
+            "multilingual", "French, Spanish, German, Japanese and Russian sentences in one "
+            "batch: accents, CJK and Cyrillic through the tokenizer",
+            (("Le chat dort sur le canapé.", "El gato duerme en el sofá.",
+              "Die Katze schläft auf dem Sofa.", "猫がソファで寝ている。",
+              "Кошка спит на диване."),),
+        ),
+    ]
+}  # fmt: skip
+
+BY_TASK: dict[str, dict[str, Any]] = {"causal_lm": SCENARIOS, "embedding": EMBEDDING_SCENARIOS}
+NAMES = list(dict.fromkeys(name for scenarios in BY_TASK.values() for name in scenarios))
+
+
+def builtin(kind: str) -> dict[str, AnyScenario]:
+    """The built-in scenarios of a task kind, the first one the default."""
+    if kind not in BY_TASK:
+        raise TapmlError(f"carving has no scenarios for a {kind!r} task; it carves "
+                         f"{' and '.join(TASKS.values())}s")  # fmt: skip
+    return BY_TASK[kind]
+
+
+def default(kind: str) -> AnyScenario:
+    """The scenario a task kind's runs are evaluated on unless told (offload, the matrix)."""
+    return next(iter(builtin(kind).values()))
+
+
+def select(names: Sequence[str] = (), prompts: Sequence[str] = (), kind: str = "causal_lm"
+           ) -> list[AnyScenario]:  # fmt: skip
+    """The named scenarios of a task kind plus one per user prompt (a text to embed, for an
+    embedding model); every built-in one of the kind when none is given."""
+    scenarios = builtin(kind)
+    unknown = [n for n in names if n not in scenarios]
     if unknown:
-        raise TapmlError(
-            f"unknown scenario {unknown[0]!r}; choose one of: {', '.join(SCENARIOS)}"
-        )
-    chosen = [SCENARIOS[n] for n in names]
-    chosen += [Scenario(f"prompt{i + 1}", "a prompt given on the command line", text)
-               for i, text in enumerate(prompts)]  # fmt: skip
-    return chosen or list(SCENARIOS.values())
+        raise TapmlError(f"unknown scenario {unknown[0]!r} for {TASKS[kind]}; choose one of: "
+                         f"{', '.join(scenarios)}")  # fmt: skip
+    chosen = [scenarios[n] for n in names]
+    for i, text in enumerate(prompts):
+        name, description = f"prompt{i + 1}", "a prompt given on the command line"
+        chosen.append(Scenario(name, description, text) if kind == "causal_lm"
+                      else EmbeddingScenario(name, description, ((text,),)))  # fmt: skip
+    return chosen or list(scenarios.values())
+
+
+def check(scenarios: Sequence[AnyScenario], kind: str) -> None:
+    """Refuse scenarios of another task kind than the model's."""
+    for s in scenarios:
+        if s.kind != kind:
+            raise TapmlError(f"scenario {s.name!r} is for {TASKS[s.kind]}, and the model is "
+                             f"{TASKS.get(kind, repr(kind))}")  # fmt: skip

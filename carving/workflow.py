@@ -1,4 +1,5 @@
-"""The TapML method end to end: compile, carve, test on the target, offload, run on the target.
+"""The TapML method end to end: compile, carve, test on the target, offload, run on the target
+alone (a causal LM generates, an embedding model embeds: whatever the plan's task is).
 
 `offload_model` and `migrate_model` are what `tapml offload` and `tapml migrate` call; each
 returns a report (a JSON-able dict) and writes it, with an HTML page, into its directory.
@@ -17,7 +18,7 @@ from typing import Any
 from tapml.artifact import Artifact
 from tapml.errors import TapmlError
 
-from .carve import carve, schedule
+from .carve import carve
 from .offload import (
     TOLERANCES,
     Offloader,
@@ -26,11 +27,11 @@ from .offload import (
     kernel_order,
     state_key,
 )
-from .scenarios import Scenario
+from .scenarios import AnyScenario, check
 
 log = logging.getLogger("tapml")
 FORMAT, VERSION = "tapml-migration-report", 1
-COMPLETION_TOKENS = 24  # tokens the migrated model generates on the target alone
+ALONE = ("completion", "embeddings")  # what a scenario's `alone` reports, by task kind
 
 
 @contextlib.contextmanager
@@ -49,8 +50,10 @@ def device_for(target: str, url: str | None) -> Iterator[str]:
 
 
 def artifacts(model: str, target: str, quantization: str | None, source: str = "llvm",
-              bundle: Path | None = None, progress: bool = True) -> tuple[Path, Path]:  # fmt: skip
-    """The source's and the target's compiled artifacts of `model` (the same quantization)."""
+              bundle: Path | None = None, progress: bool = True,
+              buckets: tuple[tuple[int, int], ...] | None = None) -> tuple[Path, Path]:  # fmt: skip
+    """The source's and the target's compiled artifacts of `model` (the same quantization, and
+    an embedding model's `buckets`: the bundle's, if one is given)."""
     from tapml.api import artifact_for, ensure_compiled
     from tapml.compiler import CompileOptions
 
@@ -60,14 +63,16 @@ def artifacts(model: str, target: str, quantization: str | None, source: str = "
         if options["target"] != target:
             raise TapmlError(f"{bundle} holds {options['target']} kernels, not {target}")
         quantization = quantization or options["quantization"]
-        kv_cache = options["kv_cache"]
-    # the source runs the target's plan, KV cache dtype included
+        kv_cache, buckets = options["kv_cache"], options.get("buckets")
+    # the source runs the target's plan: KV cache dtype and an encoder's buckets included
     kv_cache = kv_cache or CompileOptions.resolve(target, quantization).kv_cache
-    source_dir = artifact_for(model, source, quantization, progress=progress, kv_cache=kv_cache)
+    source_dir = artifact_for(model, source, quantization, progress=progress, kv_cache=kv_cache,
+                              buckets=buckets)  # fmt: skip
     options = Artifact(source_dir).options
     target_dir = bundle or ensure_compiled(model, target, quantization, options["max_context"],
                                            options["chunk"], progress=progress,
-                                           kv_cache=kv_cache)  # fmt: skip
+                                           kv_cache=kv_cache,
+                                           buckets=options.get("buckets"))  # fmt: skip
     source_plan = Artifact(source_dir).plan()
     target_plan = Artifact(target_dir).plan()
     if source_plan.functions != target_plan.functions:
@@ -80,7 +85,7 @@ def offload_model(
     model: str,
     target: str,
     device_url: str,
-    scenario: Scenario,
+    scenario: AnyScenario,
     out: Path,
     quantization: str | None = None,
     order: str = "plan",
@@ -95,23 +100,32 @@ def offload_model(
     Writes `out/state.json` (the finished evaluations; a rerun resumes from them) and
     `out/report.json` / `report.html`. If a kernel diverges, its carved calls (from
     `suite_dir`, else a suite carved from `scenario` into `out/suite`) are replayed on the
-    target as a cross-check. `target_executor` reuses one already open on the device.
+    target as a cross-check. When every kernel matches, the scenario runs on the target alone
+    (`Scenario.alone`: a completion, or embeddings compared with the source's). `target_executor`
+    reuses one already open on the device.
     """
-    from tapml.runtime.engine import Engine
+    from tapml.runtime.engine import load_runtime
     from tapml.targets.remote import open_executor
 
     from . import report as reports
 
     source_dir, target_dir = artifact_dirs or artifacts(model, target, quantization,
                                                         bundle=bundle, progress=progress)
-    source = Engine(source_dir)
+    source = load_runtime(source_dir)
     plan = source.plan
+    check([scenario], plan.task["kind"])
     with contextlib.ExitStack() as stack:
         if target_executor is None:
             target_executor = stack.enter_context(
                 open_executor(device_url, target, plan, target_dir))
             target_executor.load_params(Artifact(target_dir).weights())
-        runs = schedule(scenario.prompt_ids(source.tokenizer), scenario, source.task)
+        runs = scenario.runs(source)
+        # an entry point the scenario never runs (a bucket its texts do not fill) has kernels
+        # that are offloaded untested: no evidence that the model migrated
+        not_run = [f for f in plan.functions if f not in {r.function for r in runs}]
+        if not_run:
+            log.warning("the %s scenario never runs %s: their kernels go untested",
+                        scenario.name, ", ".join(not_run))  # fmt: skip
         order_list = kernel_order(plan, order)
         tolerance = TOLERANCES[plan.model.get("dtype", "float32")]
         spec_kernels = Artifact(target_dir).kernels_file(target)
@@ -132,28 +146,22 @@ def offload_model(
             "seconds": time.perf_counter() - start,
             "steps": [{**e.__dict__, "added": order_list[:e.offloaded]}
                       for e in result.evaluations],
-            "migrated": result.migrated, "culprit": result.culprit,
+            "migrated": result.migrated and not not_run, "culprit": result.culprit,
+            "not_run": not_run,
         }  # fmt: skip
         if result.culprit is not None:
             report["cross_check"] = _cross_check(result.culprit, model, source_dir, target,
                                                  target_dir, device_url, scenario, out,
                                                  suite_dir, progress)  # fmt: skip
         else:
-            engine = Engine(target_dir, executor=target_executor)
-            report["completion"] = _complete(engine, scenario)
+            report.update(scenario.alone(load_runtime(target_dir, executor=target_executor),
+                                         source))  # fmt: skip
     reports.write_offload(report, Path(out))
     return report
 
 
-def _complete(engine: Any, scenario: Scenario) -> str:
-    """The scenario prompt's greedy completion, generated on the target alone."""
-    log.info("generating on %s alone", engine.target)
-    return "".join(engine.generate(scenario.prompt, chat=scenario.chats(engine.tokenizer),
-                                   max_tokens=COMPLETION_TOKENS))  # fmt: skip
-
-
 def _cross_check(kernel: str, model: str, source_dir: Path, target: str, target_dir: Path,
-                 device_url: str, scenario: Scenario, out: Path, suite_dir: Path | None,
+                 device_url: str, scenario: AnyScenario, out: Path, suite_dir: Path | None,
                  progress: bool) -> dict[str, Any]:  # fmt: skip
     """Replay the culprit's carved calls on the target: do its unit tests fail too?"""
     from tapml.targets.remote import open_executor
@@ -188,13 +196,15 @@ def migrate_model(
     target: str,
     device_url: str | None,
     out: Path,
-    scenarios: list[Scenario],
+    scenarios: list[AnyScenario],
     quantization: str | None = None,
     order: str = "plan",
     progress: bool = True,
+    artifact_dirs: tuple[Path, Path] | None = None,
 ) -> dict[str, Any]:
     """The whole method: compile, carve `scenarios` on llvm, test the suite on the target,
-    offload the first scenario kernel by kernel, and generate on the target alone.
+    offload the first scenario kernel by kernel, and run it on the target alone (generate, or
+    embed). `artifact_dirs`: the source's and target's artifacts, compiled already.
 
     Without `device_url` a device agent is started on this machine. Writes `out/suite`,
     `out/offload` and the combined `out/report.json` / `report.html`.
@@ -207,7 +217,8 @@ def migrate_model(
     out = Path(out)
     start = time.perf_counter()
     log.info("step 1/4: compiling %s for llvm and %s", model, target)
-    source_dir, target_dir = artifacts(model, target, quantization, progress=progress)
+    source_dir, target_dir = artifact_dirs or artifacts(model, target, quantization,
+                                                        progress=progress)  # fmt: skip
     with device_for(target, device_url) as url:
         log.info("step 2/4: carving %d scenarios on llvm", len(scenarios))
         suite = carve(source_dir, out / "suite", scenarios, model, progress=progress)
@@ -234,7 +245,7 @@ def migrate_model(
                  "report": str(out / "suite" / "reports" / target / "report.html")},
         "offload": offload,
         "migrated": offload["migrated"] and not tested.failed,
-        "completion": offload.get("completion"),
+        **{key: offload[key] for key in ALONE if key in offload},
     }  # fmt: skip
     reports.write_migration(report, out)
     return report

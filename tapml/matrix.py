@@ -3,12 +3,17 @@
 Stages, in order (a stage that does not apply to a target is left out of its row):
 
     compile  the model for the target (cached, as `tapml run` does)
-    run      greedy tokens of a short prompt on the target here
-    carve    unit tests carved from a real run on llvm (once per model, shared by its rows)
+    run      a causal LM: greedy tokens of a short prompt on the target here; an embedding
+             model: the default scenario's texts embedded there, against the numpy reference
+    carve    unit tests carved on llvm from the task's default scenario (once per model,
+             shared by its rows)
     test     the carved suite replayed on the target
     offload  the kernels moved to the target step by step through a local device agent
     package  a bundle: webgpu for the browser, android for opencl; checked by `verify`
-    bench    prefill and decode tokens/s of short runs
+    bench    a causal LM: prefill and decode tokens/s of short runs; an embedding model: texts
+             and tokens/s of a full batch of its largest bucket
+
+What a stage runs is the compiled plan's task kind ("causal_lm", "embedding").
 
 A target this machine cannot execute gets "compiled, not executed" once it compiles. Each
 stage's result is written to DIR/matrix.json as soon as it is known, so an interrupted
@@ -26,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .errors import TapmlError
 from .fileio import write_atomic
 
@@ -36,6 +43,9 @@ FORMAT, VERSION = "tapml-matrix", 1
 PROMPT = "The capital of France is"
 RUN_TOKENS = 8
 BENCH = {"prompt_tokens": 32, "decode_tokens": 8}  # short: lavapipe takes a second a token
+# |embedding element - numpy reference| allowed: float32 kernels in any summation order against
+# float64, on unit vectors
+EMBED_ATOL = 1e-3
 BUNDLES = {"webgpu": "webgpu", "opencl": "android"}  # target -> the bundle it packages as
 NOT_EXECUTED = "compiled, not executed"
 
@@ -128,29 +138,61 @@ def _executes(target: str) -> tuple[bool, str]:
     return executes_here(get_target(target))
 
 
+def _kind(artifact: Path) -> str:
+    """The compiled plan's task kind, which decides what a stage runs."""
+    from .artifact import Artifact
+
+    return Artifact(artifact).plan().task["kind"]
+
+
 def _compile(m: Matrix, model: str, target: str) -> dict[str, Any]:
     m.artifact(model, target)
     return {"status": "pass"}
 
 
 def _run(m: Matrix, model: str, target: str) -> dict[str, Any]:
-    from .runtime.engine import Engine
-
     executes, why = _executes(target)
     if not executes:
         return {"status": "not executed", "message": why}
-    engine = Engine(m.artifact(model, target))
-    text = "".join(engine.generate(PROMPT, max_tokens=RUN_TOKENS))
+    artifact = m.artifact(model, target)
+    return {"status": "pass", **_RUNS[_kind(artifact)](model, artifact)}
+
+
+def _generate(model: str, artifact: Path) -> dict[str, Any]:
+    from .runtime.engine import Engine
+
+    text = "".join(Engine(artifact).generate(PROMPT, max_tokens=RUN_TOKENS))
     if not text.strip():
         raise TapmlError(f"generated nothing after {PROMPT!r}")
-    return {"status": "pass", "text": text}
+    return {"text": text}
+
+
+def _embed(model: str, artifact: Path) -> dict[str, Any]:
+    """The default scenario's texts embedded on the target, against the numpy forward pass
+    over the model file's own weights."""
+    from .carving.scenarios import default
+    from .compiler import load_model_file
+    from .models import resolve_gguf
+    from .runtime.embedder import Embedder
+
+    embedder, scenario = Embedder(artifact), default("embedding")
+    got = scenario.embed(embedder)
+    rows = [row for request in scenario.ids(embedder) for row in request]
+    source = load_model_file(resolve_gguf(model)[1])
+    want = source.architecture.reference(source.float_weights(), source.config, rows)
+    worst = float(np.abs(got - want).max())
+    if worst > EMBED_ATOL:
+        raise TapmlError(f"the embeddings of {len(rows)} texts differ from the numpy reference "
+                         f"by up to {worst:.2e} (more than {EMBED_ATOL:g})")  # fmt: skip
+    return {"texts": len(rows), "max_abs": worst}
 
 
 def _carve(m: Matrix, model: str, target: str) -> dict[str, Any]:
-    """Once per model: the chat scenario carved on llvm with the KV cache every target holds."""
+    """Once per model: the task's default scenario (a causal LM's chat, an embedding model's
+    search) carved on llvm with the KV cache every target holds."""
     from .api import ensure_compiled
     from .carving.carve import carve
-    from .carving.scenarios import SCENARIOS
+    from .carving.scenarios import default
     from .quantization import DEFAULT, get_quantization
 
     for other in m.results.get(model, {}).values():
@@ -158,7 +200,8 @@ def _carve(m: Matrix, model: str, target: str) -> dict[str, Any]:
             return other["carve"]
     portable = get_quantization(DEFAULT).dtype
     source = ensure_compiled(model, "llvm", kv_cache=portable, progress=m.progress)
-    suite = carve(source, m.suite_dir(model), [SCENARIOS["chat"]], model, progress=m.progress)
+    suite = carve(source, m.suite_dir(model), [default(_kind(source))], model,
+                  progress=m.progress)  # fmt: skip
     return {"status": "pass", "calls": len(suite.calls)}
 
 
@@ -182,7 +225,7 @@ def _test(m: Matrix, model: str, target: str) -> dict[str, Any]:
 
 
 def _offload(m: Matrix, model: str, target: str) -> dict[str, Any] | None:
-    from .carving.scenarios import SCENARIOS
+    from .carving.scenarios import default
     from .carving.workflow import device_for, offload_model
 
     if target == "llvm":
@@ -191,10 +234,13 @@ def _offload(m: Matrix, model: str, target: str) -> dict[str, Any] | None:
     if not executes:
         return {"status": "not executed", "message": why}
     out = m.directory / "offload" / f"{Path(model).name.removesuffix('.gguf')}-{target}"
+    scenario = default(_kind(m.artifact(model, target)))
     with device_for(target, None) as url:
-        report = offload_model(model, target, url, SCENARIOS["chat"], out, progress=m.progress)
+        report = offload_model(model, target, url, scenario, out, progress=m.progress)
+    if report["culprit"] is not None:
+        raise TapmlError(f"kernel {report['culprit']} breaks the results on {target}")
     if not report["migrated"]:
-        raise TapmlError(f"kernel {report['culprit']} breaks the logits on {target}")
+        raise TapmlError(f"the {scenario.name} scenario never runs {', '.join(report['not_run'])}")
     return {"status": "pass", "runs": report["runs"]}
 
 
@@ -213,14 +259,43 @@ def _package(m: Matrix, model: str, target: str) -> dict[str, Any] | None:
 
 
 def _bench(m: Matrix, model: str, target: str) -> dict[str, Any]:
-    from .bench import measure
-
     executes, why = _executes(target)
     if not executes:
         return {"status": "not executed", "message": why}
-    result = measure(m.artifact(model, target), **BENCH)
-    return {"status": "pass", "decode_tok_s": round(result["decode_tok_s"], 1),
+    artifact = m.artifact(model, target)
+    return {"status": "pass", **_BENCHES[_kind(artifact)](artifact)}
+
+
+def _bench_generation(artifact: Path) -> dict[str, Any]:
+    from .bench import measure
+
+    result = measure(artifact, **BENCH)
+    return {"decode_tok_s": round(result["decode_tok_s"], 1),
             "prefill_tok_s": round(result["prefill_tok_s"], 1)}  # fmt: skip
+
+
+def _bench_embedding(artifact: Path) -> dict[str, Any]:
+    """Texts and tokens per second of one full batch of the largest bucket, after a warm-up
+    run (which builds pipelines and touches memory)."""
+    from .bench import prompt_ids
+    from .runtime.embedder import Embedder
+
+    embedder = Embedder(artifact)
+    bucket = max(embedder.task.buckets, key=lambda b: b["batch"] * b["length"])
+    rows = [prompt_ids(embedder.tokenizer, bucket["length"])] * bucket["batch"]
+    call = embedder.task.call(bucket, rows)
+    embedder.executor.run(*call)
+    start = time.perf_counter()
+    embedder.executor.run(*call)
+    seconds = time.perf_counter() - start
+    return {"bucket": f"{bucket['batch']}x{bucket['length']}",
+            "texts_per_s": round(bucket["batch"] / seconds, 1),
+            "tokens_per_s": round(bucket["batch"] * bucket["length"] / seconds, 1)}  # fmt: skip
+
+
+# what the run and bench stages do, by the plan's task kind
+_RUNS = {"causal_lm": _generate, "embedding": _embed}
+_BENCHES = {"causal_lm": _bench_generation, "embedding": _bench_embedding}
 
 
 _STAGES: dict[str, Callable[[Matrix, str, str], dict[str, Any] | None]] = {

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 
 from tapml.carving import carve as carving
 from tapml.carving.replay import compare, matches
+from tapml.carving.runs import schedule
 from tapml.carving.scenarios import Scenario, select
 from tapml.carving.suite import ArrayStore, Suite
 from tapml.cli import main
@@ -49,7 +50,7 @@ def tapml_test(args: list[str]) -> tuple[int, str, dict]:
 def test_choose_covers_first_chunk_padded_chunk_and_late_decode_step(tiny_artifact):
     task = CausalLM(Plan.load(tiny_artifact("q4f32_1") / "plan.json"))
     prompt = list(range(20))  # chunks of 8: 8, 8 and a padded 4
-    plan_runs = carving.schedule(prompt, Scenario("s", "", "", chat=False, decode_steps=6), task)
+    plan_runs = schedule(prompt, Scenario("s", "", "", chat=False, decode_steps=6), task)
     events = [carving.Event(r.step, r.function, 0, "k", tuple(sorted(r.scalars.items())), 0)
               for r in plan_runs if r.function == "prefill"]  # fmt: skip
     chosen = carving.choose(events, 2)
@@ -64,7 +65,7 @@ def test_choose_covers_first_chunk_padded_chunk_and_late_decode_step(tiny_artifa
 
 def test_select_keeps_at_most_the_limit_per_kernel(tiny_artifact):
     plan = Plan.load(tiny_artifact("q4f32_1") / "plan.json")
-    runs = carving.schedule(list(range(13)), Scenario("s", "", "", decode_steps=3), CausalLM(plan))
+    runs = schedule(list(range(13)), Scenario("s", "", "", decode_steps=3), CausalLM(plan))
     keep, counts = carving.select(plan, runs, 2)
     kept: dict[str, int] = {}
     for step, index in keep:

@@ -15,8 +15,8 @@ from broken_kernel import shift_position
 
 from tapml.artifact import Artifact
 from tapml.carving import offload
-from tapml.carving.carve import schedule
 from tapml.carving.offload import Offloader, SplitRun, forward, kernel_order
+from tapml.carving.runs import schedule
 from tapml.carving.scenarios import Scenario
 from tapml.plan import KERNEL_KINDS, CausalLM, Plan
 from tapml.targets import load_executor

@@ -6,9 +6,14 @@ from pathlib import Path
 
 import click
 
-from tapml.carving.scenarios import SCENARIOS
+from tapml.carving.scenarios import BY_TASK, NAMES, TASKS
 
-from .options import quantization_option, refuse_artifact_conflicts, threads_option
+from .options import (
+    buckets_option,
+    quantization_option,
+    refuse_artifact_conflicts,
+    threads_option,
+)
 
 
 @click.command("carve")
@@ -18,12 +23,14 @@ from .options import quantization_option, refuse_artifact_conflicts, threads_opt
     help="The mature platform whose kernel calls become the reference (cuda needs a GPU).",
 )
 @quantization_option
+@buckets_option
 @click.option(
-    "--scenario", "scenarios", multiple=True, type=click.Choice(list(SCENARIOS)),
-    help="A built-in scenario (repeatable) [default: all of them].",
+    "--scenario", "scenarios", multiple=True, type=click.Choice(NAMES),
+    help="A built-in scenario of the model's task (repeatable) [default: all of them]: "
+    + "; ".join(f"{', '.join(s)} for {TASKS[kind]}" for kind, s in BY_TASK.items()) + ".",
 )
 @click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
-              help="Carve a run of this prompt too (repeatable).")
+              help="Carve a run of this prompt (a text to embed) too (repeatable).")
 @click.option("--prompt-file", "prompt_files", multiple=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Carve a run of the prompt in this file (repeatable).")
@@ -37,11 +44,12 @@ from .options import quantization_option, refuse_artifact_conflicts, threads_opt
 )
 @threads_option
 @click.pass_obj
-def command(obj, model, source, quantization, scenarios, prompts, prompt_files,
+def command(obj, model, source, quantization, buckets, scenarios, prompts, prompt_files,
             max_calls_per_kernel, output, threads) -> None:  # fmt: skip
     """Run MODEL on the source platform and record its kernel calls as a test suite.
 
-    Each scenario (a prompt's prefill and 8 greedy decode steps) runs on the source; up to
+    Each scenario runs on the source: a causal LM's prompt is prefilled and 8 greedy tokens
+    decoded; an embedding model embeds texts, batched into its compiled buckets. Up to
     --max-calls-per-kernel calls of every kernel are kept with all their inputs and
     outputs. An interrupted carve resumes where it stopped when run again.
 
@@ -49,10 +57,11 @@ def command(obj, model, source, quantization, scenarios, prompts, prompt_files,
     Examples:
       tapml carve smollm2-135m -o carved/smollm2
       tapml carve smollm2-135m --scenario chat --prompt "Write a limerick." -o carved/mine
+      tapml carve all-minilm-l6-v2 --scenario search -o carved/minilm
       tapml test carved/smollm2 --target webgpu
     """
     from tapml.api import artifact_for
-    from tapml.artifact import describe
+    from tapml.artifact import Artifact, describe
     from tapml.carving.carve import carve
     from tapml.carving.scenarios import select
     from tapml.quantization import DEFAULT, get_quantization
@@ -65,12 +74,11 @@ def command(obj, model, source, quantization, scenarios, prompts, prompt_files,
         raise click.ClickException(f"cannot carve on {source} here: {why}")
     use_threads(threads)
     texts = list(prompts) + [p.read_text() for p in prompt_files]
-    chosen = select(tuple(scenarios), tuple(texts))
-    quantization = quantization or DEFAULT
     # a suite replays on any target: carve the plan with the KV cache every target holds
-    portable = get_quantization(quantization).dtype
+    portable = get_quantization(quantization or DEFAULT).dtype
     artifact = artifact_for(model, source, quantization, progress=obj["progress"],
-                            kv_cache=portable)  # fmt: skip
+                            kv_cache=portable, buckets=buckets)  # fmt: skip
+    chosen = select(scenarios, texts, Artifact(artifact).plan().task["kind"])
     if output is None:
         quantization = describe(artifact)["options"]["quantization"]
         name = Path(model).name.removesuffix(".gguf")

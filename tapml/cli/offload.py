@@ -7,14 +7,14 @@ from pathlib import Path
 
 import click
 
-from tapml.carving.scenarios import SCENARIOS
+from tapml.carving.scenarios import BY_TASK, NAMES, TASKS
 from tapml.targets import TARGETS
 
-from .options import quantization_option
+from .options import buckets_option, quantization_option
 
 
 def migration_options(f):
-    """--target, --device, --quantization, --order, --scenario and --prompt."""
+    """--target, --device, --quantization, --buckets, --order, --scenario and --prompt."""
     for decorator in reversed(
         [
             click.option("--target", type=click.Choice([t for t in TARGETS if t != "llvm"]),
@@ -25,27 +25,39 @@ def migration_options(f):
                 "[default: start an agent on this machine].",
             ),
             quantization_option,
+            buckets_option,
             click.option(
                 "--order", type=click.Choice(["plan", "kind"]), default="plan",
                 show_default=True,
                 help="Offload order: the plan's first-use order, or grouped by kernel kind "
                 "(embedding, norms, rope, KV writes, attention, matmuls).",
             ),
-            click.option("--scenario", type=click.Choice(list(SCENARIOS)), default="chat",
-                         show_default=True,
-                         help="The built-in scenario whose prompt the evaluation runs use."),
+            click.option("--scenario", type=click.Choice(NAMES), default=None,
+                         help="The built-in scenario the evaluation runs use [default: "
+                         + ", ".join(f"{next(iter(s))} for {TASKS[kind]}"
+                                     for kind, s in BY_TASK.items()) + "]."),
             click.option("--prompt", default=None, metavar="TEXT",
-                         help="Evaluate on this prompt instead of the scenario's."),
+                         help="Evaluate on this prompt (a text to embed) instead."),
         ]
     ):  # fmt: skip
         f = decorator(f)
     return f
 
 
-def chosen_scenario(scenario: str, prompt: str | None):
-    from tapml.carving.scenarios import select
+def chosen_scenarios(source_dir: Path, scenario: str | None, prompt: str | None,
+                     every: bool = False) -> list:  # fmt: skip
+    """The evaluation scenario of the compiled model's task kind (`prompt`'s, else
+    `scenario`, else the kind's first built-in one), then with `every` the kind's other
+    built-in ones."""
+    from tapml.artifact import Artifact
+    from tapml.carving.scenarios import builtin, default, select
 
-    return select((), (prompt,))[0] if prompt else select((scenario,))[0]
+    kind = Artifact(source_dir).plan().task["kind"]
+    if prompt:
+        first = select((), (prompt,), kind)[0]
+    else:
+        first = select((scenario,), (), kind)[0] if scenario else default(kind)
+    return [first] + [s for s in builtin(kind).values() if s.name != first.name] * every
 
 
 @click.command("offload")
@@ -60,12 +72,13 @@ def chosen_scenario(scenario: str, prompt: str | None):
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where state and reports go [default: offload/MODEL-TARGET].")
 @click.pass_obj
-def command(obj, model, target, device_url, quantization, order, scenario, prompt, bundle,
-            suite_dir, output) -> None:  # fmt: skip
+def command(obj, model, target, device_url, quantization, buckets, order, scenario, prompt,
+            bundle, suite_dir, output) -> None:  # fmt: skip
     """Run MODEL with more and more of its kernels on the target device.
 
-    An evaluation run is the scenario's prefill and 8 decode steps, fed the source's tokens;
-    its logits must stay within a tolerance (float32: 2e-3 of the largest logit) of the run
+    An evaluation run is the scenario's runs: a causal LM's prefill and 8 decode steps, fed
+    the source's tokens, or an embedding model's batches of texts. Its results (logits,
+    embeddings) must stay within a tolerance (float32: 2e-3 of the largest value) of the run
     with every kernel on the source (llvm). All kernels are offloaded first; if that diverges,
     bisection over the order finds the first kernel that breaks the run (at most
     ceil(log2 N) + 2 runs), and that kernel's carved calls are replayed on the target. A
@@ -75,18 +88,22 @@ def command(obj, model, target, device_url, quantization, order, scenario, promp
     Examples:
       tapml offload smollm2-135m --target webgpu
       tapml offload smollm2-135m --target opencl --device tapml://phone.local:9091
+      tapml offload all-minilm-l6-v2 --target webgpu
     """
     from tapml.carving import report as reports
-    from tapml.carving.workflow import device_for, offload_model
+    from tapml.carving.workflow import artifacts, device_for, offload_model
 
     output = output or Path("offload") / f"{Path(model).name.removesuffix('.gguf')}-{target}"
-    chosen = chosen_scenario(scenario, prompt)
+    dirs = artifacts(model, target, quantization, bundle=bundle, progress=obj["progress"],
+                     buckets=buckets)  # fmt: skip
+    chosen = chosen_scenarios(dirs[0], scenario, prompt)[0]
     with device_for(target, device_url) as url:
         report = offload_model(model, target, url, chosen, output, quantization, order, bundle,
-                               suite_dir, obj["progress"])  # fmt: skip
+                               suite_dir, obj["progress"], artifact_dirs=dirs)  # fmt: skip
     click.echo(reports.offload_summary(report))
-    if report.get("completion") is not None:
-        click.echo(f"{target} alone: {report['completion']!r}")
+    alone = reports.alone_summary(report)
+    if alone is not None:
+        click.echo(alone)
     click.echo(f"report: {output / 'report.html'}", err=True)
     if not report["migrated"]:
         sys.exit(1)
