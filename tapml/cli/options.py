@@ -33,7 +33,8 @@ def _parse_target_options(ctx, param, values: tuple[str, ...]) -> dict[str, str 
 
 quantization_option = click.option(
     "--quantization", type=click.Choice(list(QUANTIZATION)), default=None,
-    help="How weights are kept [default: gguf]. gguf: each matrix in the blocks its GGUF "
+    help="How weights are kept [default: gguf for a GGUF, q0f32 for a float checkpoint]. "
+    "gguf: each matrix in the blocks its GGUF "
     "stores (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K; F16), read losslessly; q4f32_1, "
     "q4f16_1: re-quantized to tapml's 4-bit groups; q0f32, q0f16: floats. The artifact's "
     "tapml-config.json lists each matrix's format.",
