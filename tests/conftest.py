@@ -168,3 +168,15 @@ def minilm_artifact():
         return ensure_compiled("all-minilm-l6-v2", target, progress=False)
 
     return get
+
+
+def open_page(browser, page: str, ready: str) -> None:
+    """Open `page` of the browser's site and await `ready` (a JavaScript expression whose
+    value settles once the bundle has loaded); a bundle that does not load fails the test
+    with the page's console."""
+    browser.open(page)
+    try:
+        browser.evaluate(f"(async () => {ready})()")
+    except Exception as e:
+        console = "\n".join(browser.console())
+        raise AssertionError(f"the bundle did not load: {e}\n{console}") from e

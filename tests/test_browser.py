@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PROMPT, PROMPT_IDS, greedy_trace
+from conftest import PROMPT, PROMPT_IDS, greedy_trace, open_page
 
 from tapml.browser import Browser, find_chromium
 
@@ -59,12 +59,7 @@ def site(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def page(site):
     with Browser(site, timeout=600) as browser:
-        browser.open("good/index.html")
-        try:
-            browser.evaluate(f"(async () => {ENGINE}.stats)()")
-        except Exception as e:
-            console = "\n".join(browser.console())
-            raise AssertionError(f"the bundle did not load: {e}\n{console}") from e
+        open_page(browser, "good/index.html", f"{ENGINE}.stats")
         yield browser
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import open_page
 
 from tapml.browser import Browser, find_chromium
 from tapml.cli import main
@@ -67,12 +68,7 @@ def page(bundles):
     if find_chromium() is None:
         pytest.skip("no Chromium (bash scripts/setup.sh)")
     with Browser(bundles["webgpu"], timeout=300) as browser:
-        browser.open("index.html")
-        try:
-            browser.evaluate(f"(async () => {EMBEDDER}.stats)()")
-        except Exception as e:
-            console = "\n".join(browser.console())
-            raise AssertionError(f"the bundle did not load: {e}\n{console}") from e
+        open_page(browser, "index.html", f"{EMBEDDER}.stats")
         yield browser
 
 
