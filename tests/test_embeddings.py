@@ -1,7 +1,8 @@
 """Sentence embeddings with all-MiniLM-L6-v2 (BERT from its safetensors checkpoint): the
-compiled model against the numpy forward pass on llvm (float32: 1e-4) and on WebGPU and OpenCL
-(1e-3), padding to a bucket changing nothing (1e-6), similarity ranking paraphrases first,
-`tapml embed` and `tapml.load(...).embed`, and clear errors for what cannot be embedded."""
+compiled model against the numpy forward pass on llvm (float32: 1e-4; float16 on request:
+2e-3) and on WebGPU and OpenCL (1e-3), padding to a bucket changing nothing (1e-6),
+similarity ranking paraphrases first, `tapml embed` and `tapml.load(...).embed`, and clear
+errors for what cannot be embedded."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from tapml.targets import TARGETS, executes_here
 MODEL = "all-minilm-l6-v2"
 LLVM_ATOL = 1e-4  # float32 kernels against float64 numpy, per vector element (unit vectors)
 GPU_ATOL = 1e-3
+FLOAT16_ATOL = 2e-3  # float16 weights and activations (kernels accumulate in float32)
 PADDING_ATOL = 1e-6
 LONG = " ".join(["Rivers carry water from the hills to the sea, shaping valleys on the way."] * 14)
 TEXTS = [
@@ -78,6 +80,16 @@ def test_embeddings_on_gpu_targets_equal_the_numpy_forward_pass(target, minilm_a
     embedder = on(target, minilm_artifact)
     rows = embedder.tokenize(TEXTS)
     np.testing.assert_allclose(embedder.embed(TEXTS), numpy_reference(rows), atol=GPU_ATOL)
+
+
+@pytest.mark.real_model
+def test_float16_on_request_stays_close_to_the_float32_reference(numpy_reference):
+    from tapml.api import ensure_compiled
+
+    embedder = Embedder(ensure_compiled(MODEL, "llvm", "q0f16", progress=False))
+    assert embedder.config["options"]["quantization"] == "q0f16"
+    rows = embedder.tokenize(TEXTS)
+    np.testing.assert_allclose(embedder.embed(TEXTS), numpy_reference(rows), atol=FLOAT16_ATOL)
 
 
 @pytest.mark.real_model
