@@ -53,6 +53,21 @@ def hf_architecture(model_type: str, where: str = "this checkpoint") -> Architec
                         f"not read from safetensors (it reads {known})")  # fmt: skip
 
 
+def model_task(path: Path) -> str:
+    """The task ("causal_lm", "embedding") of the model in a model file, from its metadata; a
+    GGUF is not opened while every architecture that reads GGUFs has the same task."""
+    from tapml.safetensors_file import SafetensorsFile, is_checkpoint
+
+    if is_checkpoint(path):
+        return hf_architecture(SafetensorsFile(path).architecture, str(path)).task
+    tasks = {a.task for a in ARCHITECTURES.values() if a.gguf_names}
+    if len(tasks) == 1:
+        return tasks.pop()
+    from tapml.gguf import GGUFFile
+
+    return gguf_architecture(GGUFFile(path).architecture, str(path)).task
+
+
 @dataclass(frozen=True)
 class Part:
     """A file of a model's GGUF (the whole file, or one part of it) inside a PyPI package."""

@@ -9,7 +9,6 @@ import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 
 from . import __version__
@@ -46,12 +45,16 @@ def _source_digest() -> str:
 
 
 def cache_key(gguf_path: Path, options: CompileOptions) -> str:
+    """A hash of the model file, the options that shape its artifact and tapml's code: an
+    embedding model asked for with another KV cache dtype finds the same artifact."""
     import tvm
+
+    from .models import model_task
 
     inputs = {
         "weights": remembered_sha256(gguf_path),
         **_companions(gguf_path),
-        "options": asdict(options),
+        "options": options.shaping(model_task(gguf_path)),
         "tapml": __version__,
         "tapml_source": _source_digest(),
         "tvm": tvm.__version__,

@@ -114,6 +114,12 @@ class CompileOptions:
                    spec.resolved_options(dict(target_options or {})), kv_cache,
                    max_binding, buckets)  # fmt: skip
 
+    def shaping(self, task: str) -> dict[str, Any]:
+        """The options that shape an artifact of `task` (what a cache key hashes): a sentence
+        encoder has no KV cache, context or prefill chunk; a causal LM no buckets."""
+        unused = {"embedding": ("kv_cache", "max_context", "chunk"), "causal_lm": ("buckets",)}
+        return {k: v for k, v in asdict(self).items() if k not in unused[task]}
+
     def replace(self, **changes: Any) -> CompileOptions:
         """These options with some changed, resolved again (e.g. another target)."""
         return CompileOptions.resolve(**{**asdict(self), **changes})

@@ -185,3 +185,19 @@ def test_a_checkpoint_missing_its_config_or_of_another_architecture_is_named(tmp
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(TapmlError, match="is not a readable checkpoint"):
         load_model_file(tmp_path)
+
+
+def test_options_that_do_not_shape_an_artifact_leave_its_cache_key(tiny_gguf):
+    from tapml.cache import cache_key
+    from tapml.compiler import CompileOptions
+
+    checkpoint = MODELS[MODEL].gguf_path()
+    options = CompileOptions.resolve("llvm", kv_cache="float16", source=checkpoint)
+    assert options.quantization == "q0f32"
+    other_kv = options.replace(kv_cache="float32", max_context=512, chunk=16)
+    assert cache_key(checkpoint, other_kv) == cache_key(checkpoint, options)
+    assert cache_key(checkpoint, options.replace(buckets=[(1, 64)])) != cache_key(checkpoint,
+                                                                                  options)
+    llm = CompileOptions.resolve("llvm")
+    assert cache_key(tiny_gguf, llm.replace(buckets=[(1, 64)])) == cache_key(tiny_gguf, llm)
+    assert cache_key(tiny_gguf, llm.replace(kv_cache="float32")) != cache_key(tiny_gguf, llm)
