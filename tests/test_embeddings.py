@@ -155,6 +155,12 @@ def test_load_gives_an_embedder_and_run_refuses_an_embedding_model(minilm_artifa
     assert "not a causal LM (embed texts with `tapml embed`)" in result.output
 
 
+def test_bench_points_an_embedding_model_to_its_benchmark(minilm_artifact):
+    for model in (MODEL, str(minilm_artifact("llvm"))):
+        result = CliRunner().invoke(main, ["bench", model])
+        assert result.exit_code == 2 and "bench/embeddings.py" in result.output, result.output
+
+
 def test_embed_without_texts_or_with_bad_buckets_is_a_usage_error():
     result = CliRunner().invoke(main, ["embed", MODEL])
     assert result.exit_code == 2 and "give at least one TEXT" in result.output

@@ -41,6 +41,11 @@ def command(
     use_threads(threads)
     from tapml.api import artifact_for
 
+    if _task(model) == "embedding":
+        raise click.UsageError(
+            f"{model} is a sentence embedding model and tapml bench measures generation: "
+            f"measure it with bench/embeddings.py or `tapml matrix --model {model} --stage bench`"
+        )
     if compare:
         bench.import_llama_cpp()  # fail before compiling, not after
     gguf = bench.source_gguf(model) if compare else None
@@ -76,3 +81,13 @@ def command(
         f"{result['bandwidth_gb_s'] / machine:.0%} of the memory bandwidth for the weights, "
         f"{result['bandwidth_with_kv_gb_s'] / machine:.0%} with the KV cache"
     )
+
+
+def _task(model: str) -> str:
+    """The task of MODEL (a compiled directory, a name or a model file), compiling nothing."""
+    from tapml.artifact import Artifact
+    from tapml.models import get_architecture, model_task, resolve_gguf
+
+    if Artifact.is_artifact(model):
+        return get_architecture(Artifact(model).config["model"]["architecture"]).task
+    return model_task(resolve_gguf(model)[1])
