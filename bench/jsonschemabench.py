@@ -179,7 +179,8 @@ def generate(files: list[tuple[str, dict[str, Any]]], n: int, seed: int,
         outcomes[outcome] += 1
         rows.append({"file": name, "outcome": outcome, "why": why, "tokens": len(
             engine.tokenizer.encode(text)), "seconds": time.perf_counter() - start,
-            "backend": constraint.backend, "post_checked": constraint.post_checked})  # fmt: skip
+            "backend": constraint.backend, "post_checked": constraint.post_checked,
+            "text": text})  # fmt: skip
         print(f"{name}: {outcome} {why}", flush=True)
     return {"n": sum(outcomes.values()), "seed": seed, "outcomes": dict(outcomes), "files": rows}
 

@@ -172,7 +172,87 @@ def for_grammar(schema: Any, backend: str, defaults: Defaults) -> Any:
                                      s.get("minProperties", 0))  # fmt: skip
         return s
 
-    return transform(copy.deepcopy(schema), rewrite)
+    return transform(transform(copy.deepcopy(schema), _one_of_types(schema)), rewrite)
+
+
+# -- oneOf: the types two branches both accept whole, which no valid value can have ---------
+_TYPES = ("null", "boolean", "object", "array", "string", "number")
+_APPLIES_TO = {
+    "object": {"properties", "required", "additionalProperties", "patternProperties",
+               "minProperties", "maxProperties", "propertyNames", "dependencies",
+               "dependentRequired", "dependentSchemas", "unevaluatedProperties"},
+    "array": {"items", "prefixItems", "additionalItems", "minItems", "maxItems", "uniqueItems",
+              "contains", "minContains", "maxContains", "unevaluatedItems"},
+    "string": {"minLength", "maxLength", "pattern", "format"},
+    "number": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"},
+}  # fmt: skip
+_TYPED = set().union(*_APPLIES_TO.values())
+
+
+def _one_of_types(root: Any) -> Callable[[dict[str, Any], str], dict[str, Any]]:
+    """A `transform` step giving each schema with a oneOf the types its values can have,
+    where branches of the schema as written (before any keyword is dropped) rule some out."""
+
+    def step(s: dict[str, Any], _: str) -> dict[str, Any]:
+        excluded = _types_one_of_excludes(s, root)
+        if not excluded:
+            return s
+        given = s.get("type") if isinstance(s.get("type"), list) else [s.get("type")]
+        allowed = [t for t in given if t] or list(_TYPES)
+        kept = [t for t in allowed if t not in excluded]
+        return {**s, "type": kept} if kept else s  # no type left: the schema admits nothing
+
+    return step
+
+
+def _types_one_of_excludes(s: dict[str, Any], root: Any) -> set[str]:
+    """The types no value valid under `s`'s oneOf can have: those that two or more branches
+    accept whole (a string under two object schemas without a `type` is valid under both, so
+    it fails the oneOf). Read as anyOf, the grammar would let such values through."""
+    branches = s.get("oneOf")
+    if not isinstance(branches, list):
+        return set()
+    counts: dict[str, int] = {}
+    for branch in branches:
+        for t in _accepted_whole(branch, root, depth=8):
+            counts[t] = counts.get(t, 0) + 1
+    excluded = {t for t, n in counts.items() if n >= 2}
+    return excluded | {"integer"} if "number" in excluded else excluded
+
+
+def _accepted_whole(s: Any, root: Any, depth: int) -> set[str]:
+    """Types every value of which `s` accepts (a subset where unsure): those none of its
+    keywords constrains; for a $ref, its target's; for an allOf, its parts' in common; for an
+    anyOf, any part's."""
+    if s is True or s == {}:
+        return set(_TYPES)
+    if not isinstance(s, dict) or depth == 0:
+        return set()
+    keys = s.keys() & VALIDATION
+    if keys & {"type", "enum", "const", "not", "if", "oneOf", "$dynamicRef", "$recursiveRef"} \
+            or keys - _TYPED - {"$ref", "allOf", "anyOf"}:  # fmt: skip
+        return set()
+    whole = {t for t in _TYPES if not keys & _APPLIES_TO.get(t, set())}
+    if "$ref" in s:
+        whole &= _accepted_whole(_resolve(s["$ref"], root), root, depth - 1)
+    if "allOf" in s:
+        for part in s["allOf"] if isinstance(s["allOf"], list) else [False]:
+            whole &= _accepted_whole(part, root, depth - 1)
+    if "anyOf" in s:
+        parts = s["anyOf"] if isinstance(s["anyOf"], list) else []
+        whole &= set().union(*(_accepted_whole(p, root, depth - 1) for p in parts))
+    return whole
+
+
+def _resolve(ref: Any, root: Any) -> Any:
+    """The subschema a local $ref ("#/definitions/x") points at; None where it cannot tell."""
+    if not isinstance(ref, str) or not ref.startswith("#"):
+        return None
+    node = root
+    for part in filter(None, ref[1:].split("/")):
+        part = part.replace("~1", "/").replace("~0", "~")
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def _longer_string(s: dict[str, Any], cap: int) -> bool:

@@ -180,6 +180,26 @@ def test_objects_an_allof_joins_stay_open_to_each_others_properties(tokenizer):
     assert allows(constraint, tokenizer, '{"a": 1, "b": 2}')
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_oneof_grammar_refuses_types_that_two_branches_accept_whole(tokenizer, backend):
+    """A string under two object schemas without a `type` is valid under both: it fails the
+    oneOf, which the grammar reads as anyOf (JSONSchemaBench's bundleconfig, o58627)."""
+    base = {"properties": {"x": {"type": "string"}}}
+    document = {"definitions": {"base": base}, "type": "array", "items": {"oneOf": [
+        {"allOf": [{"$ref": "#/definitions/base"}], "required": ["x"]},
+        {"properties": {"y": {"type": "integer"}}, "additionalProperties": False}]}}
+    out = schema.for_grammar(document, backend, schema.SPEC)
+    assert out["items"]["type"] == ["object"]
+    constraint = make_constraint("json_schema", json.dumps(document), tokenizer, backend)
+    assert not allows(constraint, tokenizer, '["data"]')
+    constraint = make_constraint("json_schema", json.dumps(document), tokenizer, backend)
+    assert allows(constraint, tokenizer, '[{"x": "a"}]')
+    # a branch with a type, an enum or a keyword for every type accepts no type whole
+    for other in ({"type": "string"}, {"enum": [1, "a"]}, {"not": {"type": "null"}}):
+        narrow = {"oneOf": [base, other]}
+        assert "type" not in schema.for_grammar(narrow, backend, schema.SPEC), other
+
+
 def test_required_properties_matched_by_a_pattern_are_listed_with_its_schema():
     document = {"type": "object", "required": ["name:en", "id"], "additionalProperties": False,
                 "patternProperties": {"^name:(en|nl)$": {"type": "string"}}}  # fmt: skip
