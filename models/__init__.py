@@ -53,11 +53,15 @@ def hf_architecture(model_type: str, where: str = "this checkpoint") -> Architec
                         f"not read from safetensors (it reads {known})")  # fmt: skip
 
 
-def model_task(path: Path) -> str:
-    """The task ("causal_lm", "embedding") of the model in a model file, from its metadata; a
-    GGUF is not opened while every architecture that reads GGUFs has the same task."""
+def model_task(path: str | Path) -> str:
+    """The task ("causal_lm", "embedding") of the model in a compiled directory or a model file,
+    from its config or metadata alone; a GGUF is not opened while every architecture that
+    reads GGUFs has the same task."""
+    from tapml.artifact import Artifact
     from tapml.safetensors_file import SafetensorsFile, is_checkpoint
 
+    if Artifact.is_artifact(path):
+        return get_architecture(Artifact(path).config["model"]["architecture"]).task
     if is_checkpoint(path):
         return hf_architecture(SafetensorsFile(path).architecture, str(path)).task
     tasks = {a.task for a in ARCHITECTURES.values() if a.gguf_names}

@@ -71,13 +71,11 @@ def open_artifact(artifact: Path, task: type, verify_weights: bool = True,
 
 def load_runtime(artifact: Path, **kwargs: Any) -> Any:
     """An Engine for a causal LM's artifact, an Embedder for an embedding model's."""
-    from tapml.models import get_architecture
+    from tapml.models import model_task
 
     from .embedder import Embedder
 
-    architecture = Artifact(artifact).config["model"]["architecture"]
-    embeds = get_architecture(architecture).task == "embedding"
-    return (Embedder if embeds else Engine)(artifact, **kwargs)
+    return (Embedder if model_task(artifact) == "embedding" else Engine)(artifact, **kwargs)
 
 
 class Engine:

@@ -35,6 +35,7 @@ import numpy as np
 
 from .errors import TapmlError
 from .fileio import write_atomic
+from .models import model_task
 
 log = logging.getLogger("tapml")
 
@@ -138,13 +139,6 @@ def _executes(target: str) -> tuple[bool, str]:
     return executes_here(get_target(target))
 
 
-def _kind(artifact: Path) -> str:
-    """The compiled plan's task kind, which decides what a stage runs."""
-    from .artifact import Artifact
-
-    return Artifact(artifact).plan().task["kind"]
-
-
 def _compile(m: Matrix, model: str, target: str) -> dict[str, Any]:
     m.artifact(model, target)
     return {"status": "pass"}
@@ -155,7 +149,7 @@ def _run(m: Matrix, model: str, target: str) -> dict[str, Any]:
     if not executes:
         return {"status": "not executed", "message": why}
     artifact = m.artifact(model, target)
-    return {"status": "pass", **_RUNS[_kind(artifact)](model, artifact)}
+    return {"status": "pass", **_RUNS[model_task(artifact)](model, artifact)}
 
 
 def _generate(model: str, artifact: Path) -> dict[str, Any]:
@@ -200,7 +194,7 @@ def _carve(m: Matrix, model: str, target: str) -> dict[str, Any]:
             return other["carve"]
     portable = get_quantization(DEFAULT).dtype
     source = ensure_compiled(model, "llvm", kv_cache=portable, progress=m.progress)
-    suite = carve(source, m.suite_dir(model), [default(_kind(source))], model,
+    suite = carve(source, m.suite_dir(model), [default(model_task(source))], model,
                   progress=m.progress)  # fmt: skip
     return {"status": "pass", "calls": len(suite.calls)}
 
@@ -234,7 +228,7 @@ def _offload(m: Matrix, model: str, target: str) -> dict[str, Any] | None:
     if not executes:
         return {"status": "not executed", "message": why}
     out = m.directory / "offload" / f"{Path(model).name.removesuffix('.gguf')}-{target}"
-    scenario = default(_kind(m.artifact(model, target)))
+    scenario = default(model_task(m.artifact(model, target)))
     with device_for(target, None) as url:
         report = offload_model(model, target, url, scenario, out, progress=m.progress)
     if report["culprit"] is not None:
@@ -263,7 +257,7 @@ def _bench(m: Matrix, model: str, target: str) -> dict[str, Any]:
     if not executes:
         return {"status": "not executed", "message": why}
     artifact = m.artifact(model, target)
-    return {"status": "pass", **_BENCHES[_kind(artifact)](artifact)}
+    return {"status": "pass", **_BENCHES[model_task(artifact)](artifact)}
 
 
 def _bench_generation(artifact: Path) -> dict[str, Any]:

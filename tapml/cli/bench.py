@@ -35,13 +35,15 @@ def command(
       tapml bench smollm2-135m --compare llama.cpp
     """
     from tapml import bench
+    from tapml.artifact import Artifact
+    from tapml.models import model_task, resolve_gguf
     from tapml.targets.llvm import use_threads
 
     refuse_artifact_conflicts(model)
     use_threads(threads)
     from tapml.api import artifact_for
 
-    if _task(model) == "embedding":
+    if model_task(model if Artifact.is_artifact(model) else resolve_gguf(model)[1]) == "embedding":
         raise click.UsageError(
             f"{model} is a sentence embedding model and tapml bench measures generation: "
             f"measure it with bench/embeddings.py or `tapml matrix --model {model} --stage bench`"
@@ -82,12 +84,3 @@ def command(
         f"{result['bandwidth_with_kv_gb_s'] / machine:.0%} with the KV cache"
     )
 
-
-def _task(model: str) -> str:
-    """The task of MODEL (a compiled directory, a name or a model file), compiling nothing."""
-    from tapml.artifact import Artifact
-    from tapml.models import get_architecture, model_task, resolve_gguf
-
-    if Artifact.is_artifact(model):
-        return get_architecture(Artifact(model).config["model"]["architecture"]).task
-    return model_task(resolve_gguf(model)[1])

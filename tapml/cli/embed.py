@@ -7,10 +7,9 @@ from pathlib import Path
 
 import click
 
-from tapml.quantization import QUANTIZATION
 from tapml.targets import TARGETS
 
-from .options import buckets_option, refuse_artifact_conflicts, threads_option
+from .options import buckets_option, quantization_option, refuse_artifact_conflicts, threads_option
 
 
 @click.command("embed")
@@ -24,10 +23,7 @@ from .options import buckets_option, refuse_artifact_conflicts, threads_option
     "--target", type=click.Choice(list(TARGETS)), default="llvm", show_default=True,
     help="Where the kernels run.",
 )
-@click.option(
-    "--quantization", type=click.Choice(list(QUANTIZATION)), default=None,
-    help="How weights are kept [default: q0f32 for a float checkpoint, as stored for a GGUF].",
-)
+@quantization_option
 @buckets_option
 @threads_option
 @click.option("--json", "as_json", is_flag=True,
