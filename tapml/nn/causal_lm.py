@@ -42,8 +42,8 @@ class CausalLM(nn.Module):
         # The exporter names each function argument after the method's parameters, and
         # the number of caches depends on the config: give the entry points real names.
         caches = self.state_names()
-        self.decode = _named_args(self._decode, ["token", "pos", *caches])
-        self.prefill = _named_args(self._prefill, ["tokens", "pos", "n_valid", *caches])
+        self.decode = named_args(self._decode, ["token", "pos", *caches])
+        self.prefill = named_args(self._prefill, ["tokens", "pos", "n_valid", *caches])
 
     def forward_tokens(self, ids: nn.Tensor, pos: Any, n_valid: Any, caches: Sequence[Any]):
         raise NotImplementedError(f"{type(self).__name__} must implement forward_tokens")
@@ -92,7 +92,10 @@ class CausalLM(nn.Module):
         }  # fmt: skip
 
 
-def _named_args(fn: Callable, names: list[str]) -> Callable:
+def named_args(fn: Callable, names: list[str]) -> Callable:
+    """`fn` as a method whose positional parameters are `names`: the exporter names an entry
+    point's arguments after them (encoders share it)."""
+
     def method(*args):
         return fn(*args)
 

@@ -20,7 +20,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
 from .base import ACC
-from .causal_lm import MODE, _named_args
+from .causal_lm import MODE, named_args
 
 # what a masked attention score becomes: its exp underflows to exactly 0, so a padded
 # position changes no real position's output
@@ -39,7 +39,7 @@ class SentenceEncoder(nn.Module):
                       ) -> None:  # fmt: skip
         self.buckets, self.vocab_size, self.dim = [tuple(b) for b in buckets], vocab_size, dim
         for batch, length in self.buckets:
-            setattr(self, bucket_function(batch, length), _named_args(self._embed, ["ids", "mask"]))
+            setattr(self, bucket_function(batch, length), named_args(self._embed, ["ids", "mask"]))
 
     def encode(self, ids: nn.Tensor, mask: nn.Tensor) -> nn.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement encode")
