@@ -54,14 +54,18 @@ def hf_architecture(model_type: str, where: str = "this checkpoint") -> Architec
 
 
 def model_task(path: str | Path) -> str:
-    """The task ("causal_lm", "embedding") of the model in a compiled directory or a model file,
-    from its config or metadata alone; a GGUF is not opened while every architecture that
-    reads GGUFs has the same task."""
+    """The task ("causal_lm", "embedding", "graph") of the model in a compiled directory or a
+    model file, from its config or metadata alone; a GGUF is not opened while every
+    architecture that reads GGUFs has the same task."""
     from tapml.artifact import Artifact
+    from tapml.graph import GRAPH_ARCHITECTURE, is_onnx
     from tapml.safetensors_file import SafetensorsFile, is_checkpoint
 
     if Artifact.is_artifact(path):
-        return get_architecture(Artifact(path).config["model"]["architecture"]).task
+        name = Artifact(path).config["model"]["architecture"]
+        return "graph" if name == GRAPH_ARCHITECTURE else get_architecture(name).task
+    if is_onnx(path):
+        return "graph"
     if is_checkpoint(path):
         return hf_architecture(SafetensorsFile(path).architecture, str(path)).task
     tasks = {a.task for a in ARCHITECTURES.values() if a.gguf_names}
@@ -103,6 +107,7 @@ class ModelCard:
     parts: tuple[Part, ...]
     size: int | None = None
     sha256: str | None = None
+    input_shapes: tuple[str, ...] = ()  # an ONNX graph's compiled shapes (`--input-shape`)
 
     def __post_init__(self) -> None:
         if len(self.parts) > 1 and (self.size is None or self.sha256 is None):
@@ -236,6 +241,27 @@ MODELS: dict[str, ModelCard] = {
         size=90_868_376,
         sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
     ),
+    **{
+        name: ModelCard(
+            name=name, architecture="onnx", description=description,
+            parts=(Part("rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime", f"models/{file}"),),
+            size=size, sha256=sha256, input_shapes=shapes,
+        )
+        for name, description, file, size, sha256, shapes in (
+            ("pp-ocrv4-det", "PP-OCRv4 text detector (PaddleOCR, DB on a CNN), ONNX",
+             "ch_PP-OCRv4_det_infer.onnx", 4_745_517,
+             "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9",
+             ("x=1,3,640,640",)),
+            ("pp-ocr-cls", "PP-OCR mobile v2.0 text orientation classifier (0 or 180 degrees), "
+             "ONNX", "ch_ppocr_mobile_v2.0_cls_infer.onnx", 585_532,
+             "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c",
+             ("x=1,3,48,192",)),
+            ("pp-ocrv4-rec", "PP-OCRv4 text recognizer (PaddleOCR, SVTR, CTC over 6,625 "
+             "characters), ONNX", "ch_PP-OCRv4_rec_infer.onnx", 10_857_958,
+             "48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b",
+             ("x=1,3,48,320", "x=1,3,48,640")),
+        )
+    },  # fmt: skip
     "gemma3-270m": ModelCard(
         name="gemma3-270m",
         architecture="gemma3",
@@ -252,6 +278,13 @@ MODELS: dict[str, ModelCard] = {
 DEFAULT_MODEL = "smollm2-135m"
 
 
+def default_input_shapes(model: str) -> tuple[str, ...]:
+    """The input shapes a named ONNX graph compiles at unless told (its card's); none for
+    other models."""
+    card = MODELS.get(model)
+    return card.input_shapes if card else ()
+
+
 def resolve_gguf(model: str) -> tuple[str, Path]:
     """A model name, a path to a GGUF file or to a Hugging Face checkpoint (model.safetensors or
     its directory) -> (display name, model file)."""
@@ -262,14 +295,15 @@ def resolve_gguf(model: str) -> tuple[str, Path]:
     path = Path(model)
     if path.is_dir() and (path / WEIGHTS_FILE).is_file():
         return path.resolve().name, path / WEIGHTS_FILE
-    if path.suffix in (".gguf", ".safetensors") or path.exists():
+    if path.suffix in (".gguf", ".safetensors", ".onnx") or path.exists():
         if not path.is_file():
             raise ModelNotFound(f"model file not found: {path}")
-        return path.stem if path.suffix == ".gguf" else path.resolve().parent.name, path
+        named = path.suffix in (".gguf", ".onnx")
+        return path.stem if named else path.resolve().parent.name, path
     if "/" in model or os.sep in model or model.startswith((".", "~")):
         raise ModelNotFound(f"{model} does not exist (no such file or directory)")
     raise ModelNotFound(
         f"unknown model {model!r}; known models: {', '.join(sorted(MODELS))} "
         f"(or pass the path of a .gguf file or of a Hugging Face checkpoint's directory, of one "
-        f"of the architectures {', '.join(ARCHITECTURES)})"
+        f"of the architectures {', '.join(ARCHITECTURES)}, or of an .onnx graph)"
     )

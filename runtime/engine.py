@@ -45,8 +45,8 @@ class Opened:
     config: dict[str, Any]
     target: str
     plan: Plan
-    task: Any  # how to drive the plan (CausalLM, SentenceEmbedding)
-    tokenizer: Tokenizer
+    task: Any  # how to drive the plan (CausalLM, SentenceEmbedding, TensorGraph)
+    tokenizer: Tokenizer | None  # None for a graph
     executor: Any
 
 
@@ -65,17 +65,21 @@ def open_artifact(artifact: Path, task: type, verify_weights: bool = True,
     if executor is None:
         executor = load_executor(artifact.target, plan, artifact.path)
         executor.load_params(artifact.weights(verify=verify_weights))
-    return Opened(artifact.path, artifact.config, artifact.target, plan, driver,
-                  artifact.tokenizer(), executor)  # fmt: skip
+    tokenizer = artifact.tokenizer() if artifact.tokenizer_dir.is_dir() else None
+    return Opened(artifact.path, artifact.config, artifact.target, plan, driver, tokenizer,
+                  executor)  # fmt: skip
 
 
 def load_runtime(artifact: Path, **kwargs: Any) -> Any:
-    """An Engine for a causal LM's artifact, an Embedder for an embedding model's."""
+    """An Engine for a causal LM's artifact, an Embedder for an embedding model's, a
+    GraphRunner for an ONNX graph's."""
     from tapml.models import model_task
 
     from .embedder import Embedder
+    from .graph import GraphRunner
 
-    return (Embedder if model_task(artifact) == "embedding" else Engine)(artifact, **kwargs)
+    runtimes = {"causal_lm": Engine, "embedding": Embedder, "graph": GraphRunner}
+    return runtimes[model_task(artifact)](artifact, **kwargs)
 
 
 class Engine:

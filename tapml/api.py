@@ -43,13 +43,14 @@ def artifact_for(
     progress: bool = True,
     kv_cache: str | None = None,
     buckets: tuple[tuple[int, int], ...] | None = None,
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = (),
 ) -> Path:
     """`model` itself if it is a compiled artifact directory, else its cached build."""
     if Artifact.is_artifact(model):
         return Path(model)
     return ensure_compiled(
         model, target, quantization, max_context, chunk, target_options, progress, kv_cache,
-        buckets,
+        buckets, input_shapes,
     )
 
 
@@ -63,13 +64,17 @@ def ensure_compiled(
     progress: bool = True,
     kv_cache: str | None = None,
     buckets: tuple[tuple[int, int], ...] | None = None,
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = (),
 ) -> Path:
-    """The cached artifact for these settings, compiling it first if the cache lacks it."""
-    from tapml.models import resolve_gguf
+    """The cached artifact for these settings, compiling it first if the cache lacks it (an
+    ONNX graph at `input_shapes`, by default its model card's)."""
+    from tapml.models import default_input_shapes, resolve_gguf
 
     name, gguf_path = resolve_gguf(model)
     options = CompileOptions.resolve(target, quantization, max_context, chunk, target_options,
-                                     kv_cache, buckets=buckets, source=gguf_path)  # fmt: skip
+                                     kv_cache, buckets=buckets, source=gguf_path,
+                                     input_shapes=input_shapes or default_input_shapes(model)
+                                     )  # fmt: skip
     return compiled(name, gguf_path, options, progress)
 
 

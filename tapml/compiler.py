@@ -25,6 +25,7 @@ from .errors import CompileError, TapmlError
 from .fileio import write_atomic
 from .formats import WeightFormat
 from .gguf import GGUFFile
+from .graph import is_onnx, parse_input_shapes
 from .models import Architecture, gguf_architecture, hf_architecture
 from .models.architecture import ModuleOptions
 from .quantization import DEFAULT, Quantization, format_names, get_quantization, split_rows
@@ -45,10 +46,13 @@ DEFAULT_BUCKETS = ((1, 128), (8, 128), (1, 256))
 
 def default_quantization(model_path: Path | None) -> str:
     """The scheme a model file compiles with unless told: as stored for a GGUF, float32 for a
-    float checkpoint (model.safetensors)."""
+    float checkpoint (model.safetensors) or an ONNX graph."""
+    from .graph import is_onnx
     from .safetensors_file import is_checkpoint
 
-    return "q0f32" if model_path is not None and is_checkpoint(model_path) else DEFAULT
+    if model_path is not None and (is_checkpoint(model_path) or is_onnx(model_path)):
+        return "q0f32"
+    return DEFAULT
 
 
 def parse_buckets(text: str) -> tuple[tuple[int, int], ...]:
@@ -75,6 +79,8 @@ class CompileOptions:
     kv_cache: str  # the KV cache's dtype
     max_binding: int  # bytes: larger weights are split into row ranges (0: never)
     buckets: tuple[tuple[int, int], ...]  # an embedding model's (batch, length) entry points
+    # an ONNX graph's input shapes, (name, dims) in order: a name given N times, N entry points
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     @classmethod
     def resolve(cls, target: str = "llvm", quantization: str | None = None,
@@ -82,12 +88,15 @@ class CompileOptions:
                 target_options: Mapping[str, Any] | None = None,
                 kv_cache: str | None = None, max_binding: int | None = None,
                 buckets: Iterable[Iterable[int]] | str | None = None,
-                source: Path | None = None) -> CompileOptions:  # fmt: skip
+                source: Path | None = None,
+                input_shapes: Iterable[str] | Iterable[tuple[str, Iterable[int]]] = ()
+                ) -> CompileOptions:  # fmt: skip
         """The options with every default decided, here alone: the quantization as `source`
         stores it (`default_quantization`), the KV cache the target's default for it
         (`TargetSpec.kv_cache`), the target's machine-dependent options (llvm's CPU model),
         weights split at the binding limit every target shares
-        (`tapml.targets.binding_limit`), and `DEFAULT_BUCKETS`."""
+        (`tapml.targets.binding_limit`), and `DEFAULT_BUCKETS`. `input_shapes` as
+        `--input-shape` gives them ("x=1,3,640,640") or parsed."""
         from tapml.targets import binding_limit, get_target
 
         spec = get_target(target)
@@ -110,14 +119,19 @@ class CompileOptions:
         if isinstance(buckets, str):
             buckets = parse_buckets(buckets)
         buckets = tuple(tuple(int(n) for n in b) for b in (buckets or DEFAULT_BUCKETS))
+        shapes = [parse_input_shapes([s])[0] if isinstance(s, str) else s for s in input_shapes]
         return cls(target, quantization, max_context, chunk,
                    spec.resolved_options(dict(target_options or {})), kv_cache,
-                   max_binding, buckets)  # fmt: skip
+                   max_binding, buckets,
+                   tuple((str(n), tuple(int(d) for d in dims)) for n, dims in shapes))  # fmt: skip
 
     def shaping(self, task: str) -> dict[str, Any]:
         """The options that shape an artifact of `task` (what a cache key hashes): a sentence
-        encoder has no KV cache, context or prefill chunk; a causal LM no buckets."""
-        unused = {"embedding": ("kv_cache", "max_context", "chunk"), "causal_lm": ("buckets",)}
+        encoder has no KV cache, context or prefill chunk; a causal LM no buckets; a graph
+        none of these, only its input shapes."""
+        unused = {"embedding": ("kv_cache", "max_context", "chunk", "input_shapes"),
+                  "causal_lm": ("buckets", "input_shapes"),
+                  "graph": ("kv_cache", "max_context", "chunk", "buckets")}  # fmt: skip
         return {k: v for k, v in asdict(self).items() if k not in unused[task]}
 
     def replace(self, **changes: Any) -> CompileOptions:
@@ -173,8 +187,39 @@ def load_model_file(path: Path) -> ModelFile:
 
 def compile_model(model_path: Path, output: Path, options: CompileOptions,
                   progress: bool = True) -> Path:  # fmt: skip
-    """Compile the model file at `model_path` into the artifact directory `output`."""
+    """Compile the model file at `model_path` (a GGUF, a checkpoint or an ONNX graph) into the
+    artifact directory `output`."""
+    output = Path(output)
+    work = Artifact(output.with_name(output.name + ".partial"))
+    work.path.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    build = _build_graph if is_onnx(model_path) else _build_model
+    kernels, plan, described = build(Path(model_path), work, options, progress)
+    library = work.kernels_file(options.target)
+    if not library.is_file():
+        from tapml.targets import build_kernels
+
+        build_kernels(kernels, plan, options, library, progress=progress)
+    config_doc = {
+        "format": CONFIG_FORMAT, "version": CONFIG_VERSION, "tapml_version": __version__,
+        "options": asdict(options), **described,
+    }  # fmt: skip
+    write_atomic(work.config_file, json.dumps(config_doc, indent=1).encode())
+    work.write_checksums()
+    if output.exists():
+        shutil.rmtree(output)
+    work.path.rename(output)
+    log.info("compiled %s in %.0fs", output, time.perf_counter() - start)
+    return output
+
+
+def _build_model(model_path: Path, work: Artifact, options: CompileOptions, progress: bool
+                 ) -> tuple[Any, Plan, dict[str, Any]]:  # fmt: skip
+    """Write a model file's plan, tokenizer and converted weights into `work`; returns the
+    kernels by name, the plan, and what the artifact's config says of the model and
+    weights."""
     from tapml.convert import convert, stored_types, weight_summary
+    from tapml.lower import kernel_functions
 
     quant = get_quantization(options.quantization)
     model = load_model_file(model_path)
@@ -191,11 +236,6 @@ def compile_model(model_path: Path, output: Path, options: CompileOptions,
     sources = model.sources()
     wmap = arch.weight_map(config)
     formats = quant.formats(stored_types({n: sources[n] for n in wmap.matrices}))
-    output = Path(output)
-    work = Artifact(output.with_name(output.name + ".partial"))
-    work.path.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-
     log.info("building the %s plan for %s (%s, %s)", options.target, model.path.name, arch.name,
              quant.name)  # fmt: skip
     module, plan, fused = build_plan(arch, config, quant, options, formats)
@@ -212,26 +252,36 @@ def compile_model(model_path: Path, output: Path, options: CompileOptions,
         params = _every_param(params, module.tables(), plan.names("param"),
                               plan.model["row_splits"])  # fmt: skip
         save_shards(params, work.weights_dir, progress=progress)
-    library = work.kernels_file(options.target)
-    if not library.is_file():
-        from tapml.lower import kernel_functions
-        from tapml.targets import build_kernels
-
-        kernels = {k: f for k, f in kernel_functions(fused).items() if k in plan.kernels}
-        build_kernels(kernels, plan, options, library, progress=progress)
-    config_doc = {
-        "format": CONFIG_FORMAT, "version": CONFIG_VERSION, "tapml_version": __version__,
+    kernels = {k: f for k, f in kernel_functions(fused).items() if k in plan.kernels}
+    return kernels, plan, {
         "model": {"source": model.path.name, "architecture": arch.name, **config.asdict()},
-        "options": asdict(options),
         "weights": weight_summary(sources, formats),
-    }  # fmt: skip
-    write_atomic(work.config_file, json.dumps(config_doc, indent=1).encode())
-    work.write_checksums()
-    if output.exists():
-        shutil.rmtree(output)
-    work.path.rename(output)
-    log.info("compiled %s in %.0fs", output, time.perf_counter() - start)
-    return output
+    }
+
+
+def _build_graph(path: Path, work: Artifact, options: CompileOptions, progress: bool
+                 ) -> tuple[Any, Plan, dict[str, Any]]:  # fmt: skip
+    """`_build_model` for an ONNX graph: one entry point per set of input shapes, its
+    weights as stored (float32)."""
+    from tapml.graph import GRAPH_ARCHITECTURE, OnnxGraph, build_graph_plan
+    from tapml.weights import save_shards
+
+    if options.quantization != "q0f32":
+        raise CompileError(f"ONNX graphs compile with their weights as stored (q0f32), not "
+                           f"{options.quantization}")  # fmt: skip
+    graph = OnnxGraph.open(path)
+    entries = graph.entries(options.input_shapes)
+    meta = {"architecture": GRAPH_ARCHITECTURE, "quantization": "q0f32", "dtype": "float32",
+            "row_splits": {}}  # fmt: skip
+    kernels, plan, weights = build_graph_plan(graph, entries, meta)
+    plan.save(work.plan_file)
+    if not (work.weights_dir / "index.json").is_file():
+        save_shards(weights.items(), work.weights_dir, progress=progress)
+    model = {"source": path.name, "architecture": GRAPH_ARCHITECTURE, "inputs": graph.inputs,
+             "outputs": graph.outputs, "metadata": graph.metadata}  # fmt: skip
+    stored = {"matrices": len(weights), "parameters": sum(int(v.size) for v in weights.values()),
+              "bytes": sum(int(v.nbytes) for v in weights.values())}  # fmt: skip
+    return kernels, plan, {"model": model, "weights": {"formats": {"float32": stored}}}
 
 
 def model_formats(arch: Architecture, config: Any, quant: Quantization,

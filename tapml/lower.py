@@ -84,6 +84,7 @@ class _Extractor:
         self.param_names, self.state_names = param_names, set(state_names)
         self.buffers: dict[str, dict[str, Any]] = {}
         self.functions: dict[str, dict[str, Any]] = {}
+        self.constants: dict[str, Any] = {}  # tensor constants made parameters: name -> value
         self._call_tir = tvm.ir.Op.get("relax.call_tir")
         self._inplace = tvm.ir.Op.get("relax.call_tir_inplace")
         self._reshape = tvm.ir.Op.get("relax.reshape")
@@ -149,6 +150,16 @@ class _Extractor:
             "scalars": scalars, "inputs": inputs, "outputs": outputs, "calls": calls,
         }  # fmt: skip
 
+    def _constant(self, const: tvm.ir.expr.Constant) -> str:
+        """A parameter holding a constant tensor the fused graph passes to a kernel."""
+        for name, known in self.constants.items():
+            if known.same_as(const):
+                return name
+        name = f"const.{len(self.constants)}"
+        self.constants[name] = const
+        shape, dtype = _shape_dtype(const.ty)
+        return self.add(name, shape, dtype, "param")
+
     def _call(self, value: relax.Call, var: relax.Var, env, temp, calls) -> Any:
         kernel = value.args[0].name_hint
         args: list[dict[str, Any]] = []
@@ -157,6 +168,8 @@ class _Extractor:
                 args.append({"scalar": expr_to_json(a)})
             elif _is_var(a):
                 args.append({"buffer": env[a]})
+            elif isinstance(a, tvm.ir.expr.Constant):  # a folded tensor (an imported graph's)
+                args.append({"buffer": self._constant(a)})
             else:
                 raise CompileError(f"{kernel}: unsupported argument {type(a).__name__}")
         sinfo = var.ty
@@ -178,8 +191,12 @@ class _Extractor:
 
 
 def extract_plan(mod: tvm.IRModule, param_names: list[str], state_names: list[str],
-                 model: dict[str, Any], task: dict[str, Any]) -> Plan:  # fmt: skip
+                 model: dict[str, Any], task: dict[str, Any],
+                 constants: dict[str, Any] | None = None) -> Plan:  # fmt: skip
     """Read the plan off a fused module (see `fuse`), then place temporaries in storages.
+
+    Tensor constants that kernels read (an imported graph's folded values) become parameters
+    `const.N`; their values go into `constants` (a dict to fill, as numpy arrays).
 
     `task` says how a runtime drives the entry points (docs/formats.md): each entry point it
     names becomes a function of the plan, with the scalar requirements the task gives it, and
@@ -199,8 +216,12 @@ def extract_plan(mod: tvm.IRModule, param_names: list[str], state_names: list[st
     used = {call["kernel"] for f in ex.functions.values() for call in f["calls"]}
     plan = Plan(ex.buffers, {}, ex.functions, model, task,
                 {k: kind for k, kind in kinds.items() if k in used})  # fmt: skip
-    plan.storages = _plan_memory(plan)
+    plan.storages = plan_memory(plan)
     plan.validate()
+    if ex.constants and constants is None:
+        raise CompileError(f"the module passes {len(ex.constants)} constant tensors to kernels")
+    if constants is not None:
+        constants.update({name: c.value.numpy() for name, c in ex.constants.items()})
     return plan
 
 
@@ -247,7 +268,7 @@ def _sums_products(block) -> bool:
     return any(products) and len(block.reads) >= 2
 
 
-def _plan_memory(plan: Plan) -> dict[str, int]:
+def plan_memory(plan: Plan) -> dict[str, int]:
     """Greedy liveness-based reuse of temporaries, one pool shared by all entry points.
 
     A storage is released only after the call that last uses it, so no kernel ever gets

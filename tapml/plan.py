@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -239,6 +239,44 @@ class SentenceEmbedding:
         for i, row in enumerate(rows):
             ids[i, : len(row)], mask[i, : len(row)] = row, 1
         return bucket["function"], {}, {bucket["tokens"]: ids, bucket["mask"]: mask}
+
+
+class TensorGraph:
+    """How to run an imported graph's entry points, as its plan's task names them: one per set
+    of input shapes fixed at compile time, inputs and outputs by the graph's own names."""
+
+    def __init__(self, plan: Plan):
+        task = plan.task
+        if task.get("kind") != "graph":
+            raise PlanError(f"this plan's task is {task.get('kind')!r}, not a graph")
+        self.inputs, self.outputs = list(task["inputs"]), list(task["outputs"])
+        self.entries = [e for e in task.values() if isinstance(e, dict)]
+        self.shapes = [{name: tuple(plan.buffers[b]["shape"]) for name, b in e["inputs"].items()}
+                       for e in self.entries]  # fmt: skip
+        self._dtypes = {name: plan.buffers[b]["dtype"]
+                        for e in self.entries for name, b in e["inputs"].items()}  # fmt: skip
+
+    def entry(self, inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """The entry point compiled for these inputs' shapes, or a PlanError naming them and
+        the shapes there are."""
+        if set(inputs) != set(self.inputs):
+            raise PlanError(f"the graph takes inputs {', '.join(self.inputs)}, not "
+                            f"{', '.join(inputs) or 'none'}")  # fmt: skip
+        given = {name: tuple(np.shape(inputs[name])) for name in self.inputs}
+        for entry, shapes in zip(self.entries, self.shapes, strict=True):
+            if shapes == given:
+                return entry
+        compiled = "; ".join(_shapes(s) for s in self.shapes)
+        raise PlanError(f"the graph is compiled for {compiled}, not {_shapes(given)}")
+
+    def call(self, inputs: Mapping[str, np.ndarray]) -> tuple[str, dict[str, int], dict[str, Any]]:
+        entry = self.entry(inputs)
+        arrays = {entry["inputs"][n]: np.asarray(a, self._dtypes[n]) for n, a in inputs.items()}
+        return entry["function"], {}, arrays
+
+
+def _shapes(shapes: Mapping[str, Sequence[int]]) -> str:
+    return ", ".join(f"{n}={'x'.join(map(str, s))}" for n, s in shapes.items())
 
 
 def describe_expr(expr: Any) -> str:

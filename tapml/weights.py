@@ -76,8 +76,9 @@ def _prepare(name: str, array: np.ndarray) -> np.ndarray:
         raise ValueError(
             f"tensor {name!r} has dtype {array.dtype}; supported dtypes: {', '.join(DTYPES)}"
         )
-    # The format is little-endian whatever the machine.
-    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    # The format is little-endian whatever the machine; reshape keeps a 0-d tensor's shape
+    # (ascontiguousarray makes it 1-d).
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).reshape(array.shape)
 
 
 def save_shards(

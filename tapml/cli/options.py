@@ -17,6 +17,7 @@ from tapml.compiler import (
     parse_buckets,
 )
 from tapml.errors import TapmlError
+from tapml.graph import parse_input_shapes
 from tapml.quantization import QUANTIZATION
 from tapml.targets import TARGETS
 
@@ -33,7 +34,8 @@ def _parse_target_options(ctx, param, values: tuple[str, ...]) -> dict[str, str 
 
 quantization_option = click.option(
     "--quantization", type=click.Choice(list(QUANTIZATION)), default=None,
-    help="How weights are kept [default: gguf for a GGUF, q0f32 for a float checkpoint]. "
+    help="How weights are kept [default: gguf for a GGUF, q0f32 for a float checkpoint or an "
+    "ONNX graph]. "
     "gguf: each matrix in the blocks its GGUF "
     "stores (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K; F16), read losslessly; q4f32_1, "
     "q4f16_1: re-quantized to tapml's 4-bit groups; q0f32, q0f16: floats. The artifact's "
@@ -89,6 +91,22 @@ buckets_option = click.option(
     + ",".join(f"{b}x{s}" for b, s in DEFAULT_BUCKETS) + "]. Texts are padded to the "
     "shortest length that holds them; a text longer than the longest is cut to it (with a "
     "warning).",
+)  # fmt: skip
+
+
+def _parse_input_shapes(ctx, param, value: tuple[str, ...]):
+    try:
+        return parse_input_shapes(value)
+    except TapmlError as e:
+        raise click.BadParameter(str(e), ctx, param) from e
+
+
+input_shape_option = click.option(
+    "--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...",
+    callback=_parse_input_shapes,
+    help="An ONNX graph's input shape, fixed at compile time (repeatable; a name given N times "
+    "makes N entry points, e.g. x=1,3,48,320 and x=1,3,48,640) [default: the model card's "
+    "shapes, else the graph's own static ones].",
 )  # fmt: skip
 
 

@@ -9,9 +9,12 @@ left as they are.
 
 from __future__ import annotations
 
+import logging
+
 import tvm
 import tvm_ffi
 from tvm import s_tir, tirx
+from tvm.s_tir.schedule import ScheduleError
 
 from .base import PREFETCH_BYTES, Kernel, Rule
 from .fast_math import fast_exp, fast_math
@@ -21,6 +24,8 @@ from .rows import elementwise, finish_rows, independent_rows, row_reduction
 
 __all__ = ["ATTR", "PREFETCH_BYTES", "RULES", "Kernel", "fast_exp", "prefetch", "schedule",
            "schedule_func"]  # fmt: skip
+
+log = logging.getLogger("tapml")
 
 ATTR = "tapml.schedule"
 RULES: list[Rule] = [
@@ -49,7 +54,13 @@ def schedule_func(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFu
         sch = s_tir.Schedule(func)
         root = sch.get_sblock("root")
         kernel = Kernel(sch, list(sch.get_child_blocks(root)), target)
-        if rule.apply(kernel):
+        try:
+            applies = rule.apply(kernel)
+        except ScheduleError as e:  # a pattern the rule matched but cannot schedule
+            log.debug("rule %s does not apply to %s: %s", rule.name,
+                      func.attrs.get("global_symbol"), str(e).splitlines()[0])  # fmt: skip
+            continue
+        if applies:
             scheduled = kernel.sch.mod["main"]  # a rule may have rebuilt the kernel
             if rule.finish is not None:
                 scheduled = rule.finish(scheduled, kernel)
