@@ -153,12 +153,15 @@ class OnnxGraph:
             raise CompileError(f"TVM's ONNX frontend cannot import {self.path.name} at "
                                f"{_shapes_text(shapes)}: {_first_line(e)}") from None  # fmt: skip
         mod, params = relax.frontend.detach_params(mod)
-        func = mod["main"]
-        names = [p.name for p in func.params]
-        weights = dict(zip(names[len(self.inputs):], (p.numpy() for p in params["main"]),
-                           strict=True))  # fmt: skip
-        _check_static(func, self.outputs, self.path.name)
-        return mod, weights
+        names = [p.name for p in mod["main"].params][len(self.inputs) :]
+        weights = {name: p.numpy() for name, p in zip(names, params["main"], strict=True)}
+        # one-element weights (Clip's bounds) become constants, so that the checks the
+        # frontend wraps them in (isnan) fold away before they reach a kernel
+        scalars = {name: p for name, p in zip(names, params["main"], strict=True)
+                   if weights[name].size == 1}  # fmt: skip
+        mod = relax.transform.BindParams("main", scalars)(mod)
+        _check_static(mod["main"], self.outputs, self.path.name)
+        return mod, {name: w for name, w in weights.items() if name not in scalars}
 
 
 def check_operators(graph: Any, where: str) -> None:
@@ -253,6 +256,7 @@ def build_graph_plan(graph: OnnxGraph, entries: list[dict[str, Shape]], meta: di
             "inputs": dict(zip(graph.inputs, plan.functions[fname]["inputs"], strict=True)),
             "outputs": dict(zip(graph.outputs, plan.functions[fname]["outputs"], strict=True)),
         }
+    _inline_scalars(merged, kernels, weights)
     merged.storages = plan_memory(merged)
     merged.validate()
     return kernels, merged, weights
@@ -304,6 +308,71 @@ def _merge_kernel(kernels: dict[str, Any], name: str, func: Any, fname: str) -> 
         name = f"{name}_{fname}"
     kernels[name] = func.with_attr("global_symbol", name)
     return name
+
+
+def _inline_scalars(plan: Any, kernels: dict[str, Any], weights: dict[str, np.ndarray]) -> None:
+    """Make each one-element weight a kernel reads (Clip's bounds, HardSigmoid's slope) an
+    immediate in that kernel instead of a buffer: WebGPU allows a kernel only 8 storage
+    buffers, which a convolution with its fused activation's constants exceeds. A kernel
+    called with other values gets a copy per set of values. Updates all three in place."""
+    originals = dict(kernels)
+    specialized: dict[tuple, str] = {}
+    for f in plan.functions.values():
+        for call in f["calls"]:
+            values = {i: weights[a["buffer"]] for i, a in enumerate(call["args"])
+                      if a.get("buffer") in weights and weights[a["buffer"]].size == 1}  # fmt: skip
+            if not values:
+                continue
+            kernel = call["kernel"]
+            key = (kernel, *((i, str(v.dtype), v.item()) for i, v in values.items()))
+            if key not in specialized:
+                copies = sum(k[0] == kernel for k in specialized)
+                name = kernel if not copies else f"{kernel}_c{copies}"
+                kernels[name] = _with_immediates(originals[kernel], values).with_attr(
+                    "global_symbol", name)  # fmt: skip
+                plan.kernel_kinds[name] = plan.kernel_kinds[kernel]
+                specialized[key] = name
+            call["kernel"] = specialized[key]
+            call["args"] = [a for i, a in enumerate(call["args"]) if i not in values]
+    read = {plan.root(a["buffer"]) for f in plan.functions.values() for call in f["calls"]
+            for a in call["args"] if "buffer" in a}  # fmt: skip
+    for name in [n for n in weights if n not in read]:
+        del weights[name], plan.buffers[name]
+
+
+def _with_immediates(func: Any, values: Mapping[int, np.ndarray]) -> Any:
+    """The PrimFunc with the one-element buffer parameters at `values`' indices replaced by
+    their values, as immediates, wherever they are read."""
+    import tvm
+    import tvm_ffi
+    from tvm import s_tir, tirx
+    from tvm.s_tir.stmt import SBlock
+
+    params = list(func.params)
+    consts = [(params[i], tirx.const(v.item(), str(v.dtype))) for i, v in values.items()]
+
+    def value_of(buffer: Any) -> Any:
+        return next((c for b, c in consts if b.same_as(buffer)), None)
+
+    def load(node: Any, mutator: Any) -> Any:
+        const = value_of(node.source)
+        return const if const is not None else mutator.default_mutate(node)
+
+    def block(node: Any, mutator: Any) -> Any:
+        new = mutator.default_mutate(node)
+        reads = [r for r in new.reads if value_of(r.source) is None]
+        return SBlock(new.iter_vars, reads, new.writes, new.name_hint, new.body, new.init,
+                      new.alloc_buffers, new.match_buffers, new.annotations)  # fmt: skip
+
+    body = tvm_ffi.structural_mutate(func.body, [(tvm.ir.expr.TensorLoad, load), (SBlock, block)])
+    gone = {params[i] for i in values}
+    new = tirx.PrimFunc([p for p in params if p not in gone], body, func.ret_type, func.attrs)
+    # blocks that computed from the values alone now compute constants: inline them
+    sch = s_tir.Schedule(new)
+    while constant := [b for b in sch.get_child_blocks(sch.get_sblock("root"))
+                       if not sch.get(b).reads and sch.get_consumers(b)]:  # fmt: skip
+        sch.compute_inline(constant[0])
+    return sch.mod["main"]
 
 
 def _rename(plan: Any, names: Mapping[str, str]) -> None:
