@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .artifact import Artifact
 from .compiler import CompileOptions, compile_model
+from .errors import TapmlError
 
 log = logging.getLogger("tapml")
 
@@ -31,6 +32,26 @@ def load(
     return load_runtime(
         artifact_for(str(model), target, quantization, max_context, chunk, progress=progress)
     )
+
+
+# the three graphs `tapml ocr` runs: detector, orientation classifier, recognizer
+OCR_MODELS = ("pp-ocrv4-det", "pp-ocr-cls", "pp-ocrv4-rec")
+
+
+def load_ocr(target: str = "llvm", progress: bool = True,
+             models: tuple[str, str, str] = OCR_MODELS):  # fmt: skip
+    """PP-OCR ready to read images (`OcrPipeline.read`), its three graphs compiled for `target`
+    (cached) at their model cards' shapes; `models` may name other cards or artifacts."""
+    from tapml.runtime.graph import GraphRunner
+    from tapml.runtime.ocr import OcrPipeline
+
+    detector, classifier, recognizer = (GraphRunner(artifact_for(m, target, progress=progress))
+                                        for m in models)  # fmt: skip
+    characters = recognizer.metadata.get("character")
+    if characters is None:
+        raise TapmlError(f"{recognizer.artifact} has no character list (ONNX metadata "
+                         "'character'): it is not a PP-OCR recognizer")  # fmt: skip
+    return OcrPipeline(detector, classifier, recognizer, characters.splitlines())
 
 
 def artifact_for(

@@ -61,6 +61,7 @@ def _register() -> None:
         matrix,
         migrate,
         models,
+        ocr,
         offload,
         package,
         run,
@@ -70,7 +71,7 @@ def _register() -> None:
     )
 
     # in the order of the user's workflow, as `tapml --help` lists them
-    for module in (models, targets, compile, run, chat, embed, carve, test, offload, migrate,
+    for module in (models, targets, compile, run, chat, embed, ocr, carve, test, offload, migrate,
                    device, package, verify, bench, matrix, cache):
         main.add_command(module.command)
 
