@@ -1,8 +1,9 @@
 """Scenarios: realistic inputs that drive the real runs kernel calls are carved from.
 
 Which scenarios apply is the plan's task kind: a causal LM's are prompts (prefill and greedy
-decode steps), an embedding model's are requests of texts. Each scenario makes its runs
-through the runtime of its kind (`Engine`, `Embedder`), as that runtime would run them.
+decode steps), an embedding model's are requests of texts, an image graph's are pages of text
+rendered when the scenario runs. Each scenario makes its runs through the runtime of its kind
+(`Engine`, `Embedder`, `GraphRunner`), as that runtime would run them.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from .runs import Run, batches, schedule
 if TYPE_CHECKING:
     from tapml.runtime.embedder import Embedder
     from tapml.runtime.engine import Engine
+    from tapml.runtime.graph import GraphRunner
     from tapml.tokenizer import Tokenizer
 
 log = logging.getLogger("tapml")
 DECODE_STEPS = 8  # greedy tokens generated after each prompt
 COMPLETION_TOKENS = 24  # tokens a migrated model generates on the target alone
-TASKS = {"causal_lm": "a causal LM", "embedding": "an embedding model"}
+TASKS = {"causal_lm": "a causal LM", "embedding": "an embedding model",
+         "graph": "an image graph"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,71 @@ class EmbeddingScenario:
                 "requests": [list(texts) for texts in self.requests]}  # fmt: skip
 
 
-AnyScenario = Scenario | EmbeddingScenario
+@dataclass(frozen=True)
+class ImageScenario:
+    """An image graph's scenario: pages of text lines, rendered (black on white, Pillow's
+    fonts) and fitted to each entry point's input shape as PP-OCR's runtime fits images:
+    scaled keeping the aspect, normalized, zero-padded. Graphs of NCHW RGB inputs only."""
+
+    kind: ClassVar[str] = "graph"
+    name: str
+    description: str
+    pages: tuple[tuple[str, ...], ...]
+    size: int = 32  # the text's pixel size
+
+    def ids(self, runner: GraphRunner) -> list[dict[str, np.ndarray]]:
+        """Each run's inputs: every page at every entry point's shapes."""
+        from tapml.runtime.text_image import render_text
+
+        images = [render_text(list(lines), size=self.size) for lines in self.pages]
+        return [{name: _fitted(image, shape, name) for name, shape in shapes.items()}
+                for image in images for shapes in runner.task.shapes]  # fmt: skip
+
+    def runs(self, runner: GraphRunner, inputs: list[dict[str, np.ndarray]] | None = None
+             ) -> list[Run]:  # fmt: skip
+        inputs = self.ids(runner) if inputs is None else inputs
+        return [Run(i, *runner.task.call(x)) for i, x in enumerate(inputs)]
+
+    def record(self, inputs: list[dict[str, np.ndarray]], fed: list[int]) -> dict[str, Any]:
+        """The runs' input shapes (the pages' texts are in the scenario)."""
+        return {"input_shapes": [{n: list(a.shape) for n, a in x.items()} for x in inputs]}
+
+    def alone(self, runner: GraphRunner, source: GraphRunner) -> dict[str, Any]:
+        """What the target makes of the scenario on its own: every run's first output,
+        compared with the source's."""
+        log.info("running the graph on %s alone", runner.target)
+        worst = 0.0
+        for x in self.ids(runner):
+            got, want = runner(x[runner.inputs[0]]), source(x[source.inputs[0]])
+            scale = max(float(np.abs(want).max()), 1e-30)
+            worst = max(worst, float(np.abs(got - want).max()) / scale)
+        return {"outputs": {"runs": len(self.ids(runner)), "source": source.target,
+                            "max_rel": worst}}  # fmt: skip
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "description": self.description,
+                "pages": [list(lines) for lines in self.pages], "size": self.size}  # fmt: skip
+
+
+def _fitted(image: Any, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """The rendered page as an input of `shape` (1, 3, H, W)."""
+    from PIL import Image
+
+    from tapml.runtime.ocr import normalize
+
+    if len(shape) != 4 or shape[:2] != (1, 3):
+        raise SuiteError(f"input {name!r} has shape {shape}: image scenarios make NCHW RGB "
+                         "images (1, 3, H, W)")  # fmt: skip
+    height, width = shape[2:]
+    scale = min(height / image.height, width / image.width)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    pixels = normalize(image.resize(size, Image.Resampling.BILINEAR))
+    out = np.zeros(shape, np.float32)
+    out[0, :, : size[1], : size[0]] = pixels
+    return out
+
+
+AnyScenario = Scenario | EmbeddingScenario | ImageScenario
 
 _LONG = (
     "Summarize the following notes in two sentences.\n"
@@ -191,7 +258,17 @@ EMBEDDING_SCENARIOS: dict[str, EmbeddingScenario] = {
     ]
 }  # fmt: skip
 
-BY_TASK: dict[str, dict[str, Any]] = {"causal_lm": SCENARIOS, "embedding": EMBEDDING_SCENARIOS}
+IMAGE_SCENARIOS: dict[str, ImageScenario] = {
+    s.name: s
+    for s in [
+        ImageScenario("document", "two lines of printed text on a page, as OCR reads them",
+                      (("Invoice 2026-12-05", "Total: 42.50 EUR"),)),
+        ImageScenario("label", "one short line, large", (("tapml",),), size=48),
+    ]
+}  # fmt: skip
+
+BY_TASK: dict[str, dict[str, Any]] = {"causal_lm": SCENARIOS, "embedding": EMBEDDING_SCENARIOS,
+                                      "graph": IMAGE_SCENARIOS}  # fmt: skip
 NAMES = list(dict.fromkeys(name for scenarios in BY_TASK.values() for name in scenarios))
 
 
@@ -220,8 +297,11 @@ def select(names: Sequence[str] = (), prompts: Sequence[str] = (), kind: str = "
     chosen = [scenarios[n] for n in names]
     for i, text in enumerate(prompts):
         name, description = f"prompt{i + 1}", "a prompt given on the command line"
-        chosen.append(Scenario(name, description, text) if kind == "causal_lm"
-                      else EmbeddingScenario(name, description, ((text,),)))  # fmt: skip
+        if kind == "causal_lm":
+            chosen.append(Scenario(name, description, text))
+        else:  # a text to embed, or to render as a page of one line
+            made = EmbeddingScenario if kind == "embedding" else ImageScenario
+            chosen.append(made(name, description, ((text,),)))
     return chosen or list(scenarios.values())
 
 

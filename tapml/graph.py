@@ -152,12 +152,13 @@ class OnnxGraph:
         except Exception as e:
             raise CompileError(f"TVM's ONNX frontend cannot import {self.path.name} at "
                                f"{_shapes_text(shapes)}: {_first_line(e)}") from None  # fmt: skip
-        mod, params = relax.frontend.detach_params(mod)
+        mod, detached = relax.frontend.detach_params(mod)
+        params = detached.get("main", [])  # none for a graph without weights
         names = [p.name for p in mod["main"].params][len(self.inputs) :]
-        weights = {name: p.numpy() for name, p in zip(names, params["main"], strict=True)}
+        weights = {name: p.numpy() for name, p in zip(names, params, strict=True)}
         # one-element weights (Clip's bounds) become constants, so that the checks the
         # frontend wraps them in (isnan) fold away before they reach a kernel
-        scalars = {name: p for name, p in zip(names, params["main"], strict=True)
+        scalars = {name: p for name, p in zip(names, params, strict=True)
                    if weights[name].size == 1}  # fmt: skip
         mod = relax.transform.BindParams("main", scalars)(mod)
         _check_static(mod["main"], self.outputs, self.path.name)

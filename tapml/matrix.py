@@ -4,16 +4,17 @@ Stages, in order (a stage that does not apply to a target is left out of its row
 
     compile  the model for the target (cached, as `tapml run` does)
     run      a causal LM: greedy tokens of a short prompt on the target here; an embedding
-             model: the default scenario's texts embedded there, against the numpy reference
+             model: the default scenario's texts embedded there, against the numpy reference;
+             an image graph: the default scenario's rendered pages, against onnxruntime
     carve    unit tests carved on llvm from the task's default scenario (once per model,
              shared by its rows)
     test     the carved suite replayed on the target
     offload  the kernels moved to the target step by step through a local device agent
     package  a bundle: webgpu for the browser, android for opencl; checked by `verify`
     bench    a causal LM: prefill and decode tokens/s of short runs; an embedding model: texts
-             and tokens/s of a full batch of its largest bucket
+             and tokens/s of a full batch of its largest bucket; a graph: ms per run
 
-What a stage runs is the compiled plan's task kind ("causal_lm", "embedding").
+What a stage runs is the compiled plan's task kind ("causal_lm", "embedding", "graph").
 
 A target this machine cannot execute gets "compiled, not executed" once it compiles. Each
 stage's result is written to DIR/matrix.json as soon as it is known, so an interrupted
@@ -47,6 +48,7 @@ BENCH = {"prompt_tokens": 32, "decode_tokens": 8}  # short: lavapipe takes a sec
 # |embedding element - numpy reference| allowed: float32 kernels in any summation order against
 # float64, on unit vectors
 EMBED_ATOL = 1e-3
+GRAPH_RTOL = 1e-3  # a graph's outputs against onnxruntime's, relative to the largest
 BUNDLES = {"webgpu": "webgpu", "opencl": "android"}  # target -> the bundle it packages as
 NOT_EXECUTED = "compiled, not executed"
 
@@ -181,6 +183,29 @@ def _embed(model: str, artifact: Path) -> dict[str, Any]:
     return {"texts": len(rows), "max_abs": worst}
 
 
+def _run_graph(model: str, artifact: Path) -> dict[str, Any]:
+    """The default scenario's rendered pages through the graph on the target, against
+    onnxruntime on the model's own ONNX file."""
+    import onnxruntime as ort
+
+    from .carving.scenarios import default
+    from .models import resolve_gguf
+    from .runtime.graph import GraphRunner
+
+    runner = GraphRunner(artifact)
+    session = ort.InferenceSession(str(resolve_gguf(model)[1]), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for inputs in default("graph").ids(runner):
+        got, want = runner.run(inputs), session.run(runner.outputs, inputs)
+        for name, expected in zip(runner.outputs, want, strict=True):
+            scale = max(float(np.abs(expected).max()), 1e-30)
+            worst = max(worst, float(np.abs(got[name] - expected).max()) / scale)
+    if worst > GRAPH_RTOL:
+        raise TapmlError(f"the outputs differ from onnxruntime's by up to {worst:.2e} of the "
+                         f"largest (more than {GRAPH_RTOL:g})")  # fmt: skip
+    return {"runs": len(runner.shapes), "max_rel": worst}
+
+
 def _carve(m: Matrix, model: str, target: str) -> dict[str, Any]:
     """Once per model: the task's default scenario (a causal LM's chat, an embedding model's
     search) carved on llvm with the KV cache every target holds."""
@@ -287,9 +312,25 @@ def _bench_embedding(artifact: Path) -> dict[str, Any]:
             "tokens_per_s": round(bucket["batch"] * bucket["length"] / seconds, 1)}  # fmt: skip
 
 
+def _bench_graph(artifact: Path) -> dict[str, Any]:
+    """Milliseconds per run of each entry point, after a warm-up run."""
+    from .runtime.graph import GraphRunner
+
+    runner = GraphRunner(artifact)
+    timings = {}
+    for shapes in runner.task.shapes:
+        inputs = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
+        runner.run(inputs)
+        start = time.perf_counter()
+        runner.run(inputs)
+        label = ",".join("x".join(map(str, s)) for s in shapes.values())
+        timings[label] = round((time.perf_counter() - start) * 1e3, 1)
+    return {"ms_per_run": timings}
+
+
 # what the run and bench stages do, by the plan's task kind
-_RUNS = {"causal_lm": _generate, "embedding": _embed}
-_BENCHES = {"causal_lm": _bench_generation, "embedding": _bench_embedding}
+_RUNS = {"causal_lm": _generate, "embedding": _embed, "graph": _run_graph}
+_BENCHES = {"causal_lm": _bench_generation, "embedding": _bench_embedding, "graph": _bench_graph}
 
 
 _STAGES: dict[str, Callable[[Matrix, str, str], dict[str, Any] | None]] = {
