@@ -263,7 +263,8 @@ def _build_graph(path: Path, work: Artifact, options: CompileOptions, progress: 
                  ) -> tuple[Any, Plan, dict[str, Any]]:  # fmt: skip
     """`_build_model` for an ONNX graph: one entry point per set of input shapes, its
     weights as stored (float32)."""
-    from tapml.graph import GRAPH_ARCHITECTURE, OnnxGraph, build_graph_plan
+    from tapml.graph import GRAPH_ARCHITECTURE, OnnxGraph
+    from tapml.graph_plan import build_graph_plan
     from tapml.weights import save_shards
 
     if options.quantization != "q0f32":
