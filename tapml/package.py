@@ -5,7 +5,8 @@ tokenizer/), so everything that runs artifacts runs bundles, plus `bundle.json`:
 manifest with the size and sha256 of every file and the record of the device limits and
 features the bundle needs. A web bundle also holds the JavaScript runtime (`runtime/`, the
 third-party modules it imports under `runtime/vendor/`) and `index.html`, the page of the plan's
-task: a chat page for a causal LM, sentence similarity for an embedding model.
+task: a chat page for a causal LM, sentence similarity for an embedding model, an image in and
+the outputs shown for an ONNX graph.
 Layout and fields: docs/formats.md ("Bundle").
 """
 
@@ -38,7 +39,9 @@ VENDOR = {
     "web-xgrammar.js": ("@mlc-ai/web-xgrammar", "lib/index.js"),
 }
 # the page a web bundle opens (its index.html) for each task kind, from runtime/web
-PAGES = {"causal_lm": "index.html", "embedding": "similarity.html"}
+PAGES = {"causal_lm": "index.html", "embedding": "similarity.html", "graph": "graph.html"}
+# task kinds whose artifacts have no tokenizer/: an ONNX graph takes tensors, not text
+UNTOKENIZED = ("graph",)
 CHUNK = 1 << 20
 
 
@@ -107,7 +110,7 @@ def package(
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    sources = _artifact_files(artifact, target)
+    sources = _artifact_files(artifact, target, plan.task["kind"])
     if platform == "webgpu":
         sources += [(f"runtime/{p.name}", p) for p in _runtime_sources()]
         sources += [(f"runtime/vendor/{name}", path) for name, (path, _) in vendor.items()]
@@ -131,11 +134,19 @@ def package(
     return Packaged(output, manifest)
 
 
-def _artifact_files(artifact: Artifact, target: str) -> list[tuple[str, Path]]:
+def _required(artifact: Artifact, target: str, kind: str) -> list[Path]:
+    """The files a complete artifact for `target` of a plan of task `kind` holds."""
+    files = artifact.files(target)
+    if kind in UNTOKENIZED:
+        files = [p for p in files if p.parent != artifact.tokenizer_dir]
+    return files
+
+
+def _artifact_files(artifact: Artifact, target: str, kind: str) -> list[tuple[str, Path]]:
     """(path in the bundle, file) of everything a compiled artifact for `target` holds."""
     paths = [artifact.config_file, artifact.checksums_file, artifact.plan_file,
              artifact.kernels_file(target)]  # fmt: skip
-    for path in [*artifact.files(target), artifact.checksums_file]:
+    for path in [*_required(artifact, target, kind), artifact.checksums_file]:
         if not path.is_file():
             raise BundleError(f"{artifact.path} has no {path.name}: compile the model again")
     for directory in (artifact.weights_dir, artifact.tokenizer_dir):
@@ -225,7 +236,7 @@ def _manifest(config: dict, platform: str, name: str, artifact: Artifact, plan, 
         # the task's kind and sizes, without its entry points (those are in plan.json)
         "task": {k: v for k, v in plan.task.items() if not isinstance(v, dict)},
         "requirements": requirements,
-        "chat": chat_format(artifact.tokenizer()),
+        "chat": None if plan.task["kind"] in UNTOKENIZED else chat_format(artifact.tokenizer()),
         "third_party": [meta for _, meta in vendor.values()],
         "files": files,
     }
@@ -361,8 +372,8 @@ def verify(directory: Path, progress: bool = False) -> list[str]:
     directory = Path(directory)
     manifest = read_manifest(directory)
     problems = check_files(directory, manifest["files"], MANIFEST, progress=progress)
-    bundle = Artifact(directory)
-    required = [p.relative_to(directory).as_posix() for p in bundle.files(manifest["target"])]
+    required = _required(Artifact(directory), manifest["target"], manifest["task"]["kind"])
+    required = [p.relative_to(directory).as_posix() for p in required]
     listed = {f["path"] for f in manifest["files"]}
     problems += [f"{name}: not in {MANIFEST}" for name in required if name not in listed]
     return problems
