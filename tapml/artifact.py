@@ -83,9 +83,22 @@ class Artifact:
         return self.path / get_target(target or self.target).kernels
 
     def files(self, target: str) -> list[Path]:
-        """The files a complete artifact for `target` holds (the weights by their index)."""
-        return [self.config_file, self.plan_file, self.weights_dir / "index.json",
-                self.tokenizer_dir / "tokenizer.json", self.kernels_file(target)]  # fmt: skip
+        """The files a complete artifact for `target` holds (the weights by their index; an
+        ONNX graph's, no tokenizer)."""
+        files = [self.config_file, self.plan_file, self.weights_dir / "index.json",
+                 self.kernels_file(target)]  # fmt: skip
+        return files + [self.tokenizer_dir / "tokenizer.json"] if self.tokenized else files
+
+    @property
+    def tokenized(self) -> bool:
+        """Whether the model has a tokenizer: all but an imported graph (by its config; an
+        unreadable config counts as a tokenized model's, so that the artifact is incomplete)."""
+        from tapml.graph import GRAPH_ARCHITECTURE
+
+        try:
+            return self.config["model"].get("architecture") != GRAPH_ARCHITECTURE
+        except (TapmlError, KeyError, TypeError, AttributeError):
+            return True
 
     def complete(self, target: str) -> bool:
         """Whether every file of an artifact for `target` is there, checksums.json included."""

@@ -40,8 +40,6 @@ VENDOR = {
 }
 # the page a web bundle opens (its index.html) for each task kind, from runtime/web
 PAGES = {"causal_lm": "index.html", "embedding": "similarity.html", "graph": "graph.html"}
-# task kinds whose artifacts have no tokenizer/: an ONNX graph takes tensors, not text
-UNTOKENIZED = ("graph",)
 CHUNK = 1 << 20
 
 
@@ -110,7 +108,7 @@ def package(
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    sources = _artifact_files(artifact, target, plan.task["kind"])
+    sources = _artifact_files(artifact, target)
     if platform == "webgpu":
         sources += [(f"runtime/{p.name}", p) for p in _runtime_sources()]
         sources += [(f"runtime/vendor/{name}", path) for name, (path, _) in vendor.items()]
@@ -134,19 +132,11 @@ def package(
     return Packaged(output, manifest)
 
 
-def _required(artifact: Artifact, target: str, kind: str) -> list[Path]:
-    """The files a complete artifact for `target` of a plan of task `kind` holds."""
-    files = artifact.files(target)
-    if kind in UNTOKENIZED:
-        files = [p for p in files if p.parent != artifact.tokenizer_dir]
-    return files
-
-
-def _artifact_files(artifact: Artifact, target: str, kind: str) -> list[tuple[str, Path]]:
+def _artifact_files(artifact: Artifact, target: str) -> list[tuple[str, Path]]:
     """(path in the bundle, file) of everything a compiled artifact for `target` holds."""
     paths = [artifact.config_file, artifact.checksums_file, artifact.plan_file,
              artifact.kernels_file(target)]  # fmt: skip
-    for path in [*_required(artifact, target, kind), artifact.checksums_file]:
+    for path in [*artifact.files(target), artifact.checksums_file]:
         if not path.is_file():
             raise BundleError(f"{artifact.path} has no {path.name}: compile the model again")
     for directory in (artifact.weights_dir, artifact.tokenizer_dir):
@@ -236,7 +226,7 @@ def _manifest(config: dict, platform: str, name: str, artifact: Artifact, plan, 
         # the task's kind and sizes, without its entry points (those are in plan.json)
         "task": {k: v for k, v in plan.task.items() if not isinstance(v, dict)},
         "requirements": requirements,
-        "chat": None if plan.task["kind"] in UNTOKENIZED else chat_format(artifact.tokenizer()),
+        "chat": chat_format(artifact.tokenizer()) if artifact.tokenized else None,
         "third_party": [meta for _, meta in vendor.values()],
         "files": files,
     }
@@ -372,8 +362,8 @@ def verify(directory: Path, progress: bool = False) -> list[str]:
     directory = Path(directory)
     manifest = read_manifest(directory)
     problems = check_files(directory, manifest["files"], MANIFEST, progress=progress)
-    required = _required(Artifact(directory), manifest["target"], manifest["task"]["kind"])
-    required = [p.relative_to(directory).as_posix() for p in required]
+    required = [p.relative_to(directory).as_posix()
+                for p in Artifact(directory).files(manifest["target"])]  # fmt: skip
     listed = {f["path"] for f in manifest["files"]}
     problems += [f"{name}: not in {MANIFEST}" for name in required if name not in listed]
     return problems

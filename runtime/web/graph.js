@@ -1,17 +1,11 @@
 // graph.js: a tapml web bundle of an ONNX graph (tapml/plan.py `TensorGraph`): an image fitted to
 // the graph's input as PP-OCR's networks take it (runtime/ocr.py), run on WebGPU, every output
 // read back by its ONNX name, as runtime/graph.py does.
-import { Bundle } from "./bundle.js";
-import { PlanExecutor, count, requestDevice } from "./executor.js";
-
-// The adapter's description as a plain object (GPUAdapterInfo does not serialize).
-function adapterInfo(adapter) {
-  const { vendor = "", architecture = "", device = "", description = "" } = adapter.info ?? {};
-  return { vendor, architecture, device, description };
-}
+import { count } from "./executor.js";
+import { loadBundle } from "./load.js";
 
 export class Graph {
-  // `loaded`: {bundle, device, adapter, executor, config, stats}
+  // `loaded`: loadBundle's {bundle, device, adapter, executor, stats} and the bundle's config
   constructor(loaded) {
     Object.assign(this, loaded);
     const task = this.executor.plan.task, buffers = this.executor.plan.buffers;
@@ -30,26 +24,11 @@ export class Graph {
   }
 
   // Load the bundle whose directory is `base` (default: the page's own). onProgress(stage, done,
-  // total) follows the stages "weights" and "kernels". (load.js's loadBundle would load a
-  // tokenizer, which a graph has not.)
+  // total) follows the stages "weights" and "kernels".
   static async load(base = new URL("./", document.baseURI), onProgress = () => {}) {
-    const start = performance.now();
-    const bundle = await Bundle.open(base);
-    const plan = await bundle.json("plan.json");
-    if (plan.format !== "tapml-plan" || plan.version !== 2) throw new Error("plan.json is not a tapml-plan v2 file");
-    if (plan.task.kind !== "graph") throw new Error(`this bundle's task is ${plan.task.kind}, not graph`);
-    const config = await bundle.json("tapml-config.json");
-    const { adapter, device } = await requestDevice(bundle.manifest.requirements);
-    const kernels = await bundle.json(`kernels_${bundle.manifest.target}.json`);
-    if (kernels.format !== "tapml-kernels" || kernels.version !== 1)
-      throw new Error(`kernels_${bundle.manifest.target}.json is not a tapml-kernels v1 file`);
-    const executor = new PlanExecutor(device, plan, kernels.kernels);
-    const weights = await bundle.loadWeights(executor, (done, total) => onProgress("weights", done, total));
-    onProgress("kernels", 0, 1);
-    await executor.prepare();
-    onProgress("kernels", 1, 1);
-    const stats = { load_ms: performance.now() - start, weight_bytes: weights.bytes, adapter: adapterInfo(adapter) };
-    return new Graph({ bundle, device, adapter, executor, config, stats });
+    const loaded = await loadBundle(base, "graph", onProgress);
+    const config = await loaded.bundle.json("tapml-config.json");
+    return new Graph({ ...loaded, config });
   }
 
   // The shape of the image input of `entry` (default: the first entry point): [1, 3, H, W].

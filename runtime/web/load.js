@@ -13,8 +13,9 @@ function adapterInfo(adapter) {
 }
 
 // The bundle whose directory is `base`, for a plan of task `kind` (tapml/plan.py: "causal_lm",
-// "embedding"): {bundle, device, adapter, executor, tokenizer, stats}. onProgress(stage, done,
-// total) follows the stages "weights" and "kernels".
+// "embedding", "graph"): {bundle, device, adapter, executor, tokenizer, stats}; a graph takes
+// tensors and has no tokenizer (null). onProgress(stage, done, total) follows the stages
+// "weights" and "kernels".
 export async function loadBundle(base, kind, onProgress = () => {}) {
   const start = performance.now();
   const bundle = await Bundle.open(base);
@@ -25,7 +26,7 @@ export async function loadBundle(base, kind, onProgress = () => {}) {
   const kernels = await bundle.json(`kernels_${bundle.manifest.target}.json`);
   if (kernels.format !== "tapml-kernels" || kernels.version !== 1)
     throw new Error(`kernels_${bundle.manifest.target}.json is not a tapml-kernels v1 file`);
-  const tokenizer = await TextTokenizer.load(bundle);
+  const tokenizer = kind === "graph" ? null : await TextTokenizer.load(bundle);
   const executor = new PlanExecutor(device, plan, kernels.kernels);
   const weightsStart = performance.now();
   const weights = await bundle.loadWeights(executor, (done, total) => onProgress("weights", done, total));
