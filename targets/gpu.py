@@ -22,12 +22,48 @@ import tvm
 import tvm_ffi
 from tvm import tirx
 from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 
 from tapml.errors import CompileError
 from tapml.lower import expr_to_json
 
+
 # Rule lists tried in turn: the first that schedules and lowers a kernel wins. dlight's
 # GEMV/Matmul rules can fail on unusual kernels; GeneralReduction and Fallback always apply.
+# A kernel of many short sums (a convolution: a million outputs of 27 products each) goes to
+# Fallback's thread per output before the reduction rules, which would give each output a
+# workgroup that sums it across threads (a 640x640 detector ran 15x slower so).
+class ThreadPerOutput(GPUScheduleRule):
+    """A sum followed by elementwise blocks (a convolution with its bias and activation, its
+    padding computed where it is read): each thread makes one output, its sum in a register,
+    then the elementwise chain. (dlight's Fallback gives each block its own loop nest, which
+    leaves the sums in device memory between launches.)"""
+
+    def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _: bool) -> Any:
+        from tvm import s_tir
+
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(_inline_producers(func))
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        if len(blocks) != 2:
+            return None
+        total, output = blocks
+        kinds = [{int(v.iter_type) for v in sch.get(b).iter_vars} for b in blocks]
+        if tirx.IterVar.CommReduce not in kinds[0] or kinds[1] != {tirx.IterVar.DataPar}:
+            return None
+        block_x, thread_x = sch.split(sch.fuse(*sch.get_loops(output)),
+                                      [None, dl.base.max_threads_per_block(target)])  # fmt: skip
+        sch.bind(block_x, "blockIdx.x")
+        sch.bind(thread_x, "threadIdx.x")
+        sch.compute_at(total, thread_x)
+        sch.set_scope(total, 0, "local")
+        return sch
+
+
+SPATIAL = ("matmul+gemv+spatial", lambda: [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(),
+                                           ThreadPerOutput(), dl.gpu.Fallback()])  # fmt: skip
+MANY_OUTPUTS, SHORT_SUM = 1 << 14, 1 << 11
 RULE_SETS: list[tuple[str, Any]] = [
     ("matmul+gemv+reduction", lambda: [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(),
                                        dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
@@ -48,10 +84,11 @@ def schedule(name: str, func: tirx.PrimFunc, target: tvm.target.Target) -> tuple
     intermediate in device memory between launches does not count)."""
     errors = []
     params = [p.name for p in func.params]
-    for label, rules in RULE_SETS:
+    for label, rules in [SPATIAL, *RULE_SETS] if _many_short_sums(func) else RULE_SETS:
         if label in SKIP.get(target.kind.name, ()):
             continue
-        mod = tvm.IRModule({name: func.with_attr("global_symbol", name)})
+        prepared = _inline_producers(func) if label == SPATIAL[0] else func
+        mod = tvm.IRModule({name: prepared.with_attr("global_symbol", name)})
         try:
             with target:
                 mod = dl.ApplyDefaultSchedule(*rules())(mod)
@@ -63,6 +100,44 @@ def schedule(name: str, func: tirx.PrimFunc, target: tvm.target.Target) -> tuple
                 f"{label}: {type(e).__name__}: {(str(e).strip() or '?').splitlines()[-1][:200]}"
             )
     raise CompileError(f"kernel {name} cannot be scheduled for {target.kind.name}: {errors}")
+
+
+def _inline_producers(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """The kernel with its elementwise producers (a convolution's padding) computed where they
+    are read: Fallback would give each its own loop nest, an intermediate between launches."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        kinds = {int(v.iter_type) for v in sch.get(block).iter_vars}
+        if kinds <= {tirx.IterVar.DataPar} and sch.get_consumers(block):
+            try:
+                sch.compute_inline(block)
+            except s_tir.schedule.ScheduleError:
+                pass  # left to the rules as it is
+    return sch.mod["main"]
+
+
+def _many_short_sums(func: tirx.PrimFunc) -> bool:
+    """Whether every reduction block of the kernel makes at least MANY_OUTPUTS sums of at most
+    SHORT_SUM terms (and it has one)."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    reductions = []
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        spatial, reduced = 1, 1
+        for v in sch.get(block).iter_vars:
+            extent = v.dom.extent
+            if not isinstance(extent, tirx.IntImm):
+                return False
+            if int(v.iter_type) == tirx.IterVar.CommReduce:
+                reduced *= int(extent)
+            else:
+                spatial *= int(extent)
+        if reduced > 1:
+            reductions.append((spatial, reduced))
+    return bool(reductions) and all(s >= MANY_OUTPUTS and r <= SHORT_SUM for s, r in reductions)
 
 
 def _lower(mod: tvm.IRModule, target: tvm.target.Target):
