@@ -263,7 +263,7 @@ def test_packed_gemv_with_narrow_registers(lanes, monkeypatch):
         assert_close(arrays[-1], x @ w.T, "float32")
 
 
-@pytest.mark.parametrize("chunk", [7, 100])
+@pytest.mark.parametrize("chunk", [7, 40, 100])  # 40: rows of five 8-lane vectors
 def test_gemm_with_other_chunk_sizes(chunk):
     """Rows are vectorized: a chunk that is not a multiple of the vector width still works."""
     quant = QUANTIZATION["q4f32_1"]
@@ -556,3 +556,161 @@ def test_fast_exp_matches_numpy(fn):
     else:
         inside = (xs > -87) & (xs < 88)  # past these, exp is not a normal float32
         np.testing.assert_allclose(arrays[1][inside], exact[inside], rtol=5e-7, atol=0)
+
+
+# -- convolutions (ONNX graphs: PP-OCR's CNNs), as tapml lowers a Relax graph ---------------
+def graph_calls(inputs: dict[str, list[int]], body: Callable) -> list[tvm.tirx.PrimFunc]:
+    """The kernels a one-function Relax graph calls, in order, lowered as tapml lowers an ONNX
+    graph; `body(bb, *params)` emits the graph's ops and returns its output."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    params = [relax.Var(name, relax.TensorType(shape, "float32"))
+              for name, shape in inputs.items()]  # fmt: skip
+    with bb.function("main", params):
+        with bb.dataflow():
+            out = bb.emit_output(body(bb, *params))
+        bb.emit_func_output(out)
+    fused = lower.fuse(bb.get(), ["main"])
+    funcs = lower.kernel_functions(fused)
+    return [funcs[b.value.args[0].name_hint] for block in fused["main"].body.blocks
+            for b in block.bindings if isinstance(b.value, tvm.relax.Call)
+            and isinstance(b.value.op, tvm.ir.Op) and b.value.op.name.startswith("relax.call_tir")
+            ]  # fmt: skip
+
+
+def numpy_conv(x, w, stride=1, pad=0, groups=1):
+    """NCHW conv2d with OIHW weights, in float64."""
+    x = np.pad(x.astype("float64"), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    n, c, h, wd = x.shape
+    f, cg, kh, kw = w.shape
+    oh, ow = (h - kh) // stride + 1, (wd - kw) // stride + 1
+    out = np.zeros((n, f, oh, ow))
+    per_group = f // groups
+    for o in range(f):
+        g = o // per_group
+        for i in range(cg):
+            for dy in range(kh):
+                for dx in range(kw):
+                    window = x[:, g * cg + i, dy : dy + stride * oh : stride,
+                               dx : dx + stride * ow : stride]  # fmt: skip
+                    out[:, o] += w[o, i, dy, dx] * window
+    return out
+
+
+def hard_swish(y):
+    return y * np.clip(y + 3, 0, 6) / 6
+
+
+CONVS = [
+    # in channels, out channels, H, W, kernel, stride, pad, groups, epilogue: the detector's
+    # 3x3 conv, a 1x1 conv over rows of no whole vector, depthwise convs (one strided, of an
+    # odd width) and a strided conv of 3 channels (the first layer)
+    (8, 12, 9, 24, 3, 1, 1, 1, "bias_clip"),
+    (24, 20, 10, 14, 1, 1, 0, 1, "bias_hard_swish"),
+    (16, 16, 18, 40, 3, 1, 1, 16, "bias_hard_swish"),
+    (16, 16, 11, 32, 3, 2, 1, 16, "bias"),
+    (3, 8, 12, 34, 3, 2, 1, 1, "bias_clip"),
+    (4, 8, 7, 33, 3, 2, 1, 1, None),  # padded rows of an odd width: read at a stride
+    (6, 6, 7, 20, 5, 1, 2, 6, None),
+]
+
+
+@pytest.mark.parametrize("c,f,h,w,k,stride,pad,groups,epilogue", CONVS)
+def test_conv2d(c, f, h, w, k, stride, pad, groups, epilogue, target=TARGET):
+    from tvm import relax
+
+    def body(bb, x, weight, bias):
+        y = bb.emit(relax.op.nn.conv2d(x, weight, stride, pad, groups=groups))
+        if epilogue is None:
+            return y
+        y = bb.emit(relax.op.add(y, bias))
+        if epilogue == "bias_clip":
+            return bb.emit(relax.op.clip(y, 0, 6))
+        if epilogue == "bias_hard_swish":
+            six = relax.const(6.0, "float32")
+            gate = relax.op.clip(relax.op.add(y, relax.const(3.0, "float32")), 0, 6)
+            return bb.emit(relax.op.multiply(y, relax.op.divide(gate, six)))
+        return y
+
+    shapes = {"x": [1, c, h, w], "weight": [f, c // groups, k, k], "bias": [1, f, 1, 1]}
+    (func,) = graph_calls(shapes, body)
+    x, weight, bias = (rng.standard_normal(s).astype("float32") for s in shapes.values())
+    ref = numpy_conv(x, weight, stride, pad, groups)
+    if epilogue is not None:
+        ref = ref + bias
+    if epilogue == "bias_clip":
+        ref = np.clip(ref, 0, 6)
+    elif epilogue == "bias_hard_swish":
+        ref = hard_swish(ref)
+    args = [x, weight, *([bias] if epilogue else []), np.zeros(ref.shape, "float32")]
+    arrays, rule = run(func, args, target)
+    assert rule == "conv2d"
+    assert_close(arrays[-1], ref, "float32")
+
+
+@pytest.mark.parametrize("case", [CONVS[0], CONVS[2]])
+def test_conv2d_on_a_cpu_with_narrow_vectors(case):
+    test_conv2d(*case, target=tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"}))
+
+
+def test_squeeze_excitation_conv_with_an_epilogue_over_the_whole_image():
+    """A 1x1 conv of a pooled [1, C, 1, 1] vector whose hard-sigmoid scales the feature map:
+    the epilogue's output is larger than the conv's."""
+    from tvm import relax
+
+    def body(bb, pooled, weight, bias, features):
+        y = bb.emit(relax.op.add(relax.op.nn.conv2d(pooled, weight), bias))
+        scaled = relax.op.multiply(y, relax.const(0.2, "float32"))
+        gate = relax.op.clip(relax.op.add(scaled, relax.const(0.5, "float32")), 0, 1)
+        return bb.emit(relax.op.multiply(features, gate))
+
+    shapes = {"pooled": [1, 24, 1, 1], "weight": [32, 24, 1, 1], "bias": [1, 32, 1, 1],
+              "features": [1, 32, 20, 36]}  # fmt: skip
+    (func,) = graph_calls(shapes, body)
+    pooled, weight, bias, features = (rng.standard_normal(s).astype("float32")
+                                      for s in shapes.values())  # fmt: skip
+    gate = np.clip((numpy_conv(pooled, weight) + bias) * 0.2 + 0.5, 0, 1)
+    arrays, rule = run(func, [pooled, weight, bias, features, np.zeros_like(features)])
+    assert rule == "conv2d"
+    assert_close(arrays[-1], features * gate, "float32")
+
+
+@pytest.mark.parametrize("f,h,w", [(6, 8, 20), (1, 10, 16)])
+def test_conv2d_transpose_with_kernel_as_large_as_its_stride(f, h, w):
+    """The detector's upsampling: 2x2 kernels at stride 2, each output pixel one tap."""
+    from tvm import relax
+
+    def body(bb, x, weight, bias):
+        y = relax.op.nn.conv2d_transpose(x, weight, strides=2)
+        return bb.emit(relax.op.sigmoid(relax.op.add(y, bias)))
+
+    shapes = {"x": [1, 8, h, w], "weight": [8, f, 2, 2], "bias": [1, f, 1, 1]}
+    (func,) = graph_calls(shapes, body)
+    x, weight, bias = (rng.standard_normal(s).astype("float32") for s in shapes.values())
+    ref = np.einsum("nihw,ioab->nohawb", x.astype("float64"), weight)
+    ref = ref.reshape(1, f, 2 * h, 2 * w) + bias
+    arrays, rule = run(func, [x, weight, bias, np.zeros(ref.shape, "float32")])
+    assert rule == "conv2d_transpose"
+    assert_close(arrays[-1], 1 / (1 + np.exp(-ref)), "float32")
+
+
+def test_global_average_pool_and_a_mean_over_the_last_axis_are_row_reductions():
+    """A mean over H and W (a sum over both axes fused), and a LayerNorm's keepdims mean (one
+    input summed, no matmul)."""
+    from tvm import relax
+
+    x = rng.standard_normal((1, 12, 9, 40)).astype("float32")
+    (pool,) = graph_calls({"x": [1, 12, 9, 40]},
+                          lambda bb, x: bb.emit(relax.op.mean(x, [2, 3], keepdims=True)))
+    arrays, rule = run(pool, [x, np.zeros((1, 12, 1, 1), "float32")])
+    assert rule == "row_reduction"
+    assert_close(arrays[-1], x.mean(axis=(2, 3), keepdims=True), "float32")
+    y = rng.standard_normal((1, 40, 120)).astype("float32")
+    (center,) = graph_calls(
+        {"y": [1, 40, 120]},
+        lambda bb, y: bb.emit(relax.op.subtract(y, relax.op.mean(y, [2], keepdims=True))),
+    )
+    arrays, rule = run(center, [y, np.zeros_like(y)])
+    assert rule == "row_reduction"
+    assert_close(arrays[-1], y - y.mean(axis=2, keepdims=True), "float32")

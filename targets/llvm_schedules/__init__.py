@@ -3,8 +3,9 @@
 Like dlight's rules, but for the kernels tapml.nn produces: a matmul with one output row
 (decode GEMV; `packed.py` for quantized weights), a matmul with many rows (prefill GEMM), a
 row reduction followed by elementwise blocks (RMSNorm), elementwise kernels, and independent
-rows with bodies of their own (the hand-written attention). Kernels that match no rule are
-left as they are.
+rows with bodies of their own (the hand-written attention); and for the kernels of ONNX
+graphs, convolutions (`conv.py`: conv2d with its padding and epilogue, depthwise, strided,
+transposed). Kernels that match no rule are left as they are.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.schedule import ScheduleError
 
 from .base import PREFETCH_BYTES, Kernel, Rule
+from .conv import conv2d, conv2d_transpose
 from .fast_math import fast_exp, fast_math
 from .matmul import gemm, gemv
 from .packed import packed_gemv, prefetch, prefetch_rows
@@ -32,6 +34,8 @@ RULES: list[Rule] = [
     Rule("packed_gemv", packed_gemv, prefetch_rows),
     Rule("gemv", gemv),
     Rule("gemm", gemm),
+    Rule("conv2d_transpose", conv2d_transpose),
+    Rule("conv2d", conv2d),
     Rule("row_reduction", row_reduction),
     Rule("elementwise", elementwise),
     Rule("independent_rows", independent_rows, finish_rows),

@@ -18,6 +18,7 @@ FIELD_CHAINS = 2  # a packed GEMV sums a word's fields in this many independent 
 PREFETCH_BYTES = 8192  # how far ahead of its current row a GEMV asks memory for weights
 GEMM_COLS = 16  # output columns per parallel task of a GEMM (weight tile rows)
 GEMM_UNROLL = 8  # output columns whose accumulators stay in registers together
+GEMM_REGISTERS = 32  # vector registers of AVX-512 (AVX2 has half): a GEMM tile's budget
 GEMM_ROWS = 128  # rows of a GEMM's row block: its transposed x (K x 128 floats) stays in L2
 MIN_WORD = 4  # fewer values "packed" per word than this are pairs (RoPE), not a word
 

@@ -12,6 +12,7 @@ from tvm.s_tir.schedule import SBlockRV
 
 from .base import (
     GEMM_COLS,
+    GEMM_REGISTERS,
     GEMM_ROWS,
     GEMM_UNROLL,
     GEMV_CHAINS,
@@ -50,6 +51,9 @@ def match_matmul(kernel: Kernel) -> Matmul | None:
     others = kernel.blocks[:i] + kernel.blocks[i + 1 :]
     if not all(kernel.is_injective(b) for b in others):
         return None
+    stmt = kernel.get(block)
+    if len([r for r in stmt.reads if not r.source.same_as(stmt.writes[0].source)]) < 2:
+        return None  # a sum of one input's values (a mean), not of products
     extents = [extent(kernel.sch, loop) for loop in kernel.sch.get_loops(block)]
     if None in extents or x_read(kernel, block) is None:
         return None
@@ -147,9 +151,20 @@ def gemm(kernel: Kernel) -> bool:
     unroll = divisor(cols, GEMM_UNROLL)
     n_task, n_group, n_unroll = sch.split(n, [None, cols // unroll, unroll])
     lanes = divisor(match.rows, 2 * kernel.lanes())
+    vector = lanes
+    if lanes & (lanes - 1):  # LLVM splits a vector of 20 or 25 floats into a mess of shuffles
+        vector = min(match.rows & -match.rows, kernel.lanes())  # a power of two, of the rows
+        registers = GEMM_REGISTERS * kernel.lanes() // 16
+        if vector >= 4:
+            lanes = vector * divisor(match.rows // vector, max(1, registers // unroll))
+        else:
+            vector = lanes
     block_rows = divisor(match.rows // lanes, GEMM_ROWS // lanes) * lanes
     m_block, m_outer, m_inner = sch.split(m, [None, block_rows // lanes, lanes])
     sch.reorder(*batch, m_block, n_task, n_group, m_outer, k, n_unroll, m_inner)
+    if vector != lanes:  # a tile's rows as several vectors of a power of two
+        m_vectors, m_inner = sch.split(m_inner, [None, vector])
+        sch.unroll(m_vectors)
     sch.vectorize(m_inner)
     sch.unroll(n_unroll)
     sch.reverse_compute_at(acc, n_group)

@@ -20,22 +20,26 @@ from .base import (
 )
 
 
-# -- row reductions (RMSNorm, LayerNorm, softmax): reductions over each row's last axis, ------
-# -- with elementwise blocks between and after them --------------------------------------------
+# -- row reductions (RMSNorm, LayerNorm, softmax, global pooling): reductions over each row's ---
+# -- last axes, with elementwise blocks between and after them ---------------------------------
 def row_reduction(kernel: Kernel) -> bool:
     """Rows in parallel (if large), each row's blocks in turn: sums vectorized in lanes,
-    elementwise blocks and the output vectorized."""
+    elementwise blocks and the output vectorized. A sum over several last axes (a global
+    average pool's H and W) is a sum over them fused."""
     if not all(kernel.is_simple(b) for b in kernel.blocks):
         return False
     kinds = [kernel.kinds(b) for b in kernel.blocks]
     reductions = [i for i, k in enumerate(kinds) if "R" in k]
     if not reductions or "R" in kinds[-1]:
         return False
-    if any(kinds[i].count("R") != 1 or not kinds[i].endswith("R") for i in reductions):
-        return False
+    if any(set(kinds[i].rstrip("R")) - {"S"} for i in reductions):
+        return False  # a reduction's axes are its last ones
     if any(set(k) != {"S"} for i, k in enumerate(kinds) if i not in reductions):
         return False
     sch = kernel.sch
+    for i in reductions:
+        if kinds[i].count("R") > 1:
+            sch.fuse(*sch.get_loops(kernel.blocks[i])[-kinds[i].count("R") :])
     last = inline_chain(kernel, kernel.blocks[reductions[-1] + 1 :])
     loops = sch.get_loops(last)
     row = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
@@ -70,7 +74,7 @@ def _sum_in_lanes(kernel: Kernel, block) -> object | None:
     if not 1 < lanes < extent(sch, k):
         return None
     _, k_lane = sch.split(k, [None, lanes])
-    return sch.rfactor(k_lane, factor_axis=len(kernel.kinds(block)) - 1)
+    return sch.rfactor(k_lane, factor_axis=kernel.kinds(block).count("S"))
 
 
 # -- elementwise (gathers, copies, RoPE, casts) -------------------------------------------------
