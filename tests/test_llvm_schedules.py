@@ -617,7 +617,7 @@ CONVS = [
 
 
 @pytest.mark.parametrize("c,f,h,w,k,stride,pad,groups,epilogue", CONVS)
-def test_conv2d(c, f, h, w, k, stride, pad, groups, epilogue, target=TARGET):
+def test_conv2d(c, f, h, w, k, stride, pad, groups, epilogue, target=TARGET, batch=1):
     from tvm import relax
 
     def body(bb, x, weight, bias):
@@ -633,7 +633,7 @@ def test_conv2d(c, f, h, w, k, stride, pad, groups, epilogue, target=TARGET):
             return bb.emit(relax.op.multiply(y, relax.op.divide(gate, six)))
         return y
 
-    shapes = {"x": [1, c, h, w], "weight": [f, c // groups, k, k], "bias": [1, f, 1, 1]}
+    shapes = {"x": [batch, c, h, w], "weight": [f, c // groups, k, k], "bias": [1, f, 1, 1]}
     (func,) = graph_calls(shapes, body)
     x, weight, bias = (rng.standard_normal(s).astype("float32") for s in shapes.values())
     ref = numpy_conv(x, weight, stride, pad, groups)
@@ -652,6 +652,12 @@ def test_conv2d(c, f, h, w, k, stride, pad, groups, epilogue, target=TARGET):
 @pytest.mark.parametrize("case", [CONVS[0], CONVS[2]])
 def test_conv2d_on_a_cpu_with_narrow_vectors(case):
     test_conv2d(*case, target=tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"}))
+
+
+@pytest.mark.parametrize("case", [CONVS[0], CONVS[3]])
+def test_conv2d_of_a_batch(case):
+    """Each task stages its image's padded rows."""
+    test_conv2d(*case, batch=2)
 
 
 def test_squeeze_excitation_conv_with_an_epilogue_over_the_whole_image():
@@ -676,23 +682,29 @@ def test_squeeze_excitation_conv_with_an_epilogue_over_the_whole_image():
     assert_close(arrays[-1], features * gate, "float32")
 
 
-@pytest.mark.parametrize("f,h,w", [(6, 8, 20), (1, 10, 16)])
-def test_conv2d_transpose_with_kernel_as_large_as_its_stride(f, h, w):
-    """The detector's upsampling: 2x2 kernels at stride 2, each output pixel one tap."""
+@pytest.mark.parametrize("f,h,w,pad", [(6, 8, 20, 0), (1, 10, 16, 0), (5, 6, 9, 1)])
+def test_conv2d_transpose_with_kernel_as_large_as_its_stride(f, h, w, pad):
+    """The detector's upsampling: 2x2 kernels at stride 2, each output pixel one tap (with
+    its bias and sigmoid; the padded one without)."""
     from tvm import relax
 
     def body(bb, x, weight, bias):
-        y = relax.op.nn.conv2d_transpose(x, weight, strides=2)
-        return bb.emit(relax.op.sigmoid(relax.op.add(y, bias)))
+        y = bb.emit(relax.op.nn.conv2d_transpose(x, weight, strides=2, padding=pad))
+        return y if pad else bb.emit(relax.op.sigmoid(relax.op.add(y, bias)))
 
     shapes = {"x": [1, 8, h, w], "weight": [8, f, 2, 2], "bias": [1, f, 1, 1]}
     (func,) = graph_calls(shapes, body)
     x, weight, bias = (rng.standard_normal(s).astype("float32") for s in shapes.values())
     ref = np.einsum("nihw,ioab->nohawb", x.astype("float64"), weight)
-    ref = ref.reshape(1, f, 2 * h, 2 * w) + bias
-    arrays, rule = run(func, [x, weight, bias, np.zeros(ref.shape, "float32")])
+    ref = ref.reshape(1, f, 2 * h, 2 * w)
+    if pad:
+        ref = ref[:, :, pad:-pad, pad:-pad]
+    else:
+        ref = 1 / (1 + np.exp(-(ref + bias)))
+    args = [x, weight, *([] if pad else [bias]), np.zeros(ref.shape, "float32")]
+    arrays, rule = run(func, args)
     assert rule == "conv2d_transpose"
-    assert_close(arrays[-1], 1 / (1 + np.exp(-ref)), "float32")
+    assert_close(arrays[-1], ref, "float32")
 
 
 def test_global_average_pool_and_a_mean_over_the_last_axis_are_row_reductions():

@@ -202,12 +202,12 @@ def conv2d(kernel: Kernel) -> bool:
         sch.unroll(loop)
     if lanes > 1:
         sch.vectorize(x_l)
+    if pad is not None:  # before the task's loops are fused: its rows, channels, batch apart
+        sch.compute_at(pad, outer[-1])
+        _stage_input(kernel, pad, stride)
     task = sch.fuse(*outer)
     if macs >= CONV_PARALLEL_MIN_MACS:
         sch.parallel(task)
-    if pad is not None:
-        sch.compute_at(pad, task)
-        _stage_input(kernel, pad, stride)
     sch.decompose_reduction(block, c)
     return True
 
@@ -478,6 +478,6 @@ def _with_transposed(kernel: Kernel, match: Conv, t: Transposed) -> tirx.PrimFun
     epilogue = nests[len(match.producers) + 1 :]
     dropped = [kernel.get(b).writes[0].source for b in match.producers]
     allocs = [b for b in root.alloc_buffers if not any(b.same_as(d) for d in dropped)]
-    body = tirx.SeqStmt([core_root.body, *epilogue])
+    body = tirx.SeqStmt([core_root.body, *epilogue]) if epilogue else core_root.body
     block = s_tir.stmt.SBlock([], [], [], "root", body, alloc_buffers=allocs)
     return func.with_body(s_tir.stmt.SBlockRealize([], True, block))
