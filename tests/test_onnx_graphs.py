@@ -91,12 +91,12 @@ def test_ocr_reads_rendered_text_on_webgpu(ocr_artifacts):
 def test_ocr_command_prints_lines_with_boxes(ocr_artifacts, tmp_path, monkeypatch):
     ocr_artifacts("llvm")  # compiled under the cards' names, as the command finds them
     image = tmp_path / "page.png"
-    render_text(["Invoice 2026", "tapml reads text"], str(FONTS / "dejavu/DejaVuSans.ttf"),
-                44).save(image)  # fmt: skip
+    render_text(["Hello World 2026", "tapml reads text"], str(FONTS / "dejavu/DejaVuSans.ttf"),
+                48).save(image)  # fmt: skip
     result = CliRunner().invoke(main, ["-q", "ocr", str(image), "--json"])
     assert result.exit_code == 0, result.output
     (page,) = json.loads(result.stdout)
-    assert [line["text"] for line in page["lines"]] == ["Invoice 2026", "tapml reads text"]
+    assert [line["text"] for line in page["lines"]] == ["Hello World 2026", "tapml reads text"]
     top, bottom = (line["box"] for line in page["lines"])
     assert len(top) == 4 and top[2][1] <= bottom[0][1] + 2
 
