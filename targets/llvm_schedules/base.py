@@ -151,3 +151,28 @@ def is_elementwise(kernel: Kernel, block: SBlockRV) -> bool:
 
 def substitute_vars(node, renames: dict):
     return tvm_ffi.structural_map(node, (tirx.Var, lambda v: renames.get(v, v)))
+
+
+def uses(expr, var: tirx.Var) -> bool:
+    """Whether `var` appears in `expr`."""
+    found = []
+    tvm_ffi.structural_walk(expr, (tirx.Var, lambda v: found.append(v.same_as(var))))
+    return any(found)
+
+
+def coefficient(expr, var: tirx.Var) -> int | None:
+    """c in `expr = c * var + (terms free of var)`, else None."""
+    if expr.same_as(var):
+        return 1
+    if isinstance(expr, tirx.Mul):
+        if expr.a.same_as(var) and isinstance(expr.b, tirx.IntImm):
+            return int(expr.b.value)
+        if expr.b.same_as(var) and isinstance(expr.a, tirx.IntImm):
+            return int(expr.a.value)
+        return None
+    if isinstance(expr, tirx.Add):
+        if not uses(expr.a, var):
+            return coefficient(expr.b, var)
+        if not uses(expr.b, var):
+            return coefficient(expr.a, var)
+    return None

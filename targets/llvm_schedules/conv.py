@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import tvm
-import tvm_ffi
 from tvm import s_tir, te, tirx
 from tvm.s_tir.schedule import LoopRV, SBlockRV
 from tvm.sym.analyzer import Analyzer
@@ -20,12 +19,14 @@ from tvm.sym.analyzer import Analyzer
 from .base import (
     PARALLEL_MIN_ELEMENTS,
     Kernel,
+    coefficient,
     divisor,
     elements,
     extent,
     inline_chain,
     is_elementwise,
     substitute_vars,
+    uses,
     vectorize_inner,
 )
 
@@ -74,42 +75,18 @@ def match_conv(kernel: Kernel) -> Conv | None:
     (write,) = stmt.writes
     if not all(r.min.same_as(v) for r, v in zip(write.region, [n, f, y, x], strict=True)):
         return None
-    data = [r for r in stmt.reads if len(r.region) == 4 and _uses(r.region[3].min, x)]
+    data = [r for r in stmt.reads if len(r.region) == 4 and uses(r.region[3].min, x)]
     if len(data) != 1:
         return None
     index = data[0].region
-    strides = (_coefficient(index[2].min, y), _coefficient(index[3].min, x))
-    if None in strides or _uses(index[3].min, y) or _uses(index[2].min, x):
+    strides = (coefficient(index[2].min, y), coefficient(index[3].min, x))
+    if None in strides or uses(index[3].min, y) or uses(index[2].min, x):
         return None
     buffer = data[0].source
     rows_whole = (extents[5:] == [1, 1] and strides == (1, 1)
                   and [int(d) for d in buffer.shape[2:]] == extents[2:4])  # fmt: skip
     return Conv(kernel.blocks[:i], block, kernel.blocks[i + 1 :], extents, buffer,
-                _uses(index[1].min, f), strides, rows_whole)  # fmt: skip
-
-
-def _uses(expr, var: tirx.Var) -> bool:
-    found = []
-    tvm_ffi.structural_walk(expr, (tirx.Var, lambda v: found.append(v.same_as(var))))
-    return any(found)
-
-
-def _coefficient(expr, var: tirx.Var) -> int | None:
-    """c in `expr = c * var + (terms free of var)`, else None."""
-    if expr.same_as(var):
-        return 1
-    if isinstance(expr, tirx.Mul):
-        if expr.a.same_as(var) and isinstance(expr.b, tirx.IntImm):
-            return int(expr.b.value)
-        if expr.b.same_as(var) and isinstance(expr.a, tirx.IntImm):
-            return int(expr.a.value)
-        return None
-    if isinstance(expr, tirx.Add):
-        if not _uses(expr.a, var):
-            return _coefficient(expr.b, var)
-        if not _uses(expr.b, var):
-            return _coefficient(expr.a, var)
-    return None
+                uses(index[1].min, f), strides, rows_whole)  # fmt: skip
 
 
 def conv2d(kernel: Kernel) -> bool:

@@ -11,11 +11,13 @@ from tvm.tirx import stmt as tirx_stmt
 from .base import (
     PARALLEL_MIN_ELEMENTS,
     Kernel,
+    coefficient,
     divisor,
     elements,
     extent,
     inline_chain,
     substitute_vars,
+    uses,
     vectorize_inner,
 )
 
@@ -201,9 +203,9 @@ def _is_lane_loop(loop: tirx.For) -> bool:
     var = loop.loop_var
     written = []  # (buffer, indices) of each store
     for st in stores:
-        if not st.indices or not _plus_var(st.indices[-1], var):
+        if not st.indices or coefficient(st.indices[-1], var) != 1:
             return False
-        if any(_uses(i, var) for i in st.indices[:-1]):
+        if any(uses(i, var) for i in st.indices[:-1]):
             return False
         written.append((st.buffer, st.indices))
     reads_ok = [True]
@@ -220,23 +222,3 @@ def _is_lane_loop(loop: tirx.For) -> bool:
 
     tvm_ffi.structural_walk(body, (tvm.ir.expr.TensorLoad, check))
     return reads_ok[0]
-
-
-def _plus_var(expr, var: tirx.Var) -> bool:
-    """Whether `expr` is `var` plus terms free of it (so it moves one to one with `var`)."""
-    if expr.same_as(var):
-        return True
-    if isinstance(expr, tirx.Add):
-        if not _uses(expr.a, var):
-            return _plus_var(expr.b, var)
-        if not _uses(expr.b, var):
-            return _plus_var(expr.a, var)
-    return False
-
-
-def _uses(expr, var: tirx.Var) -> bool:
-    found = []
-    tvm_ffi.structural_walk(expr, (tirx.Var, lambda v: found.append(v.same_as(var))))
-    return any(found)
-
-
