@@ -61,8 +61,11 @@ class ThreadPerOutput(GPUScheduleRule):
         return sch
 
 
-SPATIAL = ("matmul+gemv+spatial", lambda: [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(),
-                                           ThreadPerOutput(), dl.gpu.Fallback()])  # fmt: skip
+SPATIAL_SETS: list[tuple[str, Any]] = [
+    ("matmul+gemv+spatial", lambda: [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(),
+                                     ThreadPerOutput(), dl.gpu.Fallback()]),
+    ("spatial", lambda: [ThreadPerOutput(), dl.gpu.Fallback()]),
+]  # fmt: skip
 MANY_OUTPUTS, SHORT_SUM = 1 << 14, 1 << 11
 RULE_SETS: list[tuple[str, Any]] = [
     ("matmul+gemv+reduction", lambda: [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(),
@@ -75,7 +78,7 @@ RULE_SETS: list[tuple[str, Any]] = [
 
 # dlight's Matmul rule takes a simdgroup path on Metal whose codegen crashes TVM 0.27
 # (a segfault, which no fallback can catch): Metal gets the other rule sets.
-SKIP = {"metal": ("matmul+gemv+reduction",)}
+SKIP = {"metal": ("matmul+gemv+reduction", "matmul+gemv+spatial")}
 
 
 def schedule(name: str, func: tirx.PrimFunc, target: tvm.target.Target) -> tuple[str, Any]:
@@ -84,10 +87,11 @@ def schedule(name: str, func: tirx.PrimFunc, target: tvm.target.Target) -> tuple
     intermediate in device memory between launches does not count)."""
     errors = []
     params = [p.name for p in func.params]
-    for label, rules in [SPATIAL, *RULE_SETS] if _many_short_sums(func) else RULE_SETS:
+    spatial = _many_short_sums(func)
+    for label, rules in [*SPATIAL_SETS, *RULE_SETS] if spatial else RULE_SETS:
         if label in SKIP.get(target.kind.name, ()):
             continue
-        prepared = _inline_producers(func) if label == SPATIAL[0] else func
+        prepared = _inline_producers(func) if label in dict(SPATIAL_SETS) else func
         mod = tvm.IRModule({name: prepared.with_attr("global_symbol", name)})
         try:
             with target:
