@@ -34,10 +34,10 @@ from tapml.lower import expr_to_json
 # Fallback's thread per output before the reduction rules, which would give each output a
 # workgroup that sums it across threads (a 640x640 detector ran 15x slower so).
 class ThreadPerOutput(GPUScheduleRule):
-    """A sum followed by elementwise blocks (a convolution with its bias and activation, its
-    padding computed where it is read): each thread makes one output, its sum in a register,
-    then the elementwise chain. (dlight's Fallback gives each block its own loop nest, which
-    leaves the sums in device memory between launches.)"""
+    """A sum, alone or followed by elementwise blocks (a convolution with its bias and
+    activation, its padding computed where it is read): each thread makes one output, its sum
+    in a register, then the elementwise chain. (dlight's Fallback gives each block its own
+    loop nest, which leaves the sums in device memory between launches.)"""
 
     def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _: bool) -> Any:
         from tvm import s_tir
@@ -46,6 +46,8 @@ class ThreadPerOutput(GPUScheduleRule):
             return None
         sch = s_tir.Schedule(_inline_producers(func))
         blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        if len(blocks) == 1:  # the sum writes the output: sum in a register, then store
+            blocks = [blocks[0], sch.cache_write(blocks[0], 0, "local")]
         if len(blocks) != 2:
             return None
         total, output = blocks
@@ -61,6 +63,9 @@ class ThreadPerOutput(GPUScheduleRule):
         return sch
 
 
+# A padded convolution skips dlight's Matmul: its tiles load the input before checking the
+# padding's bounds (the check becomes a select of the loaded value), reading before the
+# buffer's start at the image's top rows, which PoCL's OpenCL faults on.
 SPATIAL_SETS: list[tuple[str, Any]] = [
     ("matmul+gemv+spatial", lambda: [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(),
                                      ThreadPerOutput(), dl.gpu.Fallback()]),
@@ -87,8 +92,10 @@ def schedule(name: str, func: tirx.PrimFunc, target: tvm.target.Target) -> tuple
     intermediate in device memory between launches does not count)."""
     errors = []
     params = [p.name for p in func.params]
-    spatial = _many_short_sums(func)
-    for label, rules in [*SPATIAL_SETS, *RULE_SETS] if spatial else RULE_SETS:
+    sets = RULE_SETS
+    if _many_short_sums(func):
+        sets = [SPATIAL_SETS[1], *RULE_SETS] if _pads(func) else [*SPATIAL_SETS, *RULE_SETS]
+    for label, rules in sets:
         if label in SKIP.get(target.kind.name, ()):
             continue
         prepared = _inline_producers(func) if label in dict(SPATIAL_SETS) else func
@@ -120,6 +127,21 @@ def _inline_producers(func: tirx.PrimFunc) -> tirx.PrimFunc:
             except s_tir.schedule.ScheduleError:
                 pass  # left to the rules as it is
     return sch.mod["main"]
+
+
+def _pads(func: tirx.PrimFunc) -> bool:
+    """Whether the kernel reads an input through a padding block (a value or zero where the
+    index falls outside it: `if_then_else`)."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    found = []
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        body = sch.get(block).body
+        if sch.get_consumers(block) and isinstance(body, tirx.BufferStore):
+            tvm_ffi.structural_walk(body.value, (tvm.ir.expr.Call, lambda c: found.append(
+                c.op.same_as(tvm.ir.Op.get("prim.if_then_else")))))  # fmt: skip
+    return any(found)
 
 
 def _many_short_sums(func: tirx.PrimFunc) -> bool:
