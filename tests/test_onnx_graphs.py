@@ -216,3 +216,28 @@ def test_graph_kernels_generate_metal_code():
     plan = json.loads((artifact / "plan.json").read_text())
     assert set(records) == {c["kernel"] for f in plan["functions"].values() for c in f["calls"]}
     assert all(record["source"] for record in records.values())
+
+
+@pytest.mark.parametrize("pad, size, relu, rules", [
+    (1, 3, True, "spatial"), (1, 3, False, "spatial"), (0, 1, True, "matmul+gemv+spatial"),
+])  # fmt: skip
+def test_a_padded_convolution_gets_a_thread_per_output_on_gpus(tmp_path, pad, size, relu, rules):
+    """A padded convolution is kept from dlight's Matmul tiles, which load the input before
+    checking the padding's bounds (reading before the buffer: PoCL's OpenCL faulted on the
+    detector); an unpadded one (1x1) keeps them. No output is summed by a whole workgroup."""
+    from tapml.graph import OnnxGraph
+    from tapml.graph_plan import build_graph_plan
+    from tapml.targets import get_target
+    from tapml.targets.gpu import schedule
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 64, 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [32, 16, size, size],
+                           np.ones(32 * 16 * size * size, np.float32))  # fmt: skip
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c" if relu else "y"], pads=[pad] * 4)]
+    nodes += [helper.make_node("Relu", ["c"], ["y"])] if relu else []
+    graph = OnnxGraph.open(_save(tmp_path, nodes, [x], [y], initializer=[w]))
+    kernels, _, _ = build_graph_plan(graph, graph.entries(()), {})
+    (name,) = [k for k in kernels if "conv2d" in k]
+    label, _ = schedule(name, kernels[name], get_target("webgpu").tvm_target())
+    assert label == rules
