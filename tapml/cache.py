@@ -47,8 +47,6 @@ def _source_digest() -> str:
 def cache_key(gguf_path: Path, options: CompileOptions) -> str:
     """A hash of the model file, the options that shape its artifact and tapml's code: an
     embedding model asked for with another KV cache dtype finds the same artifact."""
-    import tvm
-
     from .models import model_task
 
     inputs = {
@@ -57,9 +55,21 @@ def cache_key(gguf_path: Path, options: CompileOptions) -> str:
         "options": options.shaping(model_task(gguf_path)),
         "tapml": __version__,
         "tapml_source": _source_digest(),
-        "tvm": tvm.__version__,
+        "tvm": _tvm_version(),
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def _tvm_version() -> str:
+    """The installed TVM's version, read without importing it (see targets/tvm_runtime)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("apache-tvm")
+    except PackageNotFoundError:  # built from source
+        import tvm
+
+        return tvm.__version__
 
 
 def _companions(model_path: Path) -> dict[str, str]:

@@ -55,10 +55,10 @@ class TargetSpec:
         """The TVM target options, with machine-dependent defaults filled in."""
         options = dict(self.options)
         if self.kind == "llvm":
-            from tvm.target.codegen import llvm_get_system_cpu
+            from .llvm import host_cpu
 
             # "native" silently falls back to a generic CPU: always name the model.
-            options["mcpu"] = llvm_get_system_cpu()
+            options["mcpu"] = host_cpu()
         if self.limits is not None:
             options["max_num_threads"] = self.limits.max_invocations
         options.update(overrides or {})

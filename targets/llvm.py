@@ -21,6 +21,7 @@ import numpy as np
 from tapml.errors import ExecutorError, TapmlError
 from tapml.plan import Plan, evaluate
 
+from . import tvm_runtime
 from .executor import Executor
 
 
@@ -30,10 +31,7 @@ class TvmRuntimeExecutor(Executor):
     name = "tvm"
 
     def __init__(self, plan: Plan, library: Path, device: str = "cpu"):
-        import tvm
-
         library = Path(library)
-        self._tvm = tvm
         self.name = "llvm" if device == "cpu" else device
         self._device, self._lib = self._open(library, device)
         # numpy reads and writes this process's CPU tensors in place (DLPack): TVM's own copies
@@ -50,19 +48,19 @@ class TvmRuntimeExecutor(Executor):
 
     def _open(self, library: Path, device: str) -> tuple[Any, Any]:
         """The TVM device to run on and the loaded library (a TVM RPC session's, remotely)."""
-        tvm_device = self._tvm.device(device, 0)
-        if not tvm_device.exist:
+        tvm_device = tvm_runtime.device(device)
+        if not tvm_runtime.device_exists(tvm_device):
             raise ExecutorError(f"no {device} device on this machine to run {library.name}")
         try:
-            return tvm_device, self._tvm.runtime.load_module(str(library))
+            return tvm_device, tvm_runtime.load_module(library)
         except Exception as e:  # TVM raises its own error types for unreadable libraries
             raise ExecutorError(f"cannot load kernel library {library}: {e}") from e
 
     def _alloc(self, nbytes: int) -> Any:
-        return self._tvm.runtime.empty((max(nbytes, 1),), "uint8", self._device)
+        return tvm_runtime.empty(max(nbytes, 1), self._device)
 
     def _view(self, base: Any, shape: list[int], dtype: str) -> Any:
-        return base._create_view(shape, dtype)
+        return tvm_runtime.view(base, shape, dtype)
 
     def _upload(self, buffer: Any, array: np.ndarray) -> None:
         if self._in_place:
@@ -73,12 +71,15 @@ class TvmRuntimeExecutor(Executor):
     def _download(self, buffer: Any) -> np.ndarray:
         return np.from_dlpack(buffer).copy() if self._in_place else buffer.numpy()
 
+    def _host_array(self, buffer: Any) -> np.ndarray | None:
+        return np.from_dlpack(buffer) if self._in_place else None
+
     def _launch(self, kernel: str, args: list[Any]) -> None:
         self._kernels[kernel](*args)
 
     def _sync(self) -> None:
         # GPU launches are asynchronous; a CPU device's sync returns at once.
-        self._device.sync()
+        tvm_runtime.sync(self._device)
 
     def run(self, function: str, scalars: Mapping[str, int], inputs: Mapping[str, np.ndarray],
             interrupt: Callable[[], None] | None = None) -> np.ndarray:  # fmt: skip
@@ -160,13 +161,11 @@ class HostMemory:
 
     def take(self, nbytes: int) -> Any:
         """The next `nbytes` of the block as a uint8 CPU tensor."""
-        import tvm
-
         size = self.rounded(nbytes)
         if size > len(self._free):
             raise ExecutorError(f"host memory block has {len(self._free)} bytes left, not {size}")
         block, self._free = self._free[:size], self._free[size:]
-        return tvm.runtime.from_dlpack(block[: max(nbytes, 1)])
+        return tvm_runtime.from_dlpack(block[: max(nbytes, 1)])
 
 
 def build(kernels: dict[str, Any], target: Any, path: Path, progress: bool = False) -> None:
@@ -235,9 +234,58 @@ def available(spec) -> tuple[bool, str]:
         if not tvm.metal(0).exist:
             return False, "this Mac has no Metal device that TVM's runtime can open"
         return True, f"{tvm.metal(0).device_name} through TVM's Metal runtime"
+    return True, f"this CPU ({host_cpu()}) through the TVM runtime"
+
+
+HOST_CPU_FILE = "host-cpu.json"
+
+
+def host_cpu() -> str:
+    """LLVM's name for this machine's CPU, the llvm target's `mcpu`.
+
+    Asking LLVM loads TVM's compiler, which a run of a cached artifact otherwise never needs
+    (the name is part of the cache key): the answer is remembered in the cache root per CPU
+    model and feature flags, as /proc/cpuinfo gives them.
+    """
+    from tapml.cache import cache_root
+    from tapml.fileio import write_atomic
+
+    fingerprint = _cpu_fingerprint()
+    store = cache_root() / HOST_CPU_FILE
+    try:
+        known = json.loads(store.read_text())
+    except (OSError, ValueError):
+        known = {}
+    known = known if isinstance(known, dict) else {}
+    if fingerprint is not None and isinstance(known.get(fingerprint), str):
+        return known[fingerprint]
     from tvm.target.codegen import llvm_get_system_cpu
 
-    return True, f"this CPU ({llvm_get_system_cpu()}) through the TVM runtime"
+    name = str(llvm_get_system_cpu())
+    if fingerprint is not None:
+        known[fingerprint] = name  # a cache root shared by a few machines knows each
+        try:
+            write_atomic(store, json.dumps(known).encode())
+        except OSError:
+            pass  # a read-only cache: ask LLVM again next time
+    return name
+
+
+def _cpu_fingerprint() -> str | None:
+    """A hash of what describes this CPU to LLVM: its first processor's identity and feature
+    lines in /proc/cpuinfo (None where there is none)."""
+    import hashlib
+    import platform
+
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    first = text.split("\n\n", 1)[0]
+    keys = ("vendor_id", "cpu family", "model", "model name", "flags", "Features",
+            "CPU implementer", "CPU part")  # fmt: skip
+    lines = [line for line in first.splitlines() if line.split(":")[0].strip() in keys]
+    return hashlib.sha256("\n".join([platform.machine(), *lines]).encode()).hexdigest()[:16]
 
 
 # -- threads -------------------------------------------------------------------------
@@ -262,9 +310,7 @@ def default_threads() -> int:
 
 def tvm_threads() -> int:
     """The threads TVM's CPU thread pool runs kernels on (it starts the pool if need be)."""
-    import tvm
-
-    return int(tvm.get_global_func("runtime.NumThreads")())
+    return int(tvm_runtime.function("runtime.NumThreads")())
 
 
 def set_threads(threads: int | None = None) -> int:
@@ -277,10 +323,8 @@ def set_threads(threads: int | None = None) -> int:
     threads = threads or default_threads()
     os.environ["TVM_NUM_THREADS"] = str(threads)
     if tvm_threads() != threads:
-        import tvm
-
         # mode 1 (kBig): the pool's default, every worker on the fastest cores
-        tvm.get_global_func("runtime.config_threadpool")(1, threads)
+        tvm_runtime.function("runtime.config_threadpool")(1, threads)
     actual = tvm_threads()
     if actual != threads:
         raise TapmlError(
