@@ -26,6 +26,7 @@ from .fileio import read_document, write_atomic
 if TYPE_CHECKING:
     from .plan import Plan
     from .tokenizer import Tokenizer
+    from .weights import WeightShards
 
 log = logging.getLogger("tapml")
 
@@ -195,11 +196,12 @@ class Artifact:
 
         return Tokenizer.load(self.tokenizer_dir)
 
-    def weights(self, verify: bool = True) -> dict[str, Any]:
-        """Every parameter, by name, checked against the shards' sha256 when `verify`."""
-        from tapml.weights import load_shards
+    def weights(self, verify: bool = True) -> WeightShards:
+        """Every parameter, by name, read when used; checked against the shards' sha256 when
+        `verify` (once per version of each shard file, see `WeightShards`)."""
+        from tapml.weights import WeightShards
 
-        return load_shards(self.weights_dir, verify=verify)
+        return WeightShards(self.weights_dir, verify=verify)
 
 
 def describe(artifact: str | Path) -> dict[str, Any]:

@@ -42,13 +42,25 @@ def remembered_sha256(path: Path, advance: Callable[[int], Any] = lambda n: None
     else hashed now (`advance` as in `file_sha256`) and remembered."""
     path = Path(path)
     stamp = _stamp(path)
-    entry = _read_store().get(_key(path))
-    if entry is not None and entry.get("stamp") == stamp:
-        return entry["sha256"]
+    known = _remembered(path, stamp)
+    if known is not None:
+        return known
     digest = file_sha256(path, advance)
     if _stamp(path) == stamp:  # unchanged while it was read
         _remember(path, stamp, digest)
     return digest
+
+
+def remembered(path: Path) -> str | None:
+    """The sha256 remembered for the file at `path` as it is now, else None (never hashes)."""
+    return _remembered(Path(path), _stamp(Path(path)))
+
+
+def _remembered(path: Path, stamp: list[int]) -> str | None:
+    entry = _read_store().get(_key(path))
+    if isinstance(entry, dict) and entry.get("stamp") == stamp:
+        return entry.get("sha256")
+    return None
 
 
 def remember(path: Path, sha256: str) -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -173,38 +174,134 @@ def read_index(directory: Path) -> dict[str, Any]:
     return index
 
 
-def load_shards(directory: Path, verify: bool = True) -> dict[str, np.ndarray]:
-    """Read the tensors saved by save_shards as read-only arrays, checking every shard.
+def load_shards(directory: Path, verify: bool = True) -> WeightShards:
+    """The tensors saved by save_shards, as read-only arrays over the mapped shards, every
+    shard checked now (see `WeightShards`)."""
+    shards = WeightShards(directory, verify)
+    shards.check()
+    return shards
 
-    Raises WeightsError for a missing or malformed index, a missing or truncated shard, or
-    (when verify is true) a shard whose sha256 differs from the index.
+
+class WeightShards(Mapping[str, np.ndarray]):
+    """A weights directory opened for reading: name -> read-only array, each a view of its
+    memory-mapped shard (nothing is read until used).
+
+    Opening checks the index, that every shard is there at its size, and, when `verify`, each
+    shard's sha256 that is remembered for the file as it is now (tapml.checksums): a shard is
+    hashed once per version of the file, not at every load. One not hashed yet is hashed when
+    first used: by `check`, on indexing, or as `read_into` reads it. WeightsError names the
+    shard that is missing, truncated or corrupted.
     """
-    directory = Path(directory)
-    fix = _fix(directory)
-    index_path = directory / INDEX
-    index = read_index(directory)
-    shards: list[bytes] = []
-    for shard in index["shards"]:
-        path = directory / shard["file"]
-        if not path.is_file():
-            raise WeightsError(f"weight shard {path} is missing; {fix}")
-        size = path.stat().st_size
-        if size != shard["nbytes"]:
-            raise WeightsError(
-                f"weight shard {path} has {size} bytes, index.json expects {shard['nbytes']} "
-                f"(truncated or overwritten); {fix}"
-            )
-        data = path.read_bytes()
-        if verify and hashlib.sha256(data).hexdigest() != shard["sha256"]:
-            raise WeightsError(f"weight shard {path} fails its sha256 check (corrupted); {fix}")
-        shards.append(data)
 
-    out: dict[str, np.ndarray] = {}
-    for t in index["tensors"]:
+    def __init__(self, directory: Path, verify: bool = True):
+        from .checksums import remembered
+
+        self.directory = Path(directory)
+        self._fix = _fix(self.directory)
+        index = read_index(self.directory)
+        self._shards = index["shards"]
+        self._tensors = {t["name"]: t for t in index["tensors"]}
+        self._unchecked: set[int] = set()
+        for i, shard in enumerate(self._shards):
+            path = self._path(i)
+            if not path.is_file():
+                raise WeightsError(f"weight shard {path} is missing; {self._fix}")
+            if (size := path.stat().st_size) != shard["nbytes"]:
+                raise WeightsError(
+                    f"weight shard {path} has {size} bytes, index.json expects "
+                    f"{shard['nbytes']} (truncated or overwritten); {self._fix}"
+                )
+            if verify:
+                known = remembered(path)
+                if known is None:
+                    self._unchecked.add(i)
+                elif known != shard["sha256"]:
+                    self._corrupted(i)
+        for t in self._tensors.values():
+            if t["shard"] >= len(self._shards) or t["offset"] + t["nbytes"] > \
+                    self._shards[t["shard"]]["nbytes"]:  # fmt: skip
+                raise WeightsError(f"{self.directory / INDEX} places {t['name']!r} outside its "
+                                   f"shard; {self._fix}")  # fmt: skip
+        self._maps: dict[int, mmap.mmap] = {}
+        self.bytes_read = 0  # by read_into and by hashing shards
+
+    def _path(self, shard: int) -> Path:
+        return self.directory / self._shards[shard]["file"]
+
+    def _corrupted(self, shard: int) -> None:
+        raise WeightsError(f"weight shard {self._path(shard)} fails its sha256 check "
+                           f"(corrupted); {self._fix}")  # fmt: skip
+
+    def _checked(self, shard: int, sha256: str) -> None:
+        from .checksums import remember
+
+        if sha256 != self._shards[shard]["sha256"]:
+            self._corrupted(shard)
+        remember(self._path(shard), sha256)
+        self._unchecked.discard(shard)
+
+    def check(self) -> None:
+        """Hash every shard whose sha256 is not remembered yet."""
+        from .checksums import file_sha256
+
+        for shard in sorted(self._unchecked):
+            self._checked(shard, file_sha256(self._path(shard)))
+            self.bytes_read += self._shards[shard]["nbytes"]
+
+    # -- Mapping ----------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> np.ndarray:
+        t = self._tensors[name]
+        if t["shard"] in self._unchecked:
+            self.check()
+        if t["shard"] not in self._maps:
+            with open(self._path(t["shard"]), "rb") as f:
+                self._maps[t["shard"]] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         dtype = np.dtype(t["dtype"]).newbyteorder("<")
         count = t["nbytes"] // dtype.itemsize
-        if t["shard"] >= len(shards) or t["offset"] + t["nbytes"] > len(shards[t["shard"]]):
-            raise WeightsError(f"{index_path} places {t['name']!r} outside its shard; {fix}")
-        data = shards[t["shard"]]
-        out[t["name"]] = np.frombuffer(data, dtype, count, t["offset"]).reshape(t["shape"])
-    return out
+        array = np.frombuffer(self._maps[t["shard"]], dtype, count, t["offset"])
+        return array.reshape(t["shape"])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def spec(self, name: str) -> tuple[list[int], str]:
+        """A tensor's shape and dtype, read from the index alone."""
+        t = self._tensors[name]
+        return list(t["shape"]), t["dtype"]
+
+    def read_into(self, targets: Mapping[str, np.ndarray]) -> None:
+        """Read each named tensor straight into its array (C-contiguous, of the tensor's size),
+        shard by shard in file order: one read of each byte, no copy in between. A shard not
+        hashed yet is hashed as it is read, the gaps between its tensors included."""
+        import hashlib
+
+        wanted = sorted((self._tensors[n]["shard"], self._tensors[n]["offset"], n)
+                        for n in targets)  # fmt: skip
+        for shard in sorted({s for s, _, _ in wanted}):
+            digest = hashlib.sha256() if shard in self._unchecked else None
+            with open(self._path(shard), "rb", buffering=0) as f:
+                for _, offset, name in (w for w in wanted if w[0] == shard):
+                    if digest is not None and offset > f.tell():
+                        digest.update(self._read(f, offset - f.tell()))
+                    f.seek(offset)
+                    out = memoryview(targets[name].reshape(-1).view(np.uint8))
+                    if len(out) != self._tensors[name]["nbytes"]:
+                        raise WeightsError(f"{name}: {len(out)} bytes to read into, the shard "
+                                           f"holds {self._tensors[name]['nbytes']}")  # fmt: skip
+                    if f.readinto(out) != len(out):
+                        raise WeightsError(f"weight shard {self._path(shard)} ended early; "
+                                           f"{self._fix}")  # fmt: skip
+                    self.bytes_read += len(out)
+                    if digest is not None:
+                        digest.update(out)
+                if digest is not None:
+                    digest.update(self._read(f, self._shards[shard]["nbytes"] - f.tell()))
+                    self._checked(shard, digest.hexdigest())
+
+    def _read(self, f: BinaryIO, n: int) -> bytes:
+        data = f.read(n)
+        self.bytes_read += len(data)
+        return data

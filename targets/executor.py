@@ -58,20 +58,45 @@ class Executor:
     def _sync(self) -> None:
         pass
 
+    def _host_array(self, buffer: Any) -> np.ndarray | None:
+        """The buffer's memory as a numpy array where this process can write it in place, so
+        weights are read straight into it; None where uploads must copy (a GPU's)."""
+        return None
+
     # -- public API ------------------------------------------------------------------
     def load_params(self, params: Mapping[str, np.ndarray]) -> None:
-        """Upload every parameter the plan names; a missing or misshapen one is an error."""
-        for name in self.plan.names("param"):
+        """Upload every parameter the plan names; a missing or misshapen one is an error.
+
+        From an artifact's `WeightShards`, parameters in memory this process writes in place
+        are read straight into it from the files (one read, no copy in between); the others
+        are uploaded from the mapped shards."""
+        from tapml.weights import WeightShards
+
+        names = self.plan.names("param")
+        for name in names:
             if name not in params:
                 raise ExecutorError(f"weights have no parameter {name!r} that the plan needs")
-            self.upload(name, params[name])
+        direct = {}
+        if isinstance(params, WeightShards):
+            for name in names:
+                host = self._host_array(self.buffers[name])
+                if host is not None:
+                    self._check_spec(name, *params.spec(name))
+                    direct[name] = host
+            params.read_into(direct)
+        for name in names:
+            if name in direct:
+                self.plan.check_values(name, direct[name])
+            else:
+                self.upload(name, params[name])
+
+    def _check_spec(self, name: str, shape: list[int], dtype: str) -> None:
+        b = self.plan.buffers[name]
+        if list(shape) != b["shape"] or str(dtype) != b["dtype"]:
+            raise ExecutorError(f"{name}: expected {b['dtype']}{b['shape']}, got {dtype}{shape}")
 
     def upload(self, name: str, array: np.ndarray) -> None:
-        b = self.plan.buffers[name]
-        if list(array.shape) != b["shape"] or str(array.dtype) != b["dtype"]:
-            raise ExecutorError(
-                f"{name}: expected {b['dtype']}{b['shape']}, got {array.dtype}{list(array.shape)}"
-            )
+        self._check_spec(name, list(array.shape), str(array.dtype))
         self.plan.check_values(name, array)
         self._upload(self.buffers[name], np.ascontiguousarray(array))
 
