@@ -23,7 +23,8 @@ from .sampling import Sampler, SamplingParams
 class Stats:
     """Token counts and seconds of the last generation."""
 
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # prefilled: the prompt less what the KV cache held already
+    cached_tokens: int = 0  # of the prompt, found in the KV cache (`reuse_prefix`)
     prefill_seconds: float = 0.0
     decode_tokens: int = 0
     decode_seconds: float = 0.0
@@ -94,13 +95,22 @@ class Engine:
         self.task = opened.task
         self.max_context, self.chunk = self.task.max_context, self.task.chunk
         self.pos = 0
+        self.fed: list[int] = []  # the ids the KV cache holds, by position
         self.stats = Stats()
         # why the last generation ended: "stop", "length", "grammar" or "context"
         self.finish_reason: str | None = None
 
     def reset(self) -> None:
+        """Zero the KV cache."""
         self.executor.reset_state()
-        self.pos = 0
+        self.rewind(0)
+
+    def rewind(self, pos: int) -> None:
+        """Go back to position `pos`: the cache keeps the first `pos` tokens' keys and values,
+        and what follows is overwritten as new tokens come (no kernel reads past the current
+        position)."""
+        self.pos = pos
+        del self.fed[pos:]
 
     def prefill(self, ids: Sequence[int]) -> np.ndarray:
         """Feed `ids` at the current position; returns the logits after the last one."""
@@ -112,6 +122,7 @@ class Engine:
             part = list(ids[start : start + self.chunk])
             logits = self.executor.run(*self.task.prefill(self.pos, part))
             self.pos += len(part)
+            self.fed.extend(part)
         return logits[0]
 
     def decode(self, token: int) -> np.ndarray:
@@ -119,6 +130,7 @@ class Engine:
         self._check_room(1)
         logits = self.executor.run(*self.task.decode(self.pos, token))
         self.pos += 1
+        self.fed.append(token)
         return logits[0]
 
     def _check_room(self, n: int) -> None:
@@ -135,8 +147,12 @@ class Engine:
         constraint: Constraint | None = None,
         *,
         max_tokens: int | None = None,
+        reuse_prefix: bool = False,
     ) -> Iterator[int]:
         """The ids after the prompt, sampled by `params` (default: greedy).
+
+        `reuse_prefix`: prefill only what follows the longest start of `prompt_ids` that the
+        KV cache holds already (the conversation so far, when a chat's next turn comes).
 
         Generation ends at a stop token (the tokenizer's and `params.stop_token_ids`; not
         yielded), after `max_tokens` (the keyword wins over `params.max_tokens`), when
@@ -153,10 +169,13 @@ class Engine:
                 f"of {self.max_context} (compile with a larger --max-context)"
             )
         self.finish_reason = None
-        self.reset()
-        self.stats = Stats(prompt_tokens=len(prompt_ids))
+        # at least the last prompt token is prefilled: its logits give the first new token
+        keep = min(_common_prefix(self.fed, prompt_ids), len(prompt_ids) - 1) if reuse_prefix \
+            else 0  # fmt: skip
+        self.rewind(keep)
+        self.stats = Stats(prompt_tokens=len(prompt_ids) - keep, cached_tokens=keep)
         start = time.perf_counter()
-        logits = self.prefill(prompt_ids)
+        logits = self.prefill(prompt_ids[keep:])
         self.stats.prefill_seconds = time.perf_counter() - start
         sampler = Sampler(params)
         stop = set(self.tokenizer.stop_ids) | set(params.stop_token_ids)
@@ -194,8 +213,10 @@ class Engine:
         constraint: Constraint | None = None,
         *,
         max_tokens: int | None = None,
+        reuse_prefix: bool = False,
     ) -> Iterator[str]:
-        """Stream the completion of `prompt_ids` as text pieces, up to a stop string.
+        """Stream the completion of `prompt_ids` as text pieces, up to a stop string
+        (`reuse_prefix` as in `generate_ids`).
 
         The text before the first of `params.stop` is streamed, the stop string and anything
         after it are not. Text that could be the start of a stop string is held back until the
@@ -203,7 +224,8 @@ class Engine:
         """
         params = params or SamplingParams()
         stream = StreamDecoder(self.tokenizer, skip_special=True)
-        ids = self.generate_ids(prompt_ids, params, constraint, max_tokens=max_tokens)
+        ids = self.generate_ids(prompt_ids, params, constraint, max_tokens=max_tokens,
+                                reuse_prefix=reuse_prefix)  # fmt: skip
         if not params.stop:
             for token in ids:
                 piece = stream.add(token)
@@ -258,6 +280,16 @@ class Engine:
             prompt = self.tokenizer.apply_chat_template(messages)
         ids = self.tokenizer.encode(prompt)
         yield from self.generate_text(ids, params, constraint, max_tokens=max_tokens)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many ids `a` and `b` share from the start."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> int | None:

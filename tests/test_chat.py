@@ -95,3 +95,24 @@ def test_smollm2_sampling_is_reproducible_and_stops_at_a_stop_string(real_artifa
     params.stop = (stop,)
     cut = "".join(engine.generate(prompt, params, chat=True))
     assert cut == text[: text.find(stop)] and engine.finish_reason == "stop"
+
+
+@pytest.mark.real_model
+def test_the_second_turn_prefills_only_its_own_tokens(real_artifact):
+    engine = Engine(real_artifact("gguf"))
+    tokenizer = engine.tokenizer
+    history = [{"role": "user", "content": "What is the capital of France?"}]
+    first_ids = tokenizer.encode(tokenizer.apply_chat_template(history))
+    first = list(engine.generate_ids(first_ids, max_tokens=12, reuse_prefix=True))
+    history += [{"role": "assistant", "content": tokenizer.decode(first, skip_special=True)},
+                {"role": "user", "content": "And of Italy?"}]  # fmt: skip
+    second_ids = tokenizer.encode(tokenizer.apply_chat_template(history))
+    held = list(engine.fed)  # the first turn: its prompt and the reply it fed back
+    second = list(engine.generate_ids(second_ids, max_tokens=12, reuse_prefix=True))
+    shared = next(i for i, (a, b) in enumerate(zip([*held, -1], second_ids)) if a != b)
+    assert shared >= len(first_ids)  # the whole first prompt at least came from the cache
+    assert engine.stats.cached_tokens == shared
+    assert engine.stats.prompt_tokens == len(second_ids) - shared
+    fresh = list(engine.generate_ids(second_ids, max_tokens=12))  # prefills all of it
+    assert engine.stats.prompt_tokens == len(second_ids) and engine.stats.cached_tokens == 0
+    assert second == fresh

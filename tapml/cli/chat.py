@@ -27,7 +27,8 @@ def command(
 ) -> None:  # fmt: skip
     """Chat with MODEL: type a message after "> ", the reply streams to stdout.
 
-    Every turn sends the whole conversation through the model's chat template. When it
+    Every turn sends the whole conversation through the model's chat template; what the
+    model has read already stays in its KV cache, so only the new turn is read. When it
     would no longer fit the compiled context with room for the reply, the oldest turns are
     dropped (a notice goes to stderr). Ctrl-D or Ctrl-C ends the session.
 
@@ -74,7 +75,8 @@ def _converse(engine, params, system: str | None) -> None:
             history.pop()
             continue
         reply = []
-        for piece in engine.generate_text(ids, params):
+        # the conversation so far is in the KV cache: only the new turn is prefilled
+        for piece in engine.generate_text(ids, params, reuse_prefix=True):
             reply.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
