@@ -13,6 +13,7 @@ import numpy as np
 from tapml.artifact import Artifact
 from tapml.errors import GenerationError
 from tapml.plan import CausalLM, Plan
+from tapml.targets import get_target
 from tapml.tokenizer import StreamDecoder, Tokenizer
 
 from .constraint import Constraint
@@ -57,16 +58,20 @@ def open_artifact(artifact: Path, task: type, verify_weights: bool = True,
     when the plan is of another kind), then load it: `executor` if given (one that already
     holds its kernels and weights, a remote device's, say), else the artifact's target
     executor here, weights loaded."""
+    from tapml.startup import mark
     from tapml.targets import load_executor
 
     artifact = Artifact(artifact)
     artifact.check()  # before the kernels load: a damaged library can crash the process
     plan = artifact.plan()
     driver = task(plan)
+    tokenizer = artifact.tokenizer() if artifact.tokenizer_dir.is_dir() else None
+    mark("artifact")  # checked, plan and tokenizer read
     if executor is None:
         executor = load_executor(artifact.target, plan, artifact.path)
+        mark("kernels")  # the runtime and kernel library loaded, buffers allocated
         executor.load_params(artifact.weights(verify=verify_weights))
-    tokenizer = artifact.tokenizer() if artifact.tokenizer_dir.is_dir() else None
+        mark("weights")
     return Opened(artifact.path, artifact.config, artifact.target, plan, driver, tokenizer,
                   executor)  # fmt: skip
 
@@ -94,6 +99,7 @@ class Engine:
         self.plan, self.tokenizer, self.executor = opened.plan, opened.tokenizer, opened.executor
         self.task = opened.task
         self.max_context, self.chunk = self.task.max_context, self.task.chunk
+        self._short = self.chunk // 4 if get_target(self.target).decode_short_prompts else 0
         self.pos = 0
         self.fed: list[int] = []  # the ids the KV cache holds, by position
         self.stats = Stats()
@@ -117,6 +123,10 @@ class Engine:
         if not ids:
             raise GenerationError("cannot prefill an empty prompt")
         self._check_room(len(ids))
+        if len(ids) <= self._short:  # cheaper one by one (TargetSpec.decode_short_prompts)
+            for token in ids:
+                logits = self.decode(token)
+            return logits
         logits = None
         for start in range(0, len(ids), self.chunk):
             part = list(ids[start : start + self.chunk])
@@ -285,7 +295,7 @@ class Engine:
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """How many ids `a` and `b` share from the start."""
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +22,7 @@ from tapml.errors import GenerationError, TapmlError
 from tapml.plan import Plan
 from tapml.runtime.engine import Engine
 from tapml.runtime.sampling import greedy
+from tapml.startup import peak_rss_mb, reset_peak_rss, rss_mb
 from tapml.targets.llvm import HostMemory, tvm_threads
 
 BENCH_TEXT = (
@@ -307,41 +307,6 @@ def _probe_kernel(rows: int):
 
     target = get_target("llvm").tvm_target()
     return tvm.compile(tvm.IRModule({"main": read}), target=target)["main"]
-
-
-# -- threads -------------------------------------------------------------------------
-# -- memory --------------------------------------------------------------------------
-def rss_mb() -> float:
-    """The process's resident memory now, in MiB (Linux; elsewhere its peak)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        return peak_rss_mb()
-
-
-def peak_rss_mb() -> float:
-    """The process's peak resident memory, in MiB (since `reset_peak_rss`, on Linux)."""
-    # VmHWM: the figure that `reset_peak_rss` resets
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if os.uname().sysname == "Darwin" else peak / 1024  # bytes on macOS
-
-
-def reset_peak_rss() -> bool:
-    """Reset the process's peak RSS to its current RSS (Linux >= 4.0); False where it can't."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
 
 
 # -- agreement: which token a model picks, step by step, against another ------------------

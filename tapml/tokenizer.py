@@ -68,11 +68,10 @@ class Tokenizer:
         self._config = {key: config[key] for key in _CONFIG_KEYS}
         added = hf.get_added_tokens_decoder()
         self._control = {i for i, token in added.items() if token.special}
-        piece_bytes = {"llama": _spm_bytes, "wordpiece": _wordpiece_bytes}.get(
+        self._added = set(added)
+        self._piece_bytes = {"llama": _spm_bytes, "wordpiece": _wordpiece_bytes}.get(
             self._config["model"], _byte_level_bytes)
-        self._bytes = [b""] * self.vocab_size
-        for text, i in hf.get_vocab(with_added_tokens=True).items():
-            self._bytes[i] = text.encode() if i in added else piece_bytes(text)
+        self._bytes: dict[int, bytes] = {}  # each id's bytes, worked out when first needed
 
     @classmethod
     def from_gguf_metadata(cls, metadata: Mapping[str, Any]) -> Tokenizer:
@@ -228,7 +227,16 @@ class Tokenizer:
     def token_bytes(self) -> list[bytes]:
         """Each id's bytes: what it stands for in text (a control token's own text; b"" for an
         id the vocabulary lacks). Grammar engines match text against these."""
-        return list(self._bytes)
+        return [self._bytes_of(i) for i in range(self.vocab_size)]
+
+    def _bytes_of(self, token_id: int) -> bytes:
+        data = self._bytes.get(token_id)
+        if data is None:
+            text = self._hf.id_to_token(token_id)
+            data = (b"" if text is None else text.encode() if token_id in self._added
+                    else self._piece_bytes(text))  # fmt: skip
+            self._bytes[token_id] = data
+        return data
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
         """The text of `ids`; `skip_special` leaves out control tokens such as "<|im_end|>"."""
@@ -269,7 +277,7 @@ class Tokenizer:
             )
         if skip_special and token_id in self._control:
             return b""
-        return self._bytes[token_id]
+        return self._bytes_of(token_id)
 
     def _text(self, token_id: int | None) -> str:
         return "" if token_id is None else self._piece(token_id, False).decode(errors="replace")

@@ -44,6 +44,10 @@ class TargetSpec:
     # the KV cache's dtype where it is not the activations': float16 halves what attention
     # reads, but every target that replays a suite or takes offloaded kernels must hold it too
     kv_dtype: str | None = None
+    # prompts of at most a quarter chunk run token by token through decode: where compute
+    # dominates (a CPU) a chunk's prefill costs what some ten decode steps do (SmolLM2, 2
+    # threads: 48 ms, one step 4.5 ms); on a GPU a step costs nearly what a chunk does
+    decode_short_prompts: bool = False
 
     def kv_cache(self, quantization: str) -> str:
         """The KV cache dtype this target compiles `quantization` with by default."""
@@ -84,6 +88,7 @@ TARGETS: dict[str, TargetSpec] = {
             "llvm", "this machine's CPU, through LLVM and the TVM runtime",
             kind="llvm", f16=False, kernels="kernels_llvm.so",
             kv_dtype="float16",  # what llama.cpp keeps too; CPUs convert it in one instruction
+            decode_short_prompts=True,
         ),
         TargetSpec(
             "webgpu", "WGSL within WebGPU's default limits, so any browser runs it (wgpu here)",

@@ -22,6 +22,9 @@ class Executor:
     """Runs the entry points of a plan; subclasses implement the backend hooks."""
 
     name = "base"
+    # whether `_alloc` gives zeroed memory (fresh pages of the OS): the KV state then needs no
+    # zeroing at load, and its pages are not touched (resident) before it is used
+    allocates_zeroed = False
 
     def __init__(self, plan: Plan):
         self.plan = plan
@@ -37,7 +40,8 @@ class Executor:
             if b["kind"] == "view":
                 base = self.buffers[plan.root(name)]
                 self.buffers[name] = self._view(base, b["shape"], b["dtype"])
-        self.reset_state()
+        if not self.allocates_zeroed:
+            self.reset_state()
 
     # -- backend hooks ---------------------------------------------------------------
     def _alloc(self, nbytes: int) -> Any:

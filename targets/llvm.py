@@ -123,6 +123,8 @@ class LlvmExecutor(TvmRuntimeExecutor):
     """The llvm target's executor: the TVM runtime on the CPU, its buffers in one block of
     `HostMemory`."""
 
+    allocates_zeroed = True  # an anonymous mapping of its own
+
     def __init__(self, plan: Plan, library: Path):
         self._memory = HostMemory(sum(HostMemory.rounded(n) for n in plan.allocations()))
         super().__init__(plan, library, "cpu")

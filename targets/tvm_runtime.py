@@ -19,8 +19,9 @@ from typing import Any
 
 from tapml.errors import ExecutorError
 
-# imported by tvm_ffi when installed, used by nothing that runs a kernel library
-OPTIONAL_IMPORTS = ("torch", "ml_dtypes")
+# imported by tvm_ffi when installed, used by nothing tapml runs (cuda.bindings: CUstream
+# arguments; tapml's cuda target imports it itself, for NVRTC)
+OPTIONAL_IMPORTS = ("torch", "ml_dtypes", "cuda.bindings")
 
 
 @contextmanager

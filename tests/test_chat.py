@@ -109,7 +109,8 @@ def test_the_second_turn_prefills_only_its_own_tokens(real_artifact):
     second_ids = tokenizer.encode(tokenizer.apply_chat_template(history))
     held = list(engine.fed)  # the first turn: its prompt and the reply it fed back
     second = list(engine.generate_ids(second_ids, max_tokens=12, reuse_prefix=True))
-    shared = next(i for i, (a, b) in enumerate(zip([*held, -1], second_ids)) if a != b)
+    pairs = zip([*held, -1], second_ids, strict=False)
+    shared = next(i for i, (a, b) in enumerate(pairs) if a != b)
     assert shared >= len(first_ids)  # the whole first prompt at least came from the cache
     assert engine.stats.cached_tokens == shared
     assert engine.stats.prompt_tokens == len(second_ids) - shared

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from tapml.runtime.schema import MAX_ARRAY_ITEMS, MAX_NUMBER_DIGITS, MAX_STRING_LENGTH, Defaults
+from tapml.startup import mark
 
 from .options import compile_options, refuse_artifact_conflicts, threads_option
 
@@ -250,6 +251,7 @@ def command(
         read_manifest(bundle)  # a bundle is an artifact directory with a manifest
         model = str(bundle)
     refuse_artifact_conflicts(model)
+    mark("imports")  # Python and the command line
     params = sampling_params(options, max_tokens)
     engine = load_engine(
         obj, model, target, quantization, max_context, chunk, target_options, kv_cache, threads
@@ -259,6 +261,8 @@ def command(
     )
     pieces = []
     for piece in engine.generate(prompt, params, chat=chat, system=system, constraint=constraint):
+        if not pieces:
+            mark("first token")
         pieces.append(piece)
         sys.stdout.write(piece)
         sys.stdout.flush()
