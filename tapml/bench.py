@@ -22,7 +22,13 @@ from tapml.errors import GenerationError, TapmlError
 from tapml.plan import Plan
 from tapml.runtime.engine import Engine
 from tapml.runtime.sampling import greedy
-from tapml.startup import peak_rss_mb, reset_peak_rss, rss_mb
+from tapml.startup import (
+    peak_rss_mb,
+    probe_llama_cpp,
+    probe_tapml,
+    reset_peak_rss,
+    rss_mb,
+)
 from tapml.targets.llvm import HostMemory, tvm_threads
 
 BENCH_TEXT = (
@@ -94,13 +100,27 @@ def measure(
     result["bits_per_parameter"] = bits_per_parameter(config)
     result["rss_before_mb"] = rss_before
     result.update(ours)
+    result.update(startup(probe_tapml(artifact, threads)))
     if compare_gguf is not None:
         theirs = run_llama_cpp(compare_gguf, prompt, decode_tokens, threads)
+        theirs.update(startup(probe_llama_cpp(compare_gguf, threads)))
         result["llama_cpp"] = theirs
         result["decode_ratio"] = result["decode_tok_s"] / theirs["decode_tok_s"]
         result["prefill_ratio"] = result["prefill_tok_s"] / theirs["prefill_tok_s"]
+        result["load_ttft_ratio"] = ((result["load_s"] + result["ttft_s"])
+                                     / (theirs["load_s"] + theirs["ttft_s"]))  # fmt: skip
+        result["process_ratio"] = result["process_s"] / theirs["process_s"]
+        result["startup_rss_ratio"] = result["startup_rss_mb"] / theirs["startup_rss_mb"]
     _warn_if_busy()  # something may have started meanwhile
     return result
+
+
+def startup(probe: dict[str, Any]) -> dict[str, Any]:
+    """A start-up probe's figures under bench's keys: `load_s` (process start to ready),
+    `ttft_s` (a short prompt to its first token), `process_s` (the whole process, generating
+    8 tokens) and `startup_rss_mb` (that process's peak RSS)."""
+    return {"load_s": probe["load_s"], "ttft_s": probe["ttft_s"],
+            "process_s": probe["process_s"], "startup_rss_mb": probe["peak_rss_mb"]}  # fmt: skip
 
 
 def _warn_if_busy() -> None:

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tapml import bench
+from tapml import bench, startup
 from tapml.cli import main
 from tapml.errors import TapmlError
 from tapml.plan import Plan
 from tapml.targets import llvm
 
 KEYS = ["decode_tok_s", "prefill_tok_s", "peak_rss_mb", "bandwidth_gb_s"]
+STARTUP = ["load_s", "ttft_s", "process_s", "startup_rss_mb"]
 SMALL = ["--prompt-tokens", "12", "--decode-tokens", "4"]
 
 
@@ -31,8 +32,10 @@ def test_json_has_every_figure(tiny_artifact, small_bandwidth_probe):
     assert result.exit_code == 0, result.output
     figures = json.loads(result.stdout)
     assert list(figures)[:6] == [*KEYS, "machine_bandwidth_gb_s", "threads"]
-    for key in [*KEYS, "machine_bandwidth_gb_s"]:
+    for key in [*KEYS, "machine_bandwidth_gb_s", *STARTUP]:
         assert figures[key] > 0, key
+    # the fresh process was ready before it finished, and generated after it was ready
+    assert figures["load_s"] + figures["ttft_s"] < figures["process_s"]
     assert figures["threads"] == llvm.tvm_threads()
     assert "llama_cpp" not in figures
     assert figures["bandwidth_gb_s"] == pytest.approx(
@@ -120,3 +123,10 @@ def test_llama_cpp_runs_the_same_gguf(tiny_gguf):
     figures = bench.run_llama_cpp(tiny_gguf, list(range(100, 112)), decode_tokens=4, threads=1)
     for key in KEYS:
         assert figures[key] is None or figures[key] > 0, key
+
+
+def test_llama_cpp_starts_up_in_a_fresh_process(tiny_gguf):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the bench extra")
+    figures = bench.startup(startup.probe_llama_cpp(tiny_gguf, threads=1))
+    assert all(figures[key] > 0 for key in STARTUP)
+    assert figures["load_s"] + figures["ttft_s"] < figures["process_s"]

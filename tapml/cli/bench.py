@@ -6,6 +6,8 @@ import json
 
 import click
 
+from tapml.startup import PROBE_PROMPT, PROBE_TOKENS
+
 from .options import compile_options, refuse_artifact_conflicts
 
 
@@ -27,7 +29,9 @@ def command(
     prompt_tokens, decode_tokens, compare, as_json,
 ) -> None:  # fmt: skip
     """Measure prefill tokens/s for a PROMPT_TOKENS prompt, decode tokens/s, peak RSS, and the
-    weight-read bandwidth of decoding against this machine's memory bandwidth.
+    weight-read bandwidth of decoding against this machine's memory bandwidth; and start-up in
+    a fresh process: seconds to load (from the process's start), to the first token of a short
+    prompt, and for the whole process, with its peak RSS.
 
     \b
     Examples:
@@ -76,6 +80,16 @@ def command(
         f"threads; memory bandwidth {result['machine_bandwidth_gb_s']:.1f} GB/s; weights "
         f"{result['quantization']}, {result['bits_per_parameter']:.2f} bits per parameter"
     )
+    click.echo(f"{'start-up':10} {'load s':>14} {'first token s':>13} {'process s':>13} "
+               f"{'peak RSS MB':>12}")  # fmt: skip
+    for name, r in rows:
+        click.echo(f"{name:10} {r['load_s']:14.2f} {r['ttft_s']:13.3f} {r['process_s']:13.2f} "
+                   f"{r['startup_rss_mb']:12.0f}")  # fmt: skip
+    if compare:
+        click.echo(f"tapml / llama.cpp: load + first token {result['load_ttft_ratio']:.2f}x, "
+                   f"whole process {result['process_ratio']:.2f}x, peak RSS "
+                   f"{result['startup_rss_ratio']:.2f}x (fresh processes: load, then "
+                   f"{PROBE_TOKENS} tokens of \"{PROBE_PROMPT}\")")  # fmt: skip
     machine = result["machine_bandwidth_gb_s"]
     click.echo(
         f"decode reads {result['decode_bytes_per_token'] / 1e6:.1f} MB of weights and "
