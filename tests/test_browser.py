@@ -22,7 +22,7 @@ pytestmark = [
     pytest.mark.skipif(find_chromium() is None, reason="no Chromium (bash scripts/setup.sh)"),
 ]
 
-STEPS = 8
+STEPS = 4
 # max |browser - cpu| / max |cpu| per logits vector: float32 on both sides, summed in other
 # orders (SwiftShader's WGSL vs the llvm kernels); measured at most 3.3e-6
 LOGITS_RTOL = 1e-4
