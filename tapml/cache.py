@@ -5,16 +5,24 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .artifact import Artifact
 from .checksums import remembered_sha256
 from .compiler import CompileOptions
+from .errors import TapmlError
+
+log = logging.getLogger("tapml")
+
+
+WEIGHTS_STORE = "weights"  # converted weights shared by the artifacts of every target
 
 
 def cache_root() -> Path:
@@ -81,6 +89,69 @@ def _companions(model_path: Path) -> dict[str, str]:
         return {}
     files = [Path(model_path).parent / name for name in (CONFIG_FILE, TOKENIZER_FILE)]
     return {path.name: remembered_sha256(path) for path in files if path.is_file()}
+
+
+def shared_weights_dir(model_path: Path, quantization: str, params: list, row_splits: Any
+                       ) -> Path:  # fmt: skip
+    """Where `model_path`'s weights converted to `quantization` are kept once for every target
+    whose plan has these parameters (`[name, shape, dtype]` each) and row splits: artifacts
+    take their shards from here by hard link (`share_weights`)."""
+    inputs = {
+        "weights": remembered_sha256(model_path),
+        **_companions(model_path),
+        "quantization": quantization,
+        "params": params,
+        "row_splits": row_splits,
+        "tapml_source": _source_digest(),
+    }
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_root() / WEIGHTS_STORE / f"{Path(model_path).stem}-{quantization}-{key}"
+
+
+def share_weights(source: Path, destination: Path) -> bool:
+    """Hard-link the weight shards and index of `source` into `destination` (index last, so
+    that a destination with an index is complete); False, leaving nothing, where the files
+    cannot be linked (another file system) or `source` is damaged."""
+    from .weights import INDEX, WeightShards
+
+    try:
+        WeightShards(source).check()  # hashes only what was never hashed as it is now
+    except TapmlError as e:
+        log.warning("the shared weights %s are damaged (%s): converting again", source, e)
+        return False
+    destination.mkdir(parents=True, exist_ok=True)
+    names = sorted(p.name for p in source.glob("params_shard_*.bin")) + [INDEX]
+    try:
+        for name in names:
+            (destination / name).unlink(missing_ok=True)
+            os.link(source / name, destination / name)
+    except OSError as e:
+        log.debug("cannot link %s into %s: %s", source, destination, e)
+        for name in names:
+            (destination / name).unlink(missing_ok=True)
+        return False
+    return True
+
+
+def publish_weights(weights_dir: Path, store: Path) -> None:
+    """Make `weights_dir`'s shards the shared copy at `store` (linked into a temporary folder,
+    then renamed into place: a store entry is complete or absent)."""
+    from .weights import WeightShards
+
+    if store.exists():
+        try:
+            WeightShards(store).check()
+            return
+        except TapmlError:  # damaged (a shard written over in place): replace it
+            shutil.rmtree(store, ignore_errors=True)
+    tmp = store.with_name(f".{store.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if share_weights(weights_dir, tmp):
+        try:
+            tmp.rename(store)
+        except OSError:  # another process published it first
+            pass
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def entry_dir(name: str, gguf_path: Path, options: CompileOptions) -> Path:

@@ -243,15 +243,24 @@ def _build_model(model_path: Path, work: Artifact, options: CompileOptions, prog
     tokenizer = model.tokenizer()
     tokenizer.save(work.tokenizer_dir)
     if not (work.weights_dir / "index.json").is_file():
+        from tapml.cache import publish_weights, share_weights, shared_weights_dir
         from tapml.weights import save_shards
 
-        log.info("converting weights to %s", quant.name)
-        calibrated = quant.calibrated and arch.task == "causal_lm"  # from generated logits
-        importance = calibrate(arch, sources, config, tokenizer) if calibrated else {}
-        params = convert(sources, wmap, quant, formats, importance)
-        params = _every_param(params, module.tables(), plan.names("param"),
-                              plan.model["row_splits"])  # fmt: skip
-        save_shards(params, work.weights_dir, progress=progress)
+        params = [[n, plan.buffers[n]["shape"], plan.buffers[n]["dtype"]]
+                  for n in plan.names("param")]  # fmt: skip
+        store = shared_weights_dir(model_path, quant.name, params, plan.model["row_splits"])
+        if (store / "index.json").is_file() and share_weights(store, work.weights_dir):
+            log.info("weights converted to %s already (shared with other targets): %s",
+                     quant.name, store)  # fmt: skip
+        else:
+            log.info("converting weights to %s", quant.name)
+            calibrated = quant.calibrated and arch.task == "causal_lm"  # from generated logits
+            importance = calibrate(arch, sources, config, tokenizer) if calibrated else {}
+            converted = convert(sources, wmap, quant, formats, importance)
+            converted = _every_param(converted, module.tables(), plan.names("param"),
+                                     plan.model["row_splits"])  # fmt: skip
+            save_shards(converted, work.weights_dir, progress=progress)
+            publish_weights(work.weights_dir, store)
     kernels = {k: f for k, f in kernel_functions(fused).items() if k in plan.kernels}
     return kernels, plan, {
         "model": {"source": model.path.name, "architecture": arch.name, **config.asdict()},

@@ -57,9 +57,12 @@ class _ShardWriter:
         return offset
 
     def finish(self) -> dict[str, Any]:
+        from .checksums import remember
+
         self.file.close()
         make_readable(self.tmp)
         os.replace(self.tmp, self.directory / self.name)
+        remember(self.directory / self.name, self.sha.hexdigest())  # its first load skips hashing
         return {"file": self.name, "nbytes": self.nbytes, "sha256": self.sha.hexdigest()}
 
     def abort(self) -> None:

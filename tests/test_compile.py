@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import TINY_CHUNK, TINY_CONTEXT
 
-from tapml.artifact import CONFIG_FILE, describe
+from tapml.artifact import CONFIG_FILE, Artifact, describe
 from tapml.compiler import CompileOptions, compile_model
 from tapml.errors import GenerationError, ModelNotFound, TapmlError, WeightsError
 from tapml.models import resolve_gguf
@@ -53,6 +53,36 @@ def test_corrupt_shard_is_named(tiny_artifact, tmp_path):
     shard.unlink()
     with pytest.raises(WeightsError, match="params_shard_0.bin"):
         Engine(artifact)
+
+
+def test_targets_share_the_weights_converted_once(tiny_gguf, tmp_path, caplog, monkeypatch):
+    monkeypatch.setenv("TAPML_CACHE_DIR", str(tmp_path / "cache"))  # no other test's weights
+
+    def compile_for(target: str, out: str):
+        options = CompileOptions.resolve(target, "q4f32_1", TINY_CONTEXT, TINY_CHUNK,
+                                         kv_cache="float32")  # fmt: skip
+        caplog.clear()
+        with caplog.at_level("INFO", logger="tapml"):
+            return compile_model(tiny_gguf, tmp_path / out, options, progress=False)
+
+    def shards(artifact):
+        return sorted((artifact / "weights").glob("params_shard_*.bin"))
+
+    llvm = compile_for("llvm", "llvm")
+    assert "converting weights" in caplog.text
+    webgpu = compile_for("webgpu", "webgpu")
+    assert "converting weights" not in caplog.text and "shared with other targets" in caplog.text
+    assert [p.stat().st_ino for p in shards(webgpu)] == [p.stat().st_ino for p in shards(llvm)]
+    # a shard written over in place damages every artifact linked to it: the store is not
+    # trusted again, the next target converts anew and its artifact runs
+    shard = shards(llvm)[0]
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    opencl = compile_for("opencl", "opencl")
+    assert "damaged" in caplog.text and "converting weights" in caplog.text
+    assert shards(opencl)[0].stat().st_ino != shard.stat().st_ino
+    Artifact(opencl).weights().check()
 
 
 def test_prompt_longer_than_the_context_is_refused(tiny_artifact):
