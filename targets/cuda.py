@@ -112,6 +112,31 @@ def nvrtc_compile(source: str, arch: str, name: str = "kernels") -> bytes:
         nvrtc.nvrtcDestroyProgram(prog)
 
 
+def cached_nvrtc_compile(source: str, arch: str) -> bytes:
+    """`nvrtc_compile`'s output, kept in the cache root under a hash of the source, the
+    architecture and NVRTC's version: TVM compiles a library's CUDA source at every load, some
+    1 s a kernel, NVRTC parsing the same headers each time."""
+    import hashlib
+
+    from tapml.cache import cache_root
+    from tapml.fileio import write_atomic
+
+    _, major, minor = _nvrtc().nvrtcVersion()
+    key = hashlib.sha256(f"{arch}\0{major}.{minor}\0{source}".encode()).hexdigest()
+    path = cache_root() / CUDA_CACHE / f"{key}.{'cubin' if arch.startswith('sm_') else 'ptx'}"
+    try:
+        return path.read_bytes()
+    except OSError:
+        pass
+    binary = nvrtc_compile(source, arch)
+    try:
+        write_atomic(path, binary)
+    except OSError:  # a read-only cache: compiled again next time
+        pass
+    return binary
+
+
+CUDA_CACHE = "cuda"  # under the cache root: NVRTC's output by content
 _registered = False
 
 
@@ -125,6 +150,7 @@ def use_nvrtc_for_tvm() -> None:
     global _registered
     if _registered:
         return
+    import tvm  # noqa: F401  (TVM registers its own callback on import: ours must come after)
     import tvm_ffi
 
     def compile_cuda(code: str, *_target) -> bytes:
@@ -133,7 +159,7 @@ def use_nvrtc_for_tvm() -> None:
         device = tvm.cuda(0)
         # no GPU: portable PTX (a cubin would be for one GPU generation only)
         arch = f"sm_{_sm(device)}" if device.exist else ARCH.replace("sm_", "compute_")
-        return nvrtc_compile(code, arch)
+        return cached_nvrtc_compile(code, arch)
 
     tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_cuda, override=True)
     _registered = True

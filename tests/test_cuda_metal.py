@@ -92,6 +92,26 @@ def test_tvm_compiles_cuda_with_nvrtc():
 
 
 @needs_nvrtc
+def test_a_librarys_cuda_source_compiles_once_then_comes_from_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("TAPML_CACHE_DIR", str(tmp_path))
+    compiled = []
+
+    def nvrtc(source, arch, name="kernels"):
+        compiled.append(arch)
+        return real(source, arch, name)
+
+    real = cuda_target.nvrtc_compile
+    monkeypatch.setattr(cuda_target, "nvrtc_compile", nvrtc)
+    source = 'extern "C" __global__ void k(float* x) { x[threadIdx.x] *= 2.0f; }'
+    first = cuda_target.cached_nvrtc_compile(source, "compute_75")
+    assert cuda_target.cached_nvrtc_compile(source, "compute_75") == first
+    assert compiled == ["compute_75"]  # the second load found it
+    assert b".visible .entry k(" in first
+    cuda_target.cached_nvrtc_compile(source.replace("2.0f", "3.0f"), "compute_75")
+    assert compiled == ["compute_75", "compute_75"]  # other source: compiled again
+
+
+@needs_nvrtc
 def test_nvrtc_errors_name_the_kernel_and_give_the_log():
     with pytest.raises(CompileError, match=r"(?s)kernel broken for compute_75.*undefined"):
         cuda_target.nvrtc_compile("__global__ void k() { undefined_thing(); }", "compute_75",
