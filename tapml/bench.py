@@ -277,7 +277,7 @@ def machine_bandwidth_gb_s(threads: int = 1, nbytes: int = 512 * 2**20, repeats:
     import tvm
 
     rows = max(1, nbytes // _PROBE_ROW_BYTES)
-    # the memory decode's weights lie in (huge pages where the OS gives them)
+    # the memory decode's weights lie in
     data = HostMemory(rows * _PROBE_ROW_BYTES).take(rows * _PROBE_ROW_BYTES)
     data = data._create_view((rows, _PROBE_ROW_BYTES // 4), "float32")
     array = np.from_dlpack(data)
