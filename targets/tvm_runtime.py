@@ -11,6 +11,7 @@ libraries, loaded once.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from contextlib import contextmanager
 from functools import cache
@@ -38,9 +39,17 @@ def _without(modules: tuple[str, ...]):
                 del sys.modules[m]
 
 
+# iterations an idle CPU worker yields before it sleeps (TVM's default: 300,000, some 0.13 s
+# here). Kernels of a step follow each other within microseconds and steps within a
+# millisecond, so 10,000 (~4 ms) keeps the workers awake while a model runs, and a process
+# that exits no longer waits out the spin of its workers (they see the exit only after it).
+SPIN_COUNT = "10000"
+
+
 @cache
 def ffi() -> Any:
     """tvm_ffi, with TVM's runtime library loaded into it."""
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", SPIN_COUNT)  # read when the pool starts
     with _without(OPTIONAL_IMPORTS):
         import tvm_ffi
     from tvm_ffi.libinfo import load_lib_ctypes
