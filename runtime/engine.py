@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,13 +66,19 @@ def open_artifact(artifact: Path, task: type, verify_weights: bool = True,
     artifact.check()  # before the kernels load: a damaged library can crash the process
     plan = artifact.plan()
     driver = task(plan)
-    tokenizer = artifact.tokenizer() if artifact.tokenizer_dir.is_dir() else None
-    mark("artifact")  # checked, plan and tokenizer read
-    if executor is None:
-        executor = load_executor(artifact.target, plan, artifact.path)
-        mark("kernels")  # the runtime and kernel library loaded, buffers allocated
-        executor.load_params(artifact.weights(verify=verify_weights))
-        mark("weights")
+    mark("artifact")  # checked, plan read
+    with ThreadPoolExecutor(1) as pool:
+        # a large vocabulary takes a second to parse (Gemma-3's 262,144 pieces): meanwhile the
+        # weights load, mostly in reads that let go of the GIL
+        tokenizer = pool.submit(artifact.tokenizer) if artifact.tokenizer_dir.is_dir() else None
+        if executor is None:
+            executor = load_executor(artifact.target, plan, artifact.path)
+            mark("kernels")  # the runtime and kernel library loaded, buffers allocated
+            executor.load_params(artifact.weights(verify=verify_weights))
+            mark("weights")
+        if tokenizer is not None:
+            tokenizer = tokenizer.result()
+            mark("tokenizer")
     return Opened(artifact.path, artifact.config, artifact.target, plan, driver, tokenizer,
                   executor)  # fmt: skip
 
