@@ -12,11 +12,11 @@ import pytest
 UNWANTED = ("torch", "tvm", "tvm.relax", "wgpu", "pyopencl", "llguidance", "xgrammar", "jinja2",
             "ml_dtypes")  # fmt: skip
 
-RUN = """
+COMMAND = """
 import json, sys
 from tapml.cli import main
 try:
-    main(["-q", "run", sys.argv[1], "-p", "The capital of France is", "-n", "4"])
+    main(json.loads(sys.argv[1]))
 except SystemExit as e:
     code = e.code
 print(json.dumps({"code": code, "imported": [m for m in sys.argv[2:] if m in sys.modules]}))
@@ -58,7 +58,15 @@ def fresh_process(code: str, *args: str) -> dict:
 
 @pytest.mark.real_model
 def test_a_run_imports_neither_the_compiler_nor_torch_nor_other_targets(real_artifact):
-    result = fresh_process(RUN, str(real_artifact("gguf")), *UNWANTED)
+    run = ["-q", "run", str(real_artifact("gguf")), "-p", "The capital of France is", "-n", "4"]
+    result = fresh_process(COMMAND, json.dumps(run), *UNWANTED)
+    assert result == {"code": 0, "imported": []}
+
+
+@pytest.mark.real_model
+def test_embedding_imports_neither_the_compiler_nor_torch(minilm_artifact):
+    embed = ["-q", "embed", str(minilm_artifact("llvm")), "A cat sleeps."]
+    result = fresh_process(COMMAND, json.dumps(embed), *UNWANTED)
     assert result == {"code": 0, "imported": []}
 
 
