@@ -22,8 +22,10 @@ FORMAT = "tapml-weights"
 VERSION = 1
 INDEX = "index.json"
 DTYPES = ("float32", "float16", "uint32", "int32", "uint8", "int8")
-# Offsets are multiples of this so the arrays np.frombuffer returns are aligned.
-ALIGN = 16
+# Offsets are multiples of this: a mapped shard's tensors meet the kernels' 64-byte alignment
+# and run in place (shards written with 16, before they were mapped, are read into memory).
+ALIGN = 64
+KERNEL_ALIGN = 64
 
 
 def shard_name(i: int) -> str:
@@ -225,7 +227,8 @@ class WeightShards(Mapping[str, np.ndarray]):
                     self._shards[t["shard"]]["nbytes"]:  # fmt: skip
                 raise WeightsError(f"{self.directory / INDEX} places {t['name']!r} outside its "
                                    f"shard; {self._fix}")  # fmt: skip
-        self._maps: dict[int, mmap.mmap] = {}
+        self._maps: dict[int, mmap.mmap] = {}  # read-only
+        self._private: dict[int, mmap.mmap] = {}  # copy-on-write, for `mapped`
         self.bytes_read = 0  # by read_into and by hashing shards
 
     def _path(self, shard: int) -> Path:
@@ -269,6 +272,23 @@ class WeightShards(Mapping[str, np.ndarray]):
 
     def __len__(self) -> int:
         return len(self._tensors)
+
+    def mapped(self, name: str) -> np.ndarray | None:
+        """The tensor as a writable view of its shard mapped copy-on-write (kernels read it in
+        place: the page cache's copy is the only one), its shard checked first; None where its
+        offset does not meet the kernels' alignment."""
+        t = self._tensors[name]
+        if t["offset"] % KERNEL_ALIGN:
+            return None
+        if t["shard"] in self._unchecked:
+            self.check()
+        if t["shard"] not in self._private:
+            with open(self._path(t["shard"]), "rb") as f:
+                self._private[t["shard"]] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        dtype = np.dtype(t["dtype"]).newbyteorder("<")
+        array = np.frombuffer(self._private[t["shard"]], dtype, t["nbytes"] // dtype.itemsize,
+                              t["offset"])  # fmt: skip
+        return array.reshape(t["shape"])
 
     def spec(self, name: str) -> tuple[list[int], str]:
         """A tensor's shape and dtype, read from the index alone."""

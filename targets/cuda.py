@@ -154,7 +154,6 @@ def use_nvrtc_for_tvm() -> None:
     import tvm_ffi
 
     def compile_cuda(code: str, *_target) -> bytes:
-        import tvm
 
         device = tvm.cuda(0)
         # no GPU: portable PTX (a cubin would be for one GPU generation only)

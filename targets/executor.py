@@ -25,6 +25,8 @@ class Executor:
     # whether `_alloc` gives zeroed memory (fresh pages of the OS): the KV state then needs no
     # zeroing at load, and its pages are not touched (resident) before it is used
     allocates_zeroed = False
+    # whether its kernels can read weights in place from shards mapped into this process
+    maps_weights = False
 
     def __init__(self, plan: Plan):
         self.plan = plan
@@ -62,6 +64,10 @@ class Executor:
     def _sync(self) -> None:
         pass
 
+    def _bind(self, array: np.ndarray) -> Any:
+        """A buffer of the backend over `array`'s memory (for `maps_weights`)."""
+        raise NotImplementedError(f"{type(self).__name__} maps no weights")
+
     def _host_array(self, buffer: Any) -> np.ndarray | None:
         """The buffer's memory as a numpy array where this process can write it in place, so
         weights are read straight into it; None where uploads must copy (a GPU's)."""
@@ -73,21 +79,29 @@ class Executor:
 
         From an artifact's `WeightShards`, parameters in memory this process writes in place
         are read straight into it from the files (one read, no copy in between); the others
-        are uploaded from the mapped shards."""
+        are uploaded from the mapped shards. An executor that `maps_weights` runs its kernels on
+        the mapped shards in place where their alignment allows: nothing is read or copied."""
         from tapml.weights import WeightShards
 
         names = self.plan.names("param")
         for name in names:
             if name not in params:
                 raise ExecutorError(f"weights have no parameter {name!r} that the plan needs")
-        direct = {}
+        direct: dict[str, np.ndarray] = {}  # in this process's memory: read into, or mapped
+        reads: dict[str, np.ndarray] = {}
         if isinstance(params, WeightShards):
             for name in names:
                 host = self._host_array(self.buffers[name])
-                if host is not None:
-                    self._check_spec(name, *params.spec(name))
-                    direct[name] = host
-            params.read_into(direct)
+                if host is None:
+                    continue
+                self._check_spec(name, *params.spec(name))
+                mapped = params.mapped(name) if self.maps_weights else None
+                if mapped is None:
+                    reads[name] = direct[name] = host
+                else:  # its own memory stays untouched, never resident
+                    self.buffers[name] = self._bind(mapped)
+                    direct[name] = mapped
+            params.read_into(reads)
         for name in names:
             if name in direct:
                 self.plan.check_values(name, direct[name])

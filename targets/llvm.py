@@ -74,6 +74,14 @@ class TvmRuntimeExecutor(Executor):
     def _host_array(self, buffer: Any) -> np.ndarray | None:
         return np.from_dlpack(buffer) if self._in_place else None
 
+    @property
+    def maps_weights(self) -> bool:
+        return self._in_place
+
+    def _bind(self, array: np.ndarray) -> Any:
+        self._prepared.clear()  # prepared calls hold the buffers they were given
+        return tvm_runtime.from_dlpack(array)
+
     def _launch(self, kernel: str, args: list[Any]) -> None:
         self._kernels[kernel](*args)
 

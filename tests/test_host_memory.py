@@ -39,7 +39,9 @@ def test_taking_more_than_the_block_is_refused():
 def test_llvm_executor_buffers_lie_in_one_block(tiny_artifact):
     executor = Engine(tiny_artifact()).executor
     plan = executor.plan
-    starts = [address(executor.buffers[name]) for name in plan.owners()]
+    # but the weights, which run in place from their mapped shards (tests/test_lean_runtime.py)
+    starts = [address(executor.buffers[name]) for name in plan.owners()
+              if plan.buffers[name]["kind"] != "param"]  # fmt: skip
     span = max(starts) - min(starts)
     assert span < sum(HostMemory.rounded(n) for n in plan.allocations())
     assert all(start % HostMemory.PAGE == 0 for start in starts)
