@@ -227,8 +227,7 @@ class WeightShards(Mapping[str, np.ndarray]):
                     self._shards[t["shard"]]["nbytes"]:  # fmt: skip
                 raise WeightsError(f"{self.directory / INDEX} places {t['name']!r} outside its "
                                    f"shard; {self._fix}")  # fmt: skip
-        self._maps: dict[int, mmap.mmap] = {}  # read-only
-        self._private: dict[int, mmap.mmap] = {}  # copy-on-write, for `mapped`
+        self._maps: dict[tuple[int, int], mmap.mmap] = {}  # by (shard, access)
         self.bytes_read = 0  # by read_into and by hashing shards
 
     def _path(self, shard: int) -> Path:
@@ -256,16 +255,7 @@ class WeightShards(Mapping[str, np.ndarray]):
 
     # -- Mapping ----------------------------------------------------------------------------
     def __getitem__(self, name: str) -> np.ndarray:
-        t = self._tensors[name]
-        if t["shard"] in self._unchecked:
-            self.check()
-        if t["shard"] not in self._maps:
-            with open(self._path(t["shard"]), "rb") as f:
-                self._maps[t["shard"]] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        dtype = np.dtype(t["dtype"]).newbyteorder("<")
-        count = t["nbytes"] // dtype.itemsize
-        array = np.frombuffer(self._maps[t["shard"]], dtype, count, t["offset"])
-        return array.reshape(t["shape"])
+        return self._view(name, mmap.ACCESS_READ)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)
@@ -277,17 +267,21 @@ class WeightShards(Mapping[str, np.ndarray]):
         """The tensor as a writable view of its shard mapped copy-on-write (kernels read it in
         place: the page cache's copy is the only one), its shard checked first; None where its
         offset does not meet the kernels' alignment."""
-        t = self._tensors[name]
-        if t["offset"] % KERNEL_ALIGN:
+        if self._tensors[name]["offset"] % KERNEL_ALIGN:
             return None
+        return self._view(name, mmap.ACCESS_COPY)
+
+    def _view(self, name: str, access: int) -> np.ndarray:
+        """The tensor over its shard mapped with `access` (one mapping per shard and access)."""
+        t = self._tensors[name]
         if t["shard"] in self._unchecked:
             self.check()
-        if t["shard"] not in self._private:
+        key = (t["shard"], access)
+        if key not in self._maps:
             with open(self._path(t["shard"]), "rb") as f:
-                self._private[t["shard"]] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                self._maps[key] = mmap.mmap(f.fileno(), 0, access=access)
         dtype = np.dtype(t["dtype"]).newbyteorder("<")
-        array = np.frombuffer(self._private[t["shard"]], dtype, t["nbytes"] // dtype.itemsize,
-                              t["offset"])  # fmt: skip
+        array = np.frombuffer(self._maps[key], dtype, t["nbytes"] // dtype.itemsize, t["offset"])
         return array.reshape(t["shape"])
 
     def spec(self, name: str) -> tuple[list[int], str]:
