@@ -205,7 +205,8 @@ def entries() -> list[tuple[Path, int]]:
 
 
 def clear() -> int:
-    """Delete every cache entry (complete or partial); returns how many were removed."""
+    """Delete every cache entry (complete or partial) and the weights they share; returns how
+    many entries were removed."""
     root = cache_root()
     if not root.is_dir():
         return 0
@@ -213,7 +214,7 @@ def clear() -> int:
     for d in root.iterdir():
         if d.is_dir():
             shutil.rmtree(d)
-            removed += 1
+            removed += d.name != WEIGHTS_STORE
         elif d.suffix == ".lock":
             d.unlink(missing_ok=True)  # its holder may have deleted it meanwhile
     return removed

@@ -23,7 +23,7 @@ def list_entries() -> None:
 
 @command.command("clear")
 def clear() -> None:
-    """Delete every cached artifact."""
+    """Delete every cached artifact, and the converted weights they share."""
     from tapml.cache import cache_root, clear
 
     click.echo(f"removed {clear()} cached builds from {cache_root()}", err=True)
