@@ -102,11 +102,20 @@ class Executor:
                     self.buffers[name] = self._bind(mapped)
                     direct[name] = mapped
             params.read_into(reads)
+            self._view_again({n for n in direct if n not in reads})
         for name in names:
             if name in direct:
                 self.plan.check_values(name, direct[name])
             else:
                 self.upload(name, params[name])
+
+    def _view_again(self, rebound: set[str]) -> None:
+        """Views of buffers given other memory (`_bind`) view that memory now (an imported
+        graph reshapes weights in place)."""
+        for name, b in self.plan.buffers.items():
+            if b["kind"] == "view" and self.plan.root(name) in rebound:
+                self.buffers[name] = self._view(self.buffers[self.plan.root(name)], b["shape"],
+                                                b["dtype"])  # fmt: skip
 
     def _check_spec(self, name: str, shape: list[int], dtype: str) -> None:
         b = self.plan.buffers[name]
