@@ -109,6 +109,9 @@ def _probe(runner: str, model: str, threads: int) -> dict[str, Any]:
         raise TapmlError(f"the {runner} start-up probe failed (exit {done.returncode}): "
                          f"{done.stderr.strip()[-2000:]}")  # fmt: skip
     result = json.loads(done.stdout.strip().splitlines()[-1])
+    if result["ttft_s"] is None:
+        raise TapmlError(f"the {runner} start-up probe generated no token from "
+                         f"{PROBE_PROMPT!r} (it stopped at once)")  # fmt: skip
     result["process_s"] = process_s
     return result
 
@@ -119,7 +122,7 @@ def _child(runner: str, model: str, threads: str) -> None:
     stream = load(model, int(threads))
     load_s = since_process_start()
     start = time.perf_counter()
-    tokens = 0
+    tokens, ttft_s = 0, None  # None: no token came
     for _ in stream():
         tokens += 1
         if tokens == 1:

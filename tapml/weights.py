@@ -22,10 +22,11 @@ FORMAT = "tapml-weights"
 VERSION = 1
 INDEX = "index.json"
 DTYPES = ("float32", "float16", "uint32", "int32", "uint8", "int8")
-# Offsets are multiples of this: a mapped shard's tensors meet the kernels' 64-byte alignment
-# and run in place (shards written with 16, before they were mapped, are read into memory).
-ALIGN = 64
+# what the kernels assume of a buffer's address: a mapped tensor at an offset that is a
+# multiple of it runs in place (shards written before they were mapped have 16, and such
+# tensors are read into memory)
 KERNEL_ALIGN = 64
+ALIGN = KERNEL_ALIGN  # of the offsets this writer gives tensors
 
 
 def shard_name(i: int) -> str:

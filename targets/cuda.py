@@ -154,7 +154,6 @@ def use_nvrtc_for_tvm() -> None:
     import tvm_ffi
 
     def compile_cuda(code: str, *_target) -> bytes:
-
         device = tvm.cuda(0)
         # no GPU: portable PTX (a cubin would be for one GPU generation only)
         arch = f"sm_{_sm(device)}" if device.exist else ARCH.replace("sm_", "compute_")

@@ -62,8 +62,9 @@ def ffi() -> Any:
     return tvm_ffi
 
 
+@cache
 def function(name: str) -> Any:
-    """A global function of TVM's runtime."""
+    """A global function of TVM's runtime (looked up once: `sync` runs at every step)."""
     return ffi().get_global_func(name)
 
 
