@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,6 +165,7 @@ class Engine:
         *,
         max_tokens: int | None = None,
         reuse_prefix: bool = False,
+        on_token: Callable[[int, np.ndarray], None] | None = None,
     ) -> Iterator[int]:
         """The ids after the prompt, sampled by `params` (default: greedy).
 
@@ -176,7 +177,9 @@ class Engine:
         `constraint` is complete, or at the end of the compiled context; `finish_reason` then
         says which: "stop", "length", "grammar" or "context". Stop strings are text, handled by
         `generate_text`. With a constraint, each step's logits go through `constraint.mask`
-        and each chosen token through `constraint.accept`.
+        and each chosen token through `constraint.accept`. `on_token(token, logits)` sees each
+        token before it is yielded, with the model's logits it was sampled from (before any
+        penalty or mask); an exception it raises ends the generation.
         """
         params = params or SamplingParams()
         max_tokens = params.max_tokens if max_tokens is None else max_tokens
@@ -198,6 +201,7 @@ class Engine:
         stop = set(self.tokenizer.stop_ids) | set(params.stop_token_ids)
         generated: list[int] = []
         for i in range(max_tokens):
+            model_logits = logits
             if constraint is not None:
                 logits = constraint.mask(logits)
             token = sampler(logits, generated, prompt_ids)
@@ -207,6 +211,8 @@ class Engine:
             if constraint is not None:
                 constraint.accept(token)
             generated.append(token)
+            if on_token is not None:
+                on_token(token, model_logits)
             yield token
             if constraint is not None and constraint.is_complete():
                 self.finish_reason = "grammar"
@@ -231,9 +237,10 @@ class Engine:
         *,
         max_tokens: int | None = None,
         reuse_prefix: bool = False,
+        on_token: Callable[[int, np.ndarray], None] | None = None,
     ) -> Iterator[str]:
         """Stream the completion of `prompt_ids` as text pieces, up to a stop string
-        (`reuse_prefix` as in `generate_ids`).
+        (`reuse_prefix` and `on_token` as in `generate_ids`).
 
         The text before the first of `params.stop` is streamed, the stop string and anything
         after it are not. Text that could be the start of a stop string is held back until the
@@ -242,7 +249,7 @@ class Engine:
         params = params or SamplingParams()
         stream = StreamDecoder(self.tokenizer, skip_special=True)
         ids = self.generate_ids(prompt_ids, params, constraint, max_tokens=max_tokens,
-                                reuse_prefix=reuse_prefix)  # fmt: skip
+                                reuse_prefix=reuse_prefix, on_token=on_token)  # fmt: skip
         if not params.stop:
             for token in ids:
                 piece = stream.add(token)
