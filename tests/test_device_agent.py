@@ -24,6 +24,7 @@ from tapml.targets.remote import (
     start_local_agent,
     wire,
 )
+from tapml.targets.remote.client import stop_process
 from tapml.weights import load_shards
 
 CHUNK_IDS = list(range(100, 113))  # 13 tokens: two prefill chunks of 8, the last padded
@@ -211,13 +212,7 @@ def own_agent(tmp_path):
     finally:
         if process.poll() is None:
             os.kill(process.pid, signal.SIGCONT)
-            process.terminate()  # as a user would stop it: it cleans up after itself
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        process.wait()
-        process.stdout.close()
+        stop_process(process)
 
 
 def test_killed_agent_is_device_lost(own_agent, tiny_artifact):

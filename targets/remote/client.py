@@ -257,13 +257,20 @@ def start_local_agent(backend: str, *, wgpu_backend: str | None = None,
             url = _wait_for_url(process, log_file, startup_timeout)
             yield DeviceURL(url, token, process.pid)
         finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            process.stdout.close()
+            stop_process(process)
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Stop a server process as a user would (SIGTERM: it cleans up after itself), killed if
+    it has not ended within `timeout` seconds; its stdout pipe closed."""
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    if process.stdout is not None:
+        process.stdout.close()
 
 
 def _wait_for_url(process: subprocess.Popen, log_file: Path, timeout: float) -> str:
