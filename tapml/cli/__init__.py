@@ -65,6 +65,7 @@ def _register() -> None:
         offload,
         package,
         run,
+        serve,
         targets,
         test,
         verify,
@@ -72,7 +73,7 @@ def _register() -> None:
 
     # in the order of the user's workflow, as `tapml --help` lists them
     for module in (models, targets, compile, run, chat, embed, ocr, carve, test, offload, migrate,
-                   device, package, verify, bench, matrix, cache):
+                   device, package, serve, verify, bench, matrix, cache):
         main.add_command(module.command)
 
 
