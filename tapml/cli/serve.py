@@ -141,8 +141,11 @@ def _serve(runtime, model_id: str, listener: socket.socket, api_key: str | None,
 
     server = Server(runtime, model_id, api_key, max_queue, max_body_mb)
     verbose = logging.getLogger("tapml").isEnabledFor(logging.DEBUG)  # tapml -v: each request
+    # open connections are bounded too (uvicorn answers 503 past it): the queue's, and room
+    # for those it refuses and for /health
     config = uvicorn.Config(server.app, log_level="info" if verbose else "warning",
-                            access_log=verbose, timeout_graceful_shutdown=5)  # fmt: skip
+                            access_log=verbose, timeout_graceful_shutdown=5,
+                            limit_concurrency=2 * max_queue + 32)  # fmt: skip
     host, port = listener.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"http://{shown}:{port}/v1")
