@@ -240,7 +240,8 @@ class FakeIds:
         self.tokenizer, self.ids, self.given = tokenizer, tokenizer.encode(text), 0
         self.finish_reason = None
 
-    def generate_ids(self, prompt_ids, params, constraint, max_tokens=None, reuse_prefix=False):
+    def generate_ids(self, prompt_ids, params, constraint, max_tokens=None, reuse_prefix=False,
+                     on_token=None):
         for token in self.ids:
             self.given += 1
             yield token
