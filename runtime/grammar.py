@@ -56,9 +56,8 @@ class Vocabulary:
     def from_tokenizer(cls, tokenizer: Tokenizer) -> Vocabulary:
         # Control tokens ("<|im_end|>") are literal text marked special; ids missing from the
         # vocabulary count as control too, so that no grammar text can ever produce them.
-        added = tokenizer._hf.get_added_tokens_decoder()
         tokens = tokenizer.token_bytes()
-        control = {i for i, t in added.items() if t.special} | {
+        control = tokenizer.control_ids | {
             i for i, t in enumerate(tokens) if not t
         }
         stop = set(tokenizer.stop_ids) | ({tokenizer.eos_id} - {None})
@@ -191,23 +190,16 @@ class LLGuidanceConstraint(GrammarConstraint):
     def tokenizer_info(vocab: Vocabulary, tokenizer: Tokenizer):
         import llguidance
 
-        hf = tokenizer._hf
-
         class Wrapped:  # what llguidance.TokenizerWrapper reads
             eos_token_id, bos_token_id = vocab.eos_id, vocab.bos_id
             tokens, special_token_ids = vocab.tokens, sorted(vocab.control)
 
             def __call__(self, text: str) -> list[int]:
                 # llguidance tokenizes the text a grammar forces with this. It must never give
-                # control ids, so it skips the added tokens that Tokenizer.encode parses: the
-                # model on each pre-token only (the same ids as encode for text without them)
+                # control ids: the added tokens that Tokenizer.encode parses are spelled out
                 if not isinstance(text, str):
                     raise TypeError("encodes str only")  # llguidance then passes str
-                if hf.normalizer is not None:  # SentencePiece's visible spaces
-                    text = hf.normalizer.normalize_str(text)
-                pieces = (hf.pre_tokenizer.pre_tokenize_str(text) if hf.pre_tokenizer is not None
-                          else [(text, None)])  # fmt: skip
-                return [t.id for piece, _ in pieces for t in hf.model.tokenize(piece)]
+                return tokenizer.encode_ordinary(text)
 
         wrapper = llguidance.TokenizerWrapper(Wrapped())
         return llguidance.LLTokenizer(wrapper, n_vocab=vocab.size, eos_token=list(vocab.stop_ids))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import codecs
 import functools
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,10 @@ from typing import Any
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
+from . import sentencepiece
 from .errors import TapmlError
 from .fileio import write_atomic
+from .sentencepiece import SPACE, SentencePiece
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -54,24 +57,42 @@ _STOP_TEXTS = {
 }
 _CONFIG_KEYS = {"model", "pre", "vocab_size", "bos_id", "eos_id", "stop_ids", "add_bos",
                 "chat_template"}  # fmt: skip
-SPACE = "\u2581"  # SentencePiece's visible space
 
 
 class Tokenizer:
-    """A GGUF vocabulary as an HF `tokenizers` tokenizer, with its special ids and chat template:
-    byte-level BPE (GGUF tokenizer model "gpt2": Llama 3, SmolLM2, Qwen2) or SentencePiece
-    ("llama": Gemma), each tokenizing as llama.cpp does."""
+    """A GGUF vocabulary with its special ids and chat template, tokenizing as llama.cpp does:
+    byte-level BPE (GGUF tokenizer model "gpt2": Llama 3, SmolLM2, Qwen2) as an HF `tokenizers`
+    tokenizer, SentencePiece ("llama": Gemma) by tapml.sentencepiece (its HF form, which web
+    bundles read, is loaded only if asked for); or a checkpoint's WordPiece tokenizer (BERT)."""
 
-    def __init__(self, hf: HFTokenizer, config: Mapping[str, Any]):
-        """Prefer `from_gguf_metadata` or `load`; `config` has the keys of tokenizer_config.json."""
-        self._hf = hf
+    def __init__(self, hf: HFTokenizer | Any, config: Mapping[str, Any],
+                 spm: SentencePiece | None = None):  # fmt: skip
+        """Prefer `from_gguf_metadata` or `load`; `config` has the keys of tokenizer_config.json.
+        With `spm`, `hf` may be a function that gives the HF tokenizer when first needed."""
+        self._hf_or_maker = hf
+        self._spm = spm
         self._config = {key: config[key] for key in _CONFIG_KEYS}
-        added = hf.get_added_tokens_decoder()
-        self._control = {i for i, token in added.items() if token.special}
-        self._added = set(added)
+        if spm is not None:
+            self._control = {i for i, kind in enumerate(spm.types) if kind == CONTROL}
+            self._added = self._control | {i for i, k in enumerate(spm.types) if k == USER_DEFINED}
+        else:
+            added = hf.get_added_tokens_decoder()
+            self._control = {i for i, token in added.items() if token.special}
+            self._added = set(added)
         self._piece_bytes = {"llama": _spm_bytes, "wordpiece": _wordpiece_bytes}.get(
             self._config["model"], _byte_level_bytes)
         self._bytes: dict[int, bytes] = {}  # each id's bytes, worked out when first needed
+
+    @functools.cached_property
+    def _hf(self) -> HFTokenizer:
+        """The HF `tokenizers` form (for SentencePiece: made or read when first asked for)."""
+        hf = self._hf_or_maker
+        return hf() if callable(hf) and not isinstance(hf, HFTokenizer) else hf
+
+    @property
+    def control_ids(self) -> set[int]:
+        """Ids of control tokens ("<|im_end|>", "<end_of_turn>"): markup, not text."""
+        return set(self._control)
 
     @classmethod
     def from_gguf_metadata(cls, metadata: Mapping[str, Any]) -> Tokenizer:
@@ -100,14 +121,12 @@ class Tokenizer:
                     f"corrupt GGUF tokenizer: {len(tokens)} tokens but {len(scores)} scores"
                 )
             space_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
-            hf = _sentencepiece(tokens, scores, types, space_prefix)
-        hf.add_tokens(
-            [
-                AddedToken(text, special=kind == CONTROL, normalized=False)
-                for text, kind in zip(tokens, types, strict=True)
-                if kind in (CONTROL, USER_DEFINED)
-            ]
-        )
+            spm = SentencePiece(tokens, scores, types, space_prefix)
+        added = [AddedToken(text, special=kind == CONTROL, normalized=False)
+                 for text, kind in zip(tokens, types, strict=True)
+                 if kind in (CONTROL, USER_DEFINED)]  # fmt: skip
+        if model == "gpt2":
+            hf.add_tokens(added)
         eos_id = metadata.get("tokenizer.ggml.eos_token_id")
         stop_ids = {eos_id} if eos_id is not None else set()
         stop_ids |= {
@@ -128,7 +147,15 @@ class Tokenizer:
             "add_bos": bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
             "chat_template": metadata.get("tokenizer.chat_template"),
         }
-        return cls(hf, config)
+        if model == "gpt2":
+            return cls(hf, config)
+
+        def hf_form() -> HFTokenizer:
+            hf = _sentencepiece(tokens, scores, types, space_prefix)
+            hf.add_tokens(added)
+            return hf
+
+        return cls(hf_form, config, spm)
 
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:
@@ -165,22 +192,24 @@ class Tokenizer:
                     "(recompile the model)"
                 )
         try:
-            hf = HFTokenizer.from_file(str(tokenizer_path))
-        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-            raise TapmlError(f"{tokenizer_path} is not a valid tokenizer file: {e}") from e
-        try:
             config = json.loads(config_path.read_text(encoding="utf-8"))
             missing = _CONFIG_KEYS - config.keys()
         except (ValueError, AttributeError) as e:
             raise TapmlError(f"{config_path} is not a valid tokenizer config: {e}") from e
         if missing:
             raise TapmlError(f"{config_path} lacks the keys {', '.join(sorted(missing))}")
-        return cls(hf, config)
+        spm_path = directory / sentencepiece.FILE
+        if config["model"] == "llama" and spm_path.is_file():  # older artifacts lack it
+            return cls(lambda: _read_hf(tokenizer_path), config, SentencePiece.load(spm_path))
+        return cls(_read_hf(tokenizer_path), config)
 
     def save(self, directory: str | Path) -> None:
-        """Write tokenizer.json (HF format) and tokenizer_config.json into `directory`."""
+        """Write tokenizer.json (HF format), tokenizer_config.json and, for SentencePiece,
+        sentencepiece.json (what `load` reads) into `directory`."""
         directory = Path(directory)
         write_atomic(directory / TOKENIZER_FILE, self._hf.to_str().encode())
+        if self._spm is not None:
+            self._spm.save(directory / sentencepiece.FILE)
         config = json.dumps(self._config, indent=2, sort_keys=True, ensure_ascii=False)
         write_atomic(directory / CONFIG_FILE, (config + "\n").encode())
 
@@ -216,13 +245,45 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """The ids of `text`; special tokens written in it (e.g. "<|im_start|>") become one id."""
-        # a WordPiece tokenizer's special tokens frame every text ([CLS] ... [SEP])
-        ids = self._hf.encode(text, add_special_tokens=self._config["model"] == "wordpiece").ids
+        if self._spm is not None:
+            ids = self._encode_spm(text)
+        else:  # a WordPiece tokenizer's special tokens frame every text ([CLS] ... [SEP])
+            ids = self._hf.encode(text, add_special_tokens=self._config["model"] == "wordpiece").ids
         if self.add_bos if add_bos is None else add_bos:
             if self.bos_id is None:
                 raise TapmlError("cannot add a BOS token: this vocabulary has none")
             ids.insert(0, self.bos_id)
         return ids
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """The ids of `text` as plain text: special tokens written in it are spelled out, never
+        one id (what grammar engines tokenize forced text with)."""
+        if self._spm is not None:  # user-defined pieces ("\t\t") are text: one id, as in encode
+            return self._encode_spm(text, self._user_defined_pattern)
+        hf = self._hf
+        if hf.normalizer is not None:
+            text = hf.normalizer.normalize_str(text)
+        pieces = hf.pre_tokenizer.pre_tokenize_str(text) if hf.pre_tokenizer is not None \
+            else [(text, None)]  # fmt: skip
+        return [t.id for piece, _ in pieces for t in hf.model.tokenize(piece)]
+
+    def _encode_spm(self, text: str, specials: re.Pattern | None = None) -> list[int]:
+        """SentencePiece ids, the added tokens written in `text` (leftmost, longest first, as
+        HF's added vocabulary finds them; `specials`: these only) one id each."""
+        ids, start = [], 0
+        for match in (specials or self._added_pattern).finditer(text):
+            ids += self._spm.encode(text[start : match.start()])
+            ids.append(self._spm.ids[match.group()])
+            start = match.end()
+        return ids + self._spm.encode(text[start:])
+
+    @functools.cached_property
+    def _added_pattern(self) -> re.Pattern:
+        return _alternatives(self._spm.pieces[i] for i in self._added)
+
+    @functools.cached_property
+    def _user_defined_pattern(self) -> re.Pattern:
+        return _alternatives(self._spm.pieces[i] for i in self._added - self._control)
 
     def token_bytes(self) -> list[bytes]:
         """Each id's bytes: what it stands for in text (a control token's own text; b"" for an
@@ -232,7 +293,8 @@ class Tokenizer:
     def _bytes_of(self, token_id: int) -> bytes:
         data = self._bytes.get(token_id)
         if data is None:
-            text = self._hf.id_to_token(token_id)
+            text = self._spm.pieces[token_id] if self._spm is not None \
+                else self._hf.id_to_token(token_id)  # fmt: skip
             data = (b"" if text is None else text.encode() if token_id in self._added
                     else self._piece_bytes(text))  # fmt: skip
             self._bytes[token_id] = data
@@ -345,6 +407,19 @@ def _sentencepiece(tokens: list[str], scores: list[float], types: list[int],
         [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     )
     return hf
+
+
+def _alternatives(texts) -> re.Pattern:
+    """A pattern finding any of `texts`, the longest where several start at one place."""
+    return re.compile("|".join(map(re.escape, sorted(set(texts), key=len, reverse=True)))
+                      or r"(?!)")  # fmt: skip
+
+
+def _read_hf(path: Path) -> HFTokenizer:
+    try:
+        return HFTokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+        raise TapmlError(f"{path} is not a valid tokenizer file: {e}") from e
 
 
 def _spm_bytes(piece: str) -> bytes:

@@ -6,7 +6,9 @@ llvm's, float32 activations everywhere, and the sliding window's exact reach on 
 from __future__ import annotations
 
 import json
+import random
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +32,7 @@ from tapml.plan import Plan
 from tapml.runtime.engine import Engine
 from tapml.runtime.grammar import BACKENDS, make_constraint
 from tapml.targets import TARGETS, executes_here
+from tapml.tokenizer import Tokenizer
 
 MODEL = "gemma3-270m"
 NUMPY_RTOL = 1e-3  # float32 kernels against float64 numpy on the same weights
@@ -67,6 +70,31 @@ def test_sentencepiece_ids_equal_llama_cpps(llvm, llama):
         ids = tokenizer.encode(text)
         assert ids == llama.tokenize(text.encode(), add_bos=True, special=True), text
         assert tokenizer.decode(ids[1:]) == text
+
+
+@pytest.mark.real_model
+def test_sentencepiece_ids_equal_llama_cpps_on_code_prose_and_random_text(llvm, llama):
+    """tapml's own SentencePiece encoder (tapml/sentencepiece.py) on long and odd texts."""
+    rng = random.Random(0)
+    ranges = [(32, 126), (0x80, 0x2FFF), (0x3000, 0x9FFF), (0x1F300, 0x1FAFF), (9, 10)]
+    texts = [Path(__file__).read_text(), (Path(__file__).parent.parent / "README.md").read_text()]
+    texts += ["".join(chr(rng.randint(*rng.choice(ranges))) for _ in range(rng.randint(1, 80)))
+              for _ in range(200)]  # fmt: skip
+    for text in texts:
+        assert llvm.tokenizer.encode(text) == llama.tokenize(text.encode(), add_bos=True,
+                                                             special=True), text[:80]
+
+
+@pytest.mark.real_model
+def test_sentencepiece_loads_without_its_hf_form(llvm):
+    """Running Gemma reads sentencepiece.json alone: tokenizer.json (513,000 merges, a second
+    to load) stays on disk for web bundles."""
+    tokenizer = Tokenizer.load(llvm.artifact / "tokenizer")
+    ids = tokenizer.encode(TEXTS[5])
+    assert tokenizer.decode(ids[1:]) == TEXTS[5]
+    assert not set(tokenizer.encode_ordinary("<end_of_turn>")) & tokenizer.control_ids
+    assert len(tokenizer.token_bytes()) == 262144
+    assert "_hf" not in vars(tokenizer)
 
 
 @pytest.mark.real_model
@@ -120,7 +148,7 @@ def test_structured_output_reads_sentencepiece_pieces(llvm, backend):
     tokenizer = llvm.tokenizer
     pieces = tokenizer.token_bytes()
     assert pieces[tokenizer.encode(" the", add_bos=False)[0]] == b" the"
-    assert pieces[tokenizer._hf.token_to_id("<0x0A>")] == b"\n"
+    assert pieces[tokenizer._spm.ids["<0x0A>"]] == b"\n"
     schema = {"type": "object", "properties": {"year": {"type": "integer"}}, "required": ["year"],
               "additionalProperties": False}  # fmt: skip
     cases = [("regex", r" [12][0-9]{3}\.", "Apollo 11 landed on the Moon in the year"),
