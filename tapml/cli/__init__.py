@@ -11,7 +11,6 @@ import click
 from tapml import __version__
 from tapml.errors import TapmlError
 
-
 # each command's module (tapml/cli/NAME.py), in the order of the user's workflow, as `tapml
 # --help` lists them
 COMMANDS = ("models", "targets", "compile", "run", "chat", "embed", "ocr", "carve", "test",
