@@ -9,6 +9,7 @@ worker can later take several waiting jobs at once from the same queue.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections import deque
@@ -42,8 +43,14 @@ class Ticket:
     def __init__(self, work: Callable[[Emit, threading.Event], None]):
         loop = asyncio.get_running_loop()
         self._events: asyncio.Queue = asyncio.Queue()
-        self.job = Job(work, lambda event: loop.call_soon_threadsafe(self._events.put_nowait,
-                                                                     event))  # fmt: skip
+
+        def emit(event: Any) -> None:
+            # from the worker thread; a closed loop (the server stopping) hears nothing, and
+            # the worker must live on
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._events.put_nowait, event)
+
+        self.job = Job(work, emit)
 
     def __aiter__(self) -> Ticket:
         return self
