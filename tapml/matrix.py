@@ -286,9 +286,12 @@ def _bench(m: Matrix, model: str, target: str) -> dict[str, Any]:
 
 
 def _bench_generation(artifact: Path) -> dict[str, Any]:
-    from .bench import measure
+    """Prefill and decode speed in this process (`tapml bench` adds a start-up probe in a
+    fresh process and a bandwidth test, which a row of the matrix does not report)."""
+    from .bench import run
+    from .runtime.engine import Engine
 
-    result = measure(artifact, **BENCH)
+    result = run(Engine(artifact), **BENCH)
     return {"decode_tok_s": round(result["decode_tok_s"], 1),
             "prefill_tok_s": round(result["prefill_tok_s"], 1)}  # fmt: skip
 
