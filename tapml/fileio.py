@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader never sees a half-written file."""
+"""Atomic file writes (a reader never sees a half-written file), and reading small files
+that hold a secret."""
 
 from __future__ import annotations
 
@@ -79,3 +80,17 @@ def check_document(document: object, where: str, fmt: str, version: int,
     if document.get("version") != version:
         raise error(f"{where} has {fmt} version {document.get('version')!r}; this tapml reads "
                     f"version {version}: {remedy}")  # fmt: skip
+
+
+def read_secret(path: str | Path, what: str) -> str:
+    """The secret (`what`: "token", "API key") in the file at `path`, surrounding whitespace
+    dropped; a missing, unreadable or empty file is a TapmlError naming it."""
+    from .errors import TapmlError
+
+    try:
+        secret = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise TapmlError(f"cannot read the {what} file {path}: {e.strerror}") from e
+    if not secret:
+        raise TapmlError(f"the {what} file {path} is empty")
+    return secret

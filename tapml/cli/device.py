@@ -26,10 +26,11 @@ def command() -> None:
 
 
 def _token(token_file: str | None) -> str | None:
-    from tapml.targets.remote.wire import TOKEN_ENV, read_token_file
+    from tapml.fileio import read_secret
+    from tapml.targets.remote.wire import TOKEN_ENV
 
     if token_file:
-        return read_token_file(token_file)
+        return read_secret(token_file, "token")
     return os.environ.get(TOKEN_ENV) or None
 
 

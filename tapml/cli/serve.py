@@ -77,15 +77,9 @@ def command(obj, model, host, port, api_key_file, allow_no_key, max_queue, max_b
 
 
 def _api_key(path: str | None) -> str | None:
-    if path is None:
-        return os.environ.get(API_KEY_ENV) or None
-    try:
-        key = Path(path).read_text(encoding="utf-8").strip()
-    except OSError as e:
-        raise TapmlError(f"cannot read the API key file {path}: {e.strerror}") from e
-    if not key:
-        raise TapmlError(f"the API key file {path} is empty")
-    return key
+    from tapml.fileio import read_secret
+
+    return read_secret(path, "API key") if path else os.environ.get(API_KEY_ENV) or None
 
 
 def _listen(host: str, port: int) -> socket.socket:

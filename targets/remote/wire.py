@@ -14,8 +14,6 @@ import contextlib
 import socket
 import time
 
-from tapml.errors import DeviceError
-
 VERSION = 1
 MAGIC = "tapml-device"
 CHUNK = 4 << 20  # bytes of one upload/download message; bigger buffers go in several
@@ -82,18 +80,6 @@ def read_line(sock: socket.socket, deadline: float) -> str:
 
 def client_hello(token: str | None) -> bytes:
     return f"{MAGIC} {VERSION} {(token or '').encode().hex()}\n".encode()
-
-
-def read_token_file(path: str) -> str:
-    """The token in `path` (surrounding whitespace dropped); an empty or missing file is an
-    error."""
-    try:
-        token = open(path, encoding="utf-8").read().strip()
-    except OSError as e:
-        raise DeviceError(f"cannot read the token file {path}: {e.strerror}") from e
-    if not token:
-        raise DeviceError(f"the token file {path} is empty")
-    return token
 
 
 def hang_up(conn) -> None:
