@@ -20,7 +20,8 @@ from pathlib import Path
 from .errors import TapmlError
 from .fileio import write_atomic
 
-CONTROL = 3  # GGUF tokenizer.ggml.token_type of control tokens
+# GGUF tokenizer.ggml.token_type values (of every GGUF vocabulary, SentencePiece or not)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED = 1, 2, 3, 4
 
 SPACE = "\u2581"  # SentencePiece's visible space
 FILE = "sentencepiece.json"

@@ -17,11 +17,10 @@ from tokenizers import Tokenizer as HFTokenizer
 from . import sentencepiece
 from .errors import TapmlError
 from .fileio import write_atomic
-from .sentencepiece import SPACE, SentencePiece
+from .sentencepiece import CONTROL, NORMAL, SPACE, UNKNOWN, USER_DEFINED, SentencePiece
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED = 1, 2, 3, 4  # GGUF tokenizer.ggml.token_type values
 
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 _LLAMA3 = (
@@ -87,7 +86,7 @@ class Tokenizer:
     def _hf(self) -> HFTokenizer:
         """The HF `tokenizers` form (for SentencePiece: made or read when first asked for)."""
         hf = self._hf_or_maker
-        return hf() if callable(hf) and not isinstance(hf, HFTokenizer) else hf
+        return hf() if callable(hf) else hf  # an HF tokenizer is not callable
 
     @property
     def control_ids(self) -> set[int]:
