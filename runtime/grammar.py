@@ -332,9 +332,9 @@ def make_constraint(
     document = schema.load(value) if kind in ("json_schema", "any_json") else None
     candidates = [backend] if backend else list(FALLBACK)
     if strict and document is not None:
-        able = [b for b in candidates if not schema.unenforced(document, b)]
+        able = [b for b in candidates if not schema.unenforced(document, b, defaults)]
         if not able:
-            missing = schema.unenforced(document, candidates[0])
+            missing = schema.unenforced(document, candidates[0], defaults)
             raise TapmlError(
                 f"--strict-schema: no grammar backend enforces {', '.join(missing)} "
                 f"({' or '.join(candidates)} tried); without --strict-schema the output is "
@@ -354,7 +354,7 @@ def make_constraint(
             continue
         if document is not None:
             constraint.schema = document
-            constraint.post_checked = schema.unenforced(document, name)
+            constraint.post_checked = schema.unenforced(document, name, defaults)
             if defaults.max_number_digits:
                 constraint.digits = NumberDigits(constraint.vocab, defaults.max_number_digits)
         if errors:

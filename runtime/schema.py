@@ -70,6 +70,11 @@ _COMBINATORS = ("allOf", "anyOf", "oneOf")  # what joins one schema's object to 
 MAX_NUMBER_DIGITS = 16  # in each part of a number, as llama.cpp's converter bounds them
 MAX_STRING_LENGTH = 64
 MAX_ARRAY_ITEMS = 4
+MAX_CONTAINS_POSITIONS = 16  # where generation may place the item an array's `contains` asks for
+
+
+# a `transform` step: (subschema, where) -> its replacement
+Step = Callable[[dict[str, Any], str], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -100,8 +105,7 @@ def load(text: str) -> dict[str, Any] | bool:
     return schema
 
 
-def transform(schema: Any, fn: Callable[[dict[str, Any], str], dict[str, Any]],
-              where: str = "") -> Any:  # fmt: skip
+def transform(schema: Any, fn: Step, where: str = "") -> Any:
     """A copy of `schema` with `fn(subschema, where)` applied to every subschema, innermost
     first; `where` is "branch" for a branch of an allOf, anyOf or oneOf, "definition" for one
     of $defs or definitions, else ""."""
@@ -134,15 +138,19 @@ def keywords(schema: Any) -> set[str]:
     return found
 
 
-def unenforced(schema: Any, backend: str) -> list[str]:
-    """The validation keywords of `schema` that `backend`'s grammar does not enforce."""
-    return sorted((keywords(schema) & VALIDATION) - ENFORCED[backend])
+def unenforced(schema: Any, backend: str, defaults: Defaults = SPEC) -> list[str]:
+    """The validation keywords of `schema` that `backend`'s grammar does not enforce under the
+    generation `defaults`."""
+    placed = transform(schema, _place_contains(backend, defaults))
+    return sorted((keywords(placed) & VALIDATION) - ENFORCED[backend])
 
 
 def for_grammar(schema: Any, backend: str, defaults: Defaults) -> Any:
     """The schema `backend` compiles: without the keywords it does not enforce (checked after
     generation instead) or does not know (vendor extensions), and with the generation
     `defaults`."""
+    schema = transform(transform(copy.deepcopy(schema), _one_of_types(schema)),
+                       _place_contains(backend, defaults))  # fmt: skip
     used = keywords(schema)
     dropped = used - ENFORCED[backend] - PARTIAL[backend] - ANNOTATIONS
 
@@ -172,7 +180,33 @@ def for_grammar(schema: Any, backend: str, defaults: Defaults) -> Any:
                                      s.get("minProperties", 0))  # fmt: skip
         return s
 
-    return transform(transform(copy.deepcopy(schema), _one_of_types(schema)), rewrite)
+    return transform(schema, rewrite)
+
+
+def _place_contains(backend: str, defaults: Defaults) -> Step:
+    """A `transform` step that writes an array's `contains` as the backend can enforce it,
+    where its allOf is enforced and the generation defaults bound arrays: one of the first
+    positions (up to the bound, at most MAX_CONTAINS_POSITIONS) holds an item that matches
+    (`{"allOf": [{"anyOf": [{"prefixItems": [{}] * k + [contains], "minItems": k + 1}, ...]}]}`).
+    A minContains above 1, a maxContains or a draft-4 list of items leave it as it is."""
+    cap = defaults.max_array_items if "allOf" in ENFORCED[backend] else 0
+
+    def step(s: dict[str, Any], _: str) -> dict[str, Any]:
+        simple_count = s.get("minContains", 1) in (0, 1) and "maxContains" not in s
+        if not cap or "contains" not in s or not simple_count or isinstance(s.get("items"), list):
+            return s
+        contains, minimum = s["contains"], s.get("minContains", 1)
+        s = {k: v for k, v in s.items() if k not in ("contains", "minContains")}
+        bound = max(cap, s.get("minItems", 0), len(s.get("prefixItems", [])))
+        positions = min(s.get("maxItems", bound), bound, MAX_CONTAINS_POSITIONS)
+        if minimum == 0:  # satisfied by any array
+            return s
+        if positions < 1:  # no array can satisfy it: left for the check after generation
+            return {**s, "contains": contains}
+        at = [{"prefixItems": [{}] * k + [contains], "minItems": k + 1} for k in range(positions)]
+        return {**s, "allOf": [*s.get("allOf", []), {"anyOf": at}]}
+
+    return step
 
 
 # -- oneOf: the types two branches both accept whole, which no valid value can have ---------
@@ -189,7 +223,7 @@ _APPLIES_TO = {
 _TYPED = set().union(*_APPLIES_TO.values())
 
 
-def _one_of_types(root: Any) -> Callable[[dict[str, Any], str], dict[str, Any]]:
+def _one_of_types(root: Any) -> Step:
     """A `transform` step giving each schema with a oneOf the types its values can have,
     where branches of the schema as written (before any keyword is dropped) rule some out."""
 

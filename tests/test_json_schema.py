@@ -39,6 +39,8 @@ BROKEN = {
                               "additionalProperties": False}, '{"b": 1}'),
     "patternProperties": ({"type": "object", "patternProperties": {"^x": {"type": "integer"}}},
                           '{"x1": "s"}'),
+    "contains": ({"type": "array", "items": {"type": "integer"}, "contains": {"minimum": 5}},
+                 "[1, 2]"),
     "dependentRequired": ({"type": "object", "properties": {"a": {"type": "integer"},
                            "b": {"type": "integer"}}, "dependentRequired": {"a": ["b"]}},
                           '{"a": 1}'),
@@ -101,7 +103,10 @@ def test_each_keyword_is_enforced_or_checked_after_generation(
     assert "does not match the JSON schema" in result.output and name in result.output
     result = run_planted(monkeypatch, tmp_path, tokenizer, document, broken,
                          "--grammar-backend", backend, "--strict-schema")  # fmt: skip
-    assert result.exit_code == 1 and f"no grammar backend enforces {name}" in result.output
+    # strict refuses it, unless the generation bounds let the grammar enforce it (contains)
+    refused = name in schema.unenforced(document, backend, schema.GENERATION)
+    said = f"no grammar backend enforces {name}" if refused else "does not match the JSON schema"
+    assert result.exit_code == 1 and said in result.output
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -140,6 +145,29 @@ def test_a_schema_one_backend_cannot_compile_falls_back_to_the_other(tokenizer, 
     assert make_constraint("json_schema", document, tokenizer).backend == "xgrammar"
     with pytest.raises(TapmlError, match="planted failure"):  # a backend named: no fallback
         make_constraint("json_schema", document, tokenizer, "llguidance")
+
+
+def test_contains_is_enforced_under_the_generation_bound_on_arrays(tokenizer):
+    document = {"type": "array", "items": {"type": "integer"}, "contains": {"minimum": 5}}
+    assert "contains" in schema.unenforced(document, "llguidance")  # unbounded: checked after
+    assert schema.unenforced(document, "llguidance", schema.GENERATION) == []
+    assert "contains" in schema.unenforced(document, "xgrammar", schema.GENERATION)
+    text = json.dumps(document)
+    for output, valid in [("[1, 2, 3, 4]", False), ("[]", False), ("[7]", True),
+                          ("[1, 2, 3, 9]", True), ("[1, 9, 2]", True),
+                          ("[1, 2, 3, 4, 9]", False)]:  # the bound: 4 items  # fmt: skip
+        constraint = make_constraint("json_schema", text, tokenizer, "llguidance")
+        assert constraint.post_checked == []
+        assert allows(constraint, tokenizer, output) == valid, output
+    strict = make_constraint("json_schema", text, tokenizer, strict=True)  # strict: enforced
+    assert strict.backend == "llguidance"
+    with pytest.raises(TapmlError, match="no grammar backend enforces contains"):
+        make_constraint("json_schema", text, tokenizer, defaults=schema.SPEC, strict=True)
+    # minContains 0: any array; above 1, or a maxContains: checked after generation
+    assert schema.unenforced({**document, "minContains": 0}, "llguidance", schema.GENERATION) == []
+    for extra in ({"minContains": 2}, {"maxContains": 1}):
+        assert "contains" in schema.unenforced({**document, **extra}, "llguidance",
+                                               schema.GENERATION)  # fmt: skip
 
 
 def test_generation_defaults_bound_strings_arrays_and_objects():
