@@ -1,7 +1,8 @@
 """A packaged SmolLM2 web bundle in headless Chromium (WebGPU on SwiftShader): the JavaScript
 runtime tokenizes like Python, generates the CPU's greedy tokens with close logits, answers
-in JSON that matches a schema on the chat page, names a missing limit or feature, and names
-a corrupted shard. SwiftShader takes seconds per token here, so each check is a few tokens.
+in JSON that matches a schema on the chat page (whose next turn prefills only what is new),
+names a missing limit or feature, and names a corrupted shard. SwiftShader takes seconds per
+token here (a prefill chunk up to two minutes), so each check is a few tokens.
 
 The chat page's screenshot after its reply is saved under $TAPML_TEST_ARTIFACTS (or the
 test's tmp directory); the path is printed.
@@ -22,7 +23,7 @@ pytestmark = [
     pytest.mark.skipif(find_chromium() is None, reason="no Chromium (bash scripts/setup.sh)"),
 ]
 
-STEPS = 4
+STEPS = 2  # prefill, then a decode: SwiftShader takes seconds per step here
 # max |browser - cpu| / max |cpu| per logits vector: float32 on both sides, summed in other
 # orders (SwiftShader's WGSL vs the llvm kernels); measured at most 3.3e-6
 LOGITS_RTOL = 1e-4
@@ -94,9 +95,9 @@ def test_greedy_tokens_and_logits_match_the_cpu(page, cpu_trace):
     assert len(errors) == STEPS and max(errors) <= LOGITS_RTOL, errors
 
 
-def test_chat_page_json_schema_reply_validates(page, tmp_path):
-    import jsonschema
-
+@pytest.fixture(scope="module")
+def json_reply(page) -> str:
+    """The chat page's reply to its first message, under SCHEMA (16 tokens at most)."""
     page.evaluate(
         f"""(() => {{
           document.getElementById("schema").value = {json.dumps(json.dumps(SCHEMA))};
@@ -105,19 +106,26 @@ def test_chat_page_json_schema_reply_validates(page, tmp_path):
         }})()"""
     )
     reply = page.evaluate("window.tapml.send('Which city is the capital of France?')")
-    jsonschema.validate(json.loads(reply), SCHEMA)
-    assert "\n" not in reply  # one line, like the Python runtime's JSON
     assert page.evaluate(f"(async () => {ENGINE}.finishReason)()") == "grammar"
+    return reply
+
+
+def test_chat_page_json_schema_reply_validates(page, json_reply, tmp_path):
+    import jsonschema
+
+    jsonschema.validate(json.loads(json_reply), SCHEMA)
+    assert "\n" not in json_reply  # one line, like the Python runtime's JSON
     shown = page.evaluate("[...document.querySelectorAll('.assistant')].map((d) => d.textContent)")
-    assert shown == [reply]
+    assert shown == [json_reply]
     folder = Path(os.environ.get("TAPML_TEST_ARTIFACTS") or tmp_path)
     folder.mkdir(parents=True, exist_ok=True)
     shot = page.screenshot(folder / "chat_page.png")
-    print(f"chat page screenshot: {shot} (reply {reply!r})")
+    print(f"chat page screenshot: {shot} (reply {json_reply!r})")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_chat_page_shows_an_error_rather_than_json_that_breaks_its_schema(page):
+def test_chat_page_next_turn_keeps_the_first_in_the_kv_cache_and_shows_errors_not_broken_json(
+        page, json_reply):  # fmt: skip
     def send(schema: dict, max_tokens: int):
         return page.evaluate(f"""(async () => {{
           document.getElementById("schema").value = {json.dumps(json.dumps(schema))};
@@ -127,11 +135,15 @@ def test_chat_page_shows_an_error_rather_than_json_that_breaks_its_schema(page):
           catch (e) {{ return [String(e.message ?? e), shown() - before]; }}
         }})()""")
 
+    first = page.evaluate(f"(async () => {ENGINE}.stats)()")
     tags = {"type": "array", "items": {"type": "string"}, "uniqueItems": True}
     message, added = send(tags, 16)
     assert "cannot enforce uniqueItems" in message and added == 0, message
-    message, added = send(SCHEMA, 2)
+    message, added = send(SCHEMA, 1)
     assert "the JSON output is incomplete: maxTokens ran out" in message and added == 0, message
+    # the first turn's prompt stayed in the KV cache: only what follows it was prefilled
+    stats = page.evaluate(f"(async () => {ENGINE}.stats)()")
+    assert stats["cached_tokens"] >= first["prompt_tokens"], (first, stats)
 
 
 def test_missing_limit_and_feature_are_named(page):

@@ -38,12 +38,13 @@ async function send(text) {
   const messages = system ? [{ role: "system", content: system }, ...history] : history;
   try {
     const chat = engine.tokenizer.chat ? { messages } : {};
-    for await (const piece of engine.generate(text, { ...options(), ...chat })) reply.textContent += piece;
+    for await (const piece of engine.generate(text, { ...options(), ...chat, reusePrefix: true })) reply.textContent += piece;
     history.push({ role: "assistant", content: reply.textContent });
     const s = engine.stats;
     const note = document.createElement("div");
     note.className = "stats";
-    note.textContent = `${s.prompt_tokens} prompt tokens in ${(s.prefill_ms / 1000).toFixed(1)} s; ` +
+    note.textContent = `${s.prompt_tokens} prompt tokens in ${(s.prefill_ms / 1000).toFixed(1)} s` +
+      (s.cached_tokens ? ` (${s.cached_tokens} kept from earlier turns); ` : "; ") +
       `${s.decode_tokens} tokens at ${(s.decode_tokens / (s.decode_ms / 1000 || 1)).toFixed(1)} tok/s (${engine.finishReason})`;
     reply.after(note);
     return reply.textContent;

@@ -14,6 +14,7 @@ export class Engine {
     this.chunk = this.task.chunk;
     this.maxContext = this.task.max_context;
     this.pos = 0;
+    this.fed = []; // the ids the KV cache holds, in order
     this.finishReason = null; // why the last generation ended: stop, length, grammar or context
   }
 
@@ -26,6 +27,14 @@ export class Engine {
   reset() {
     this.executor.resetState();
     this.pos = 0;
+    this.fed = [];
+  }
+
+  // Forget all but the first `n` ids of the KV cache (what follows is written over).
+  rewind(n) {
+    if (n === 0) return this.reset();
+    this.pos = n;
+    this.fed.length = n;
   }
 
   checkRoom(n) {
@@ -45,6 +54,7 @@ export class Engine {
       const scalars = { [p.position]: this.pos, [p.count]: part.length };
       logits = await this.executor.run(p.function, scalars, { [p.tokens]: tokens });
       this.pos += part.length;
+      this.fed.push(...part);
     }
     return logits;
   }
@@ -54,23 +64,30 @@ export class Engine {
     const d = this.task.decode;
     const logits = await this.executor.run(d.function, { [d.position]: this.pos }, { [d.tokens]: Int32Array.of(token) });
     this.pos += 1;
+    this.fed.push(token);
     return logits;
   }
 
   // The ids after `promptIds`. options: maxTokens, temperature, topP, topK, seed, constraint
-  // (a JsonSchemaConstraint), onLogits(logits) to see each step's raw logits.
+  // (a JsonSchemaConstraint), onLogits(logits) to see each step's raw logits, reusePrefix to
+  // prefill only what follows the longest start of the prompt the KV cache holds (a chat's
+  // earlier turns).
   async *generateIds(promptIds, options = {}) {
-    const { maxTokens = 64, constraint = null, onLogits = null } = options;
+    const { maxTokens = 64, constraint = null, onLogits = null, reusePrefix = false } = options;
     if (promptIds.length >= this.maxContext)
       throw new Error(`the prompt has ${promptIds.length} tokens; the model was compiled for a context of ${this.maxContext}`);
     const sampler = new Sampler(options);
     const stop = new Set(this.tokenizer.stopIds);
     this.finishReason = null;
-    this.reset();
+    // at least the last prompt id is prefilled: its logits give the first new token
+    let keep = 0;
+    if (reusePrefix) while (keep < promptIds.length - 1 && this.fed[keep] === promptIds[keep]) keep++;
+    this.rewind(keep);
     const stats = this.stats;
     let t = performance.now();
-    let logits = await this.prefill(promptIds);
-    Object.assign(stats, { prompt_tokens: promptIds.length, prefill_ms: performance.now() - t, decode_tokens: 0, decode_ms: 0 });
+    let logits = await this.prefill(promptIds.slice(keep));
+    Object.assign(stats, { prompt_tokens: promptIds.length - keep, cached_tokens: keep, prefill_ms: performance.now() - t,
+                           decode_tokens: 0, decode_ms: 0 });
     for (let i = 0; i < maxTokens; i++) {
       if (onLogits) onLogits(logits);
       if (constraint) logits = await constraint.mask(logits);
