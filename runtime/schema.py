@@ -149,8 +149,10 @@ def for_grammar(schema: Any, backend: str, defaults: Defaults) -> Any:
     """The schema `backend` compiles: without the keywords it does not enforce (checked after
     generation instead) or does not know (vendor extensions), and with the generation
     `defaults`."""
-    schema = transform(transform(copy.deepcopy(schema), _one_of_types(schema)),
-                       _place_contains(backend, defaults))  # fmt: skip
+    original = schema
+    schema = copy.deepcopy(schema)
+    for step in (_one_of_types(original), _place_contains(backend, defaults), _describe_required):
+        schema = transform(schema, step)
     used = keywords(schema)
     dropped = used - ENFORCED[backend] - PARTIAL[backend] - ANNOTATIONS
 
@@ -159,7 +161,13 @@ def for_grammar(schema: Any, backend: str, defaults: Defaults) -> Any:
         # own, a definition where combinators are used) must stay open to their properties
         joined = (where == "branch" or bool({*_COMBINATORS, "$ref"} & s.keys())
                   or (where == "definition" and bool(used.intersection(_COMBINATORS))))  # fmt: skip
-        s = {k: v for k, v in _describe_required(s).items() if k not in dropped}
+        s = {k: v for k, v in s.items() if k not in dropped}
+        # a schema without a type (`{}`, a property the schema only requires) allows any
+        # value: the bounds of every type apply to it, each only to values of its type (the
+        # types written out, as XGrammar applies no bound to a schema without them)
+        if "type" not in s and not joined and not {"enum", "const", "not"} & s.keys() \
+                and (defaults.max_string_length or defaults.max_array_items):  # fmt: skip
+            s["type"] = list(_TYPES)
         types = s.get("type") if isinstance(s.get("type"), list) else [s.get("type")]
         cap = defaults.max_string_length
         if cap and "string" in types and _longer_string(s, cap):
@@ -168,6 +176,8 @@ def for_grammar(schema: Any, backend: str, defaults: Defaults) -> Any:
         if cap and ("array" in types or "items" in s) and s.get("maxItems", cap + 1) > cap \
                 and not {"enum", "const"} & s.keys():  # fmt: skip
             s["maxItems"] = max(cap, s.get("minItems", 0), len(s.get("prefixItems", [])))
+            if s.get("items", True) is True and not {"prefixItems", "additionalItems"} & s.keys():
+                s["items"] = _any_value(defaults)
         is_object = "object" in types or "properties" in s
         open_ended = s.get("additionalProperties", True) is not False or "patternProperties" in s
         if not defaults.extra_properties and is_object and not joined and not (
@@ -178,9 +188,19 @@ def for_grammar(schema: Any, backend: str, defaults: Defaults) -> Any:
             # properties the schema does not name, as many as an array's items
             s["maxProperties"] = max(len(s.get("properties", {})) + defaults.max_array_items,
                                      s.get("minProperties", 0))  # fmt: skip
+            if s.get("additionalProperties", True) is True:
+                s["additionalProperties"] = _any_value(defaults)
         return s
 
     return transform(schema, rewrite)
+
+
+def _any_value(defaults: Defaults) -> dict[str, Any]:
+    """Any JSON value, its own strings, arrays and objects within the generation bounds (what
+    an array's items or an object's other properties may be where the schema says nothing)."""
+    bounds = {"maxLength": defaults.max_string_length, "maxItems": defaults.max_array_items,
+              "maxProperties": defaults.max_array_items}  # fmt: skip
+    return {"type": list(_TYPES), **{k: v for k, v in bounds.items() if v}}
 
 
 def _place_contains(backend: str, defaults: Defaults) -> Step:
@@ -302,7 +322,7 @@ def _longer_string(s: dict[str, Any], cap: int) -> bool:
     return bool(re.search(r"[+*]|\{\d+,\}", pattern)) and max(least, default=0) <= 16
 
 
-def _describe_required(s: dict[str, Any]) -> dict[str, Any]:
+def _describe_required(s: dict[str, Any], _: str = "") -> dict[str, Any]:
     """`s` with each required property it does not list under `properties` listed there, with
     the schema that governs it (the first patternProperties pattern it matches, else
     additionalProperties): a backend that drops patternProperties, or bounds an object to the

@@ -181,18 +181,30 @@ def test_generation_defaults_bound_strings_arrays_and_objects():
     }, "required": ["name", "extra"]}  # fmt: skip
     document["properties"]["list"] = {"type": "array", "items": {"type": "integer"}}
     document["properties"]["long_list"] = {"type": "array", "minItems": 10}
+    document["properties"]["anything"] = {"description": "no type: any value"}
+    document["properties"]["bag"] = {"type": "object", "additionalProperties": True}
     out = schema.for_grammar(document, "llguidance", schema.Defaults(max_string_length=64))
     props = out["properties"]
     assert props["name"]["maxLength"] == 64 and props["code"]["maxLength"] == 64  # [A-Z]+
     assert "maxLength" not in props["zip"]  # a pattern of bounded length is its own bound
     assert props["essay"]["maxLength"] == 64 and props["short"]["maxLength"] == 8
     assert props["long"]["maxLength"] == 100  # never below the schema's own minimum
-    assert out["additionalProperties"] is False and props["extra"] == {}  # required: kept
+    assert out["additionalProperties"] is False and props["extra"]["maxLength"] == 64  # required
     assert props["free"]["additionalProperties"] is False
     assert props["list"]["maxItems"] == schema.MAX_ARRAY_ITEMS
     assert props["long_list"]["maxItems"] == 10
     assert props["open"]["additionalProperties"] == {"type": "integer"}  # the schema's own
     assert props["open"]["maxProperties"] == schema.MAX_ARRAY_ITEMS  # ...but not endless
+    # any value: each type's bound applies to values of that type, one level deep too
+    every = ["null", "boolean", "object", "array", "string", "number"]  # written out for XGrammar
+    anything = {"type": every, "maxLength": 64, "maxItems": schema.MAX_ARRAY_ITEMS,
+                "maxProperties": schema.MAX_ARRAY_ITEMS}  # fmt: skip
+    assert props["anything"] == {"description": "no type: any value", "type": every,
+                                 "maxLength": 64, "maxItems": schema.MAX_ARRAY_ITEMS,
+                                 "items": anything, "properties": {},
+                                 "additionalProperties": False}  # fmt: skip
+    assert props["long_list"]["items"] == anything
+    assert props["bag"]["additionalProperties"] == anything
     assert schema.for_grammar(document, "llguidance", schema.SPEC)["properties"] == {
         **document["properties"], "extra": {}}  # as written, but for a required property
 
@@ -280,6 +292,38 @@ def test_an_unbounded_integer_ends_within_256_tokens(real_artifact, tmp_path):
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout.splitlines()[0])
     assert 0 < len(str(document["id"])) <= 16
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_value_without_a_type_gets_the_bounds_of_each_type(tokenizer, backend):
+    document = json.dumps({"type": "object", "properties": {"a": {}}, "required": ["a"]})
+    for output, valid in [('{"a": "' + "x" * 65 + '"}', False), ('{"a": "xyz"}', True),
+                          ('{"a": [1, 2, 3, 4, 5]}', False), ('{"a": [1, 2]}', True),
+                          ('{"a": 7}', True)]:  # fmt: skip
+        constraint = make_constraint("json_schema", document, tokenizer, backend)
+        assert allows(constraint, tokenizer, output) == valid, output
+
+
+@pytest.mark.real_model
+def test_a_value_without_a_type_ends_within_256_tokens(real_artifact, tmp_path):
+    """JSONSchemaBench's BFCL_java_71: SmolLM2 writes a string "1.0.0.0..." as the value the
+    schema leaves open, until --max-tokens runs out, unless --max-string-length bounds it."""
+    from tapml.cli import main
+
+    name = "CoroutineManager.co_exit_to"
+    call = {"type": "object", "properties": {"arg_object": {}, "this": {"type": "integer"}},
+            "required": ["arg_object", "this"], "additionalProperties": False}  # fmt: skip
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps({"type": "object", "properties": {name: call}, "required": [name]}))
+    command = ["run", str(real_artifact("gguf")), "-p", "Answer in JSON.", "--json-schema",
+               str(path), "-n", "256"]  # fmt: skip
+    looping = CliRunner().invoke(main, [*command, "--max-string-length", "0"])
+    assert looping.exit_code == 1 and "--max-tokens ran out" in looping.output
+    result = CliRunner().invoke(main, command)
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout.splitlines()[0])
+    value = document[name]["arg_object"]
+    assert len(json.dumps(value)) <= 64 + 2, value
 
 
 SAMPLE = Path(__file__).parent.parent.parent / "shared" / "jsonschemabench"
