@@ -162,12 +162,12 @@ def for_grammar(schema: Any, backend: str, defaults: Defaults) -> Any:
         joined = (where == "branch" or bool({*_COMBINATORS, "$ref"} & s.keys())
                   or (where == "definition" and bool(used.intersection(_COMBINATORS))))  # fmt: skip
         s = {k: v for k, v in s.items() if k not in dropped}
-        # a schema without a type (`{}`, a property the schema only requires) allows any
-        # value: the bounds of every type apply to it, each only to values of its type (the
-        # types written out, as XGrammar applies no bound to a schema without them)
+        # a schema without a type (`{}`, a property the schema only requires) gets the types
+        # its keywords are for (as XGrammar reads it: `properties` make an object), else all;
+        # the bounds of each apply, and XGrammar applies none to a schema without a type
         if "type" not in s and not joined and not {"enum", "const", "not"} & s.keys() \
                 and (defaults.max_string_length or defaults.max_array_items):  # fmt: skip
-            s["type"] = list(_TYPES)
+            s["type"] = [t for t in _TYPES if _APPLIES_TO.get(t, set()) & s.keys()] or list(_TYPES)
         types = s.get("type") if isinstance(s.get("type"), list) else [s.get("type")]
         cap = defaults.max_string_length
         if cap and "string" in types and _longer_string(s, cap):
@@ -218,7 +218,7 @@ def _place_contains(backend: str, defaults: Defaults) -> Step:
         contains, minimum = s["contains"], s.get("minContains", 1)
         s = {k: v for k, v in s.items() if k not in ("contains", "minContains")}
         bound = max(cap, s.get("minItems", 0), len(s.get("prefixItems", [])))
-        positions = min(s.get("maxItems", bound), bound, MAX_CONTAINS_POSITIONS)
+        positions = int(min(s.get("maxItems", bound), bound, MAX_CONTAINS_POSITIONS))
         if minimum == 0:  # satisfied by any array
             return s
         if positions < 1:  # no array can satisfy it: left for the check after generation

@@ -182,6 +182,7 @@ def test_generation_defaults_bound_strings_arrays_and_objects():
     document["properties"]["list"] = {"type": "array", "items": {"type": "integer"}}
     document["properties"]["long_list"] = {"type": "array", "minItems": 10}
     document["properties"]["anything"] = {"description": "no type: any value"}
+    document["properties"]["shaped"] = {"properties": {"x": {"type": "integer"}}}  # an object
     document["properties"]["bag"] = {"type": "object", "additionalProperties": True}
     out = schema.for_grammar(document, "llguidance", schema.Defaults(max_string_length=64))
     props = out["properties"]
@@ -204,6 +205,7 @@ def test_generation_defaults_bound_strings_arrays_and_objects():
                                  "items": anything, "properties": {},
                                  "additionalProperties": False}  # fmt: skip
     assert props["long_list"]["items"] == anything
+    assert props["shaped"]["type"] == ["object"]
     assert props["bag"]["additionalProperties"] == anything
     assert schema.for_grammar(document, "llguidance", schema.SPEC)["properties"] == {
         **document["properties"], "extra": {}}  # as written, but for a required property
