@@ -175,7 +175,7 @@ def for_grammar(schema: Any, backend: str, defaults: Defaults) -> Any:
         cap = defaults.max_array_items
         if cap and ("array" in types or "items" in s) and s.get("maxItems", cap + 1) > cap \
                 and not {"enum", "const"} & s.keys():  # fmt: skip
-            s["maxItems"] = max(cap, s.get("minItems", 0), len(s.get("prefixItems", [])))
+            s["maxItems"] = _array_bound(s, cap)
             if s.get("items", True) is True and not {"prefixItems", "additionalItems"} & s.keys():
                 s["items"] = _any_value(defaults)
         is_object = "object" in types or "properties" in s
@@ -193,6 +193,12 @@ def for_grammar(schema: Any, backend: str, defaults: Defaults) -> Any:
         return s
 
     return transform(schema, rewrite)
+
+
+def _array_bound(s: dict[str, Any], cap: int) -> int:
+    """The most items generation lets array schema `s` have, the cap giving way to what its
+    own minItems and prefixItems need (applied where the schema allows more)."""
+    return max(cap, s.get("minItems", 0), len(s.get("prefixItems", [])))
 
 
 def _any_value(defaults: Defaults) -> dict[str, Any]:
@@ -217,10 +223,10 @@ def _place_contains(backend: str, defaults: Defaults) -> Step:
             return s
         contains, minimum = s["contains"], s.get("minContains", 1)
         s = {k: v for k, v in s.items() if k not in ("contains", "minContains")}
-        bound = max(cap, s.get("minItems", 0), len(s.get("prefixItems", [])))
-        positions = int(min(s.get("maxItems", bound), bound, MAX_CONTAINS_POSITIONS))
         if minimum == 0:  # satisfied by any array
             return s
+        bound = _array_bound(s, cap)
+        positions = int(min(s.get("maxItems", bound), bound, MAX_CONTAINS_POSITIONS))
         if positions < 1:  # no array can satisfy it: left for the check after generation
             return {**s, "contains": contains}
         at = [{"prefixItems": [{}] * k + [contains], "minItems": k + 1} for k in range(positions)]
