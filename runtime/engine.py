@@ -134,10 +134,13 @@ class Engine:
             for token in ids:
                 logits = self.decode(token)
             return logits
-        logits = None
         for start in range(0, len(ids), self.chunk):
             part = list(ids[start : start + self.chunk])
-            logits = self.executor.run(*self.task.prefill(self.pos, part))
+            step = self.task.prefill(self.pos, part)
+            if start + self.chunk < len(ids):  # only the last chunk's logits are read
+                self.executor.advance(*step)
+            else:
+                logits = self.executor.run(*step)
             self.pos += len(part)
             self.fed.extend(part)
         return logits[0]

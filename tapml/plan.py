@@ -79,6 +79,20 @@ class Plan:
                 seen.setdefault(call["kernel"], None)
         return list(seen)
 
+    def state_calls(self, function: str) -> list[int]:
+        """The calls of `function` its state depends on (every output but the first, the
+        logits), in order: what a prefill chunk whose logits nobody reads must run (not the
+        last layer's attention and MLP, nor the output layer)."""
+        f = self.functions[function]
+        needed = {self.root(n) for n in f["outputs"][1:]}
+        kept = []
+        for index in reversed(range(len(f["calls"]))):
+            call = f["calls"][index]
+            if any(self.root(w) in needed for w in call["writes"]):
+                kept.append(index)
+                needed |= {self.root(a["buffer"]) for a in call["args"] if "buffer" in a}
+        return kept[::-1]
+
     # -- serialization -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -149,6 +149,13 @@ class Executor:
             self._launch(call["kernel"], self._args(call, scalars))
         return self.download(f["outputs"][0])
 
+    def advance(self, function: str, scalars: Mapping[str, int],
+                inputs: Mapping[str, np.ndarray]) -> None:  # fmt: skip
+        """Run an entry point for its state alone (a prefill chunk before the last): a
+        backend that launches calls one by one from Python may launch only
+        `Plan.state_calls`; this one runs it whole."""
+        self.run(function, scalars, inputs)
+
     def begin_run(self, function: str, scalars: Mapping[str, int],
                   inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:  # fmt: skip
         """Check the scalars and upload the inputs of a run; returns the plan's function."""

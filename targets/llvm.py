@@ -38,7 +38,7 @@ class TvmRuntimeExecutor(Executor):
         # cost some 40 us each after a decode step's kernels, 3% of a step
         self._in_place = self._device.dlpack_device_type() == 1  # kDLCPU, not a remote one
         self._kernels: dict[str, Any] = {}
-        self._prepared: dict[str, tuple] = {}
+        self._prepared: dict[Any, tuple] = {}
         for kernel in plan.kernels:
             try:
                 self._kernels[kernel] = self._lib[kernel]
@@ -95,17 +95,28 @@ class TvmRuntimeExecutor(Executor):
         run, and each distinct scalar expression is evaluated once per run (a decode step
         passes `pos` to some 200 calls)."""
         f = self.begin_run(function, scalars, inputs)
-        if function not in self._prepared:
-            self._prepared[function] = self._prepare(f["calls"])
-        calls, expressions = self._prepared[function]
-        values = {key: evaluate(expr, scalars) for key, expr in expressions.items()}
-        for kernel, args, slots in calls:
+        self._launch_prepared(function, f["calls"], scalars, interrupt)
+        return self.download(f["outputs"][0])
+
+    def advance(self, function: str, scalars: Mapping[str, int],
+                inputs: Mapping[str, np.ndarray]) -> None:  # fmt: skip
+        """Run only the calls the entry point's state depends on (`Plan.state_calls`)."""
+        f = self.begin_run(function, scalars, inputs)
+        calls = [f["calls"][i] for i in self.plan.state_calls(function)]
+        self._launch_prepared((function, "state"), calls, scalars, None)
+
+    def _launch_prepared(self, key: Any, calls: list[dict[str, Any]],
+                         scalars: Mapping[str, int], interrupt) -> None:  # fmt: skip
+        if key not in self._prepared:
+            self._prepared[key] = self._prepare(calls)
+        prepared, expressions = self._prepared[key]
+        values = {k: evaluate(expr, scalars) for k, expr in expressions.items()}
+        for kernel, args, slots in prepared:
             if interrupt is not None:
                 interrupt()
-            for index, key in slots:
-                args[index] = values[key]
+            for index, k in slots:
+                args[index] = values[k]
             kernel(*args)
-        return self.download(f["outputs"][0])
 
     def _prepare(self, calls: list[dict[str, Any]]) -> tuple[list, dict[str, Any]]:
         """([(kernel, its argument list, [(index, key of its scalar expression)])],

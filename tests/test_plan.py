@@ -166,3 +166,28 @@ def check_against_vm_and_numpy(artifact, config, plan, fused) -> None:
         assert np.isfinite(g).all()
         assert np.abs(g - v).max() / scale < VM_TOLERANCE[dtype], f"step {step} vs VM"
         assert np.abs(g - ref).max() / scale < NUMPY_TOLERANCE[dtype], f"step {step} vs np"
+
+
+def test_a_prefill_chunk_whose_logits_nobody_reads_runs_only_what_the_kv_cache_needs(
+        tiny_config, tiny_artifact):  # fmt: skip
+    _, plan, _ = tiny_plan(tiny_config, "q4f32_1")
+    calls = plan.functions["prefill"]["calls"]
+    kept = plan.state_calls("prefill")
+    skipped = [calls[i]["kernel"] for i in range(len(calls)) if i not in kept]
+    assert kept == sorted(kept) and skipped  # the output layer, the last layer's tail
+    assert any("last_valid_row" in k for k in skipped)
+    writes = [set(calls[i]["writes"]) for i in kept]
+    assert set(plan.names("state")) <= set().union(*writes)  # every KV cache write runs
+
+    ids = list(range(3, 3 + 2 * TINY_CHUNK + 5))  # three chunks: two advance, one runs whole
+    engine = Engine(tiny_artifact("q4f32_1"))
+    engine.reset()
+    chunked = engine.prefill(ids)
+    whole = Engine(tiny_artifact("q4f32_1"))
+    whole.reset()
+    for start in range(0, len(ids), TINY_CHUNK):
+        logits = whole.executor.run(*whole.task.prefill(start, ids[start : start + TINY_CHUNK]))
+    np.testing.assert_array_equal(chunked, logits[0])
+    for name in plan.names("state"):
+        np.testing.assert_array_equal(engine.executor.download(name),
+                                      whole.executor.download(name))  # fmt: skip

@@ -82,6 +82,7 @@ class TvmRpcExecutor(TvmRuntimeExecutor):
     download = _guarded(TvmRuntimeExecutor.download)
     reset_state = _guarded(TvmRuntimeExecutor.reset_state)
     run = _guarded(TvmRuntimeExecutor.run)
+    advance = _guarded(TvmRuntimeExecutor.advance)
     launch = _guarded(TvmRuntimeExecutor.launch)
     time_call = _guarded(TvmRuntimeExecutor.time_call)
 
