@@ -8,7 +8,8 @@ Each run is a fresh process (TVM's thread pool cannot grow once started), the th
 and schemes alternate so that a busy spell on the machine hits all of them, and every run's
 figures are kept in the JSON printed last, so the spread shows how noisy the machine was.
 With more than one scheme, each scheme's decode and prefill are also given as a ratio to the
-first's (the GGUF's own blocks, by default, against tapml's re-quantized q4f32_1).
+first's (the GGUF's own blocks, by default, against tapml's re-quantized q4f32_1). A scheme
+`SCHEME+int8` compiles with `--target-option prefill=int8` (e.g. `gguf,gguf+int8`).
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ import sys
 KEYS = ("decode_tok_s", "prefill_tok_s", "bandwidth_gb_s")
 
 
-def bench_once(model: str, threads: int, quantization: str) -> dict:
+def bench_once(model: str, threads: int, scheme: str) -> dict:
+    quantization, int8, _ = scheme.partition("+int8")
     out = subprocess.run(
         [sys.executable, "-m", "tapml", "-q", "bench", model, "--threads", str(threads),
-         "--quantization", quantization, "--compare", "llama.cpp", "--json"],
+         "--quantization", quantization, "--compare", "llama.cpp", "--json",
+         *(["--target-option", "prefill=int8"] if int8 else [])],
         check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
     return json.loads(out.strip().splitlines()[-1])

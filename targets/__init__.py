@@ -18,6 +18,9 @@ from typing import Any
 from tapml.errors import CompileError, TapmlError
 
 MiB = 1 << 20
+# target options that are tapml's, not TVM's: --target-option prefill=int8 (llvm) computes
+# prefill matmuls over quantized weights with activations in int8, as llama.cpp does
+PREFILL = ("float32", "int8")
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,8 @@ class TargetSpec:
         return self.kv_dtype or get_quantization(quantization).dtype
 
     def resolved_options(self, overrides: dict[str, str] | None = None) -> dict[str, Any]:
-        """The TVM target options, with machine-dependent defaults filled in."""
+        """The target's options (TVM's, and tapml's `prefill`), with machine-dependent
+        defaults filled in."""
         options = dict(self.options)
         if self.kind == "llvm":
             from .llvm import host_cpu
@@ -66,12 +70,19 @@ class TargetSpec:
         if self.limits is not None:
             options["max_num_threads"] = self.limits.max_invocations
         options.update(overrides or {})
+        if options.get("prefill") == PREFILL[0]:
+            del options["prefill"]  # the default: one artifact, however it is asked for
+        prefill = options.get("prefill")
+        if prefill is not None and (self.kind != "llvm" or prefill not in PREFILL):
+            raise TapmlError(f"--target-option prefill={prefill}: the llvm target takes "
+                             "prefill=float32 (the default) or prefill=int8")
         return options
 
     def tvm_target(self, overrides: dict[str, str] | None = None):
         import tvm
 
-        options = {"kind": self.kind, **self.resolved_options(overrides)}
+        resolved = self.resolved_options(overrides)
+        options = {"kind": self.kind, **{k: v for k, v in resolved.items() if k != "prefill"}}
         if self.kind != "llvm":
             options["host"] = {"kind": "llvm"}
         if self.kind == "cuda":
@@ -213,7 +224,8 @@ def build_kernels(kernels: dict, plan, options, path: Path, progress: bool = Fal
     if spec.kind == "llvm":
         from .llvm import build
 
-        build(kernels, target, path, progress)
+        prefill = spec.resolved_options(options.target_options).get("prefill")
+        build(kernels, target, path, progress, int8=prefill == "int8")
         return
     check_bindings(plan, spec)
     if spec.kind == "cuda":

@@ -183,21 +183,29 @@ class HostMemory:
         return tvm_runtime.from_dlpack(block[: max(nbytes, 1)])
 
 
-def build(kernels: dict[str, Any], target: Any, path: Path, progress: bool = False) -> None:
-    """Schedule and compile each kernel for the CPU, then link them into one library."""
+def build(kernels: dict[str, Any], target: Any, path: Path, progress: bool = False,
+          int8: bool = False) -> None:  # fmt: skip
+    """Schedule and compile each kernel for the CPU, then link them into one library;
+    `int8`: prefill matmuls over quantized weights in int8 (`--target-option prefill=int8`)."""
     import tvm
     from tqdm import tqdm
 
     from tapml.errors import CompileError
 
     from .llvm_schedules import schedule
+    from .llvm_schedules.int8 import has_vnni
+
+    if int8 and not has_vnni(target):
+        raise CompileError(
+            f"prefill=int8 needs a CPU with AVX-512 VNNI; {target.attrs.get('mcpu')} has none"
+        )
 
     modules = []
     bar = tqdm(kernels.items(), desc="compiling kernels", unit="kernel", disable=not progress)
     for name, func in bar:
         mod = tvm.IRModule({name: func})
         try:
-            mod = schedule(mod, target)
+            mod = schedule(mod, target, int8)
             modules.append(tvm.compile(mod, target=target).mod)
         except Exception as e:
             raise CompileError(f"kernel {name} failed to compile for {target}: {e}") from e

@@ -25,12 +25,13 @@ from tapml.targets import TARGETS, executes_here
 from tapml.weights import load_shards
 
 
-def engine_on(model: str, target: str) -> Engine:
-    """`model` compiled for `target` with a float32 KV cache (one plan for every target)."""
+def engine_on(model: str, target: str, **options) -> Engine:
+    """`model` compiled for `target` with a float32 KV cache (one plan for every target), and
+    any other compile `options` (ensure_compiled's)."""
     ok, why = executes_here(TARGETS[target])
     if not ok:
         pytest.skip(f"{target} does not execute here: {why}")
-    return Engine(ensure_compiled(model, target, kv_cache="float32", progress=False))
+    return Engine(ensure_compiled(model, target, kv_cache="float32", progress=False, **options))
 
 
 def open_llama_cpp(gguf: Path) -> Iterator:

@@ -20,6 +20,7 @@ from tapml import lower
 from tapml import nn as tnn
 from tapml.quantization import QUANTIZATION
 from tapml.targets.llvm_schedules import ATTR, PREFETCH_BYTES, schedule_func
+from tapml.targets.llvm_schedules.int8 import has_vnni
 
 CHUNK = 32
 MODE = {"param_mode": "plain", "effect_mode": "none"}
@@ -58,10 +59,11 @@ def entry_kernels(
     return {entry: funcs[0] for entry, funcs in calls.items()}
 
 
-def run(func: tvm.tirx.PrimFunc, args: list, target=TARGET) -> tuple[list[np.ndarray], str | None]:
+def run(func: tvm.tirx.PrimFunc, args: list, target=TARGET, int8: bool = False
+        ) -> tuple[list[np.ndarray], str | None]:  # fmt: skip
     """Schedule, compile and run a kernel; returns its array arguments after the call and
     the rule that scheduled it."""
-    scheduled = schedule_func(func, target)
+    scheduled = schedule_func(func, target, int8)
     name = str(func.attrs["global_symbol"])
     lib = tvm.compile(tvm.IRModule({name: scheduled}), target=target)
     dev = tvm.cpu()
@@ -80,8 +82,8 @@ def assert_close(out: np.ndarray, ref: np.ndarray, dtype: str) -> None:
 
 # -- matmuls (Linear), with the epilogues the model fuses into them ----------------------
 class Linear(nn.Module):
-    def __init__(self, k: int, n: int, quant, epilogue: str | None):
-        self.lin = tnn.Linear(k, n, quant.matrix)
+    def __init__(self, k: int, n: int, fmt, epilogue: str | None):
+        self.lin = tnn.Linear(k, n, fmt)
         self.epilogue = epilogue
 
     def decode(self, x, r):
@@ -128,7 +130,7 @@ def test_matmul(quantization, n, k, epilogue):
     quant = QUANTIZATION[quantization]
     dt = quant.dtype
     kernels = entry_kernels(
-        Linear(k, n, quant, epilogue),
+        Linear(k, n, quant.matrix, epilogue),
         lambda rows: {"x": nn.spec.Tensor([rows, k], dt), "r": nn.spec.Tensor([rows, n], dt)},
     )
     params, w = weights(quant, n, k)
@@ -151,7 +153,7 @@ def test_matmul_on_a_cpu_with_narrow_vectors():
     """A generic x86-64 target has 128-bit vectors: the rules must not assume AVX-512."""
     quant = QUANTIZATION["q4f32_1"]
     kernels = entry_kernels(
-        Linear(96, 40, quant, None),
+        Linear(96, 40, quant.matrix, None),
         lambda rows: {
             "x": nn.spec.Tensor([rows, 96], "float32"),
             "r": nn.spec.Tensor([rows, 40], "float32"),
@@ -169,7 +171,7 @@ def test_matmul_on_a_cpu_with_narrow_vectors():
 def qkv_gemv() -> tvm.tirx.PrimFunc:
     """The real model's decode GEMV of Q, K and V, scheduled."""
     kernels = entry_kernels(
-        Linear(576, 960, QUANTIZATION["q4f32_1"], None),
+        Linear(576, 960, QUANTIZATION["q4f32_1"].matrix, None),
         lambda rows: {"x": nn.spec.Tensor([rows, 576], "float32"),
                       "r": nn.spec.Tensor([rows, 960], "float32")},  # fmt: skip
     )
@@ -236,6 +238,73 @@ def test_gguf_blocks_get_the_packed_gemv_and_the_cpus_half_conversions(kind, n, 
         assert "float16" in cast_sources(schedule_func(kernels[entry], TARGET))  # F16C's
 
 
+INT8_RTOL = 1e-2  # int8 activations against float32 ones: 8 bits per value, one scale a span
+
+
+def int8_activations(x: np.ndarray, span: int) -> np.ndarray:
+    """x as the int8 GEMM sees it: per row and span of k, round(x / d) * d, d = max |x| / 127."""
+    spans = x.reshape(x.shape[0], -1, span).astype(np.float64)
+    d = np.abs(spans).max(axis=-1, keepdims=True) / 127
+    q = np.round(np.divide(spans, d, out=np.zeros_like(spans), where=d > 0))
+    return (q * d).reshape(x.shape)
+
+
+INT8_MATMULS = [("Q5_0", 96, 896), ("Q8_0", 64, 576), ("Q4_K", 37, 512), ("Q6_K", 48, 1024),
+                ("Q4_1", 40, 96), ("Q5_K", 16, 256), ("Q4_0", 33, 800)]  # fmt: skip
+
+
+@pytest.mark.skipif(not has_vnni(TARGET), reason="this CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("kind,n,k", INT8_MATMULS)
+@pytest.mark.parametrize("rows", [16, 32, 96])
+def test_int8_prefill_matmul_equals_its_quantized_activations_product(kind, n, k, rows):
+    """prefill=int8: x is quantized per span of the weight's groups (at most 32 values); the
+    int32 dot products then make the result exact but for float32 rounding, and within
+    INT8_RTOL of the float32 product."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+    from gguf_blocks import random_blocks
+
+    from tapml.gguf_formats import BLOCK_FORMATS
+    from tapml.source import SourceTensor
+
+    fmt = BLOCK_FORMATS[kind]
+    kernels = entry_kernels(Linear(k, n, fmt, "add"),
+                            lambda r: {"x": nn.spec.Tensor([r, k], "float32"),
+                                       "r": nn.spec.Tensor([r, n], "float32")},
+                            chunk=rows)  # fmt: skip
+    raw = random_blocks(kind, n, k, 1 / np.sqrt(k))
+    planes = fmt.encode(SourceTensor("w", kind, (n, k), lambda: raw, None))
+    w = dequantize(raw, GGMLQuantizationType[kind]).astype(np.float64)
+    x = rng.standard_normal((rows, k)).astype("float32")
+    r = rng.standard_normal((rows, n)).astype("float32")
+    args = [x, *planes.values(), r, np.zeros((rows, n), "float32")]
+    arrays, rule = run(kernels["prefill"], args, int8=True)
+    assert rule == "int8_gemm"
+    assert_close(arrays[-1], int8_activations(x, min(fmt.group, 32)) @ w.T + r, "float32")
+    float_product = x @ w.T
+    error = np.abs(arrays[-1] - r - float_product).max() / np.abs(float_product).max()
+    assert 1e-4 < error < INT8_RTOL  # quantized, and only so much
+    arrays, rule = run(kernels["prefill"], args)
+    assert rule == "gemm"  # float32 unless the compile asks for int8
+
+
+@pytest.mark.skipif(not has_vnni(TARGET), reason="this CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("quantization", ["q4f32_1", "q4f16_1"])
+def test_int8_prefill_matmul_of_tapmls_own_groups_and_float16_activations(quantization):
+    quant = QUANTIZATION[quantization]
+    dt, n, k = quant.dtype, 200, 96
+    kernels = entry_kernels(Linear(k, n, quant.matrix, "add"),
+                            lambda r: {"x": nn.spec.Tensor([r, k], dt),
+                                       "r": nn.spec.Tensor([r, n], dt)})  # fmt: skip
+    params, w = weights(quant, n, k)
+    x = rng.standard_normal((CHUNK, k)).astype(dt)
+    r = rng.standard_normal((CHUNK, n)).astype(dt)
+    arrays, rule = run(kernels["prefill"], [x, *params, r, np.zeros((CHUNK, n), dt)], int8=True)
+    assert rule == "int8_gemm"
+    want = int8_activations(x.astype("float32"), 32) @ w.T + r.astype("float32")
+    assert_close(arrays[-1], want, dt)
+
+
 def cast_sources(func: tvm.tirx.PrimFunc) -> set[str]:
     """The types a function's casts convert from."""
     found = set()
@@ -252,7 +321,7 @@ def test_packed_gemv_with_narrow_registers(lanes, monkeypatch):
     quant = QUANTIZATION["q4f32_1"]
     for n, k in ((40, 96), (24, 352)):
         kernels = entry_kernels(
-            Linear(k, n, quant, None),
+            Linear(k, n, quant.matrix, None),
             lambda rows, n=n, k=k: {"x": nn.spec.Tensor([rows, k], "float32"),
                                     "r": nn.spec.Tensor([rows, n], "float32")},  # fmt: skip
         )
@@ -268,7 +337,7 @@ def test_gemm_with_other_chunk_sizes(chunk):
     """Rows are vectorized: a chunk that is not a multiple of the vector width still works."""
     quant = QUANTIZATION["q4f32_1"]
     kernels = entry_kernels(
-        Linear(64, 48, quant, "add"),
+        Linear(64, 48, quant.matrix, "add"),
         lambda rows: {
             "x": nn.spec.Tensor([rows, 64], "float32"),
             "r": nn.spec.Tensor([rows, 48], "float32"),

@@ -9,7 +9,7 @@ from conftest import TINY_CHUNK, TINY_CONTEXT
 
 from tapml.cli import main
 from tapml.compiler import CompileOptions, build_plan
-from tapml.errors import CompileError
+from tapml.errors import CompileError, TapmlError
 from tapml.gguf import GGUFFile
 from tapml.lower import kernel_functions
 from tapml.models import ARCHITECTURES
@@ -100,3 +100,17 @@ def test_every_smollm2_kernel_compiles_for_every_target(target):
         check_bindings(plan, spec)
         for name, func in kernels.items():
             assert build_record(name, func, spec.tvm_target(), spec.limits)["dispatches"]
+
+
+@pytest.mark.parametrize("target,prefill", [("llvm", "int4"), ("webgpu", "int8"), ("cuda", "int8")])
+def test_prefill_option_is_llvms_and_named_when_refused(target, prefill):
+    with pytest.raises(TapmlError, match=f"prefill={prefill}: the llvm target takes"):
+        CompileOptions.resolve(target, "q4f32_1", target_options={"prefill": prefill})
+
+
+def test_int8_prefill_is_a_compile_option_outside_tvms_target():
+    options = CompileOptions.resolve("llvm", "q4f32_1", target_options={"prefill": "int8"})
+    assert options.target_options["prefill"] == "int8"  # in the cache key and the config
+    assert "prefill" not in TARGETS["llvm"].tvm_target(options.target_options).attrs
+    default = CompileOptions.resolve("llvm", "q4f32_1", target_options={"prefill": "float32"})
+    assert default == CompileOptions.resolve("llvm", "q4f32_1")  # one artifact

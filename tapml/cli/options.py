@@ -63,7 +63,9 @@ def compile_options(f):
             click.option(
                 "--target-option", "target_options", multiple=True, metavar="KEY=VALUE",
                 callback=_parse_target_options,
-                help="TVM target option, e.g. mcpu=znver4 (default: this machine's CPU).",
+                help="TVM target option, e.g. mcpu=znver4 (default: this machine's CPU); and "
+                "prefill=int8 on llvm: prefill matmuls with int8 activations (CPUs with "
+                "AVX-512 VNNI; faster, logits about 1% off float32's).",
             ),
             click.option(
                 "--kv-cache", type=click.Choice(KV_CACHE_DTYPES), default=None,

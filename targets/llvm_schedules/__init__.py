@@ -20,6 +20,7 @@ from tvm.s_tir.schedule import ScheduleError
 from .base import PREFETCH_BYTES, Kernel, Rule
 from .conv import conv2d, conv2d_transpose
 from .fast_math import fast_exp, fast_math
+from .int8 import int8_gemm
 from .matmul import gemm, gemv
 from .packed import packed_gemv, prefetch, prefetch_rows
 from .rows import elementwise, finish_rows, independent_rows, row_reduction
@@ -33,6 +34,7 @@ ATTR = "tapml.schedule"
 RULES: list[Rule] = [
     Rule("packed_gemv", packed_gemv, prefetch_rows),
     Rule("gemv", gemv),
+    Rule("int8_gemm", int8_gemm),
     Rule("gemm", gemm),
     Rule("conv2d_transpose", conv2d_transpose),
     Rule("conv2d", conv2d),
@@ -50,14 +52,16 @@ def _already_scheduled(func: tirx.PrimFunc) -> bool:
     return any(found)
 
 
-def schedule_func(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
-    """The PrimFunc scheduled by the first rule that matches it, tagged with the rule's name."""
+def schedule_func(func: tirx.PrimFunc, target: tvm.target.Target, int8: bool = False
+                  ) -> tirx.PrimFunc:  # fmt: skip
+    """The PrimFunc scheduled by the first rule that matches it, tagged with the rule's name;
+    `int8`: prefill matmuls may quantize their activations (`int8.py`)."""
     if _already_scheduled(func):
         return func
     for rule in RULES:
         sch = s_tir.Schedule(func)
         root = sch.get_sblock("root")
-        kernel = Kernel(sch, list(sch.get_child_blocks(root)), target)
+        kernel = Kernel(sch, list(sch.get_child_blocks(root)), target, int8=int8)
         try:
             applies = rule.apply(kernel)
         except ScheduleError as e:  # a pattern the rule matched but cannot schedule
@@ -72,12 +76,12 @@ def schedule_func(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFu
     return fast_math(func)
 
 
-def schedule(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+def schedule(mod: tvm.IRModule, target: tvm.target.Target, int8: bool = False) -> tvm.IRModule:
     """Schedule each PrimFunc of `mod` for the llvm `target`; others are left unchanged."""
     funcs = {}
     for gv, func in mod.functions_items():
         if isinstance(func, tirx.PrimFunc):
-            func = schedule_func(func, target)
+            func = schedule_func(func, target, int8)
         funcs[gv] = func
     return tvm.IRModule(funcs, attrs=mod.attrs)
 

@@ -419,8 +419,7 @@ def _chain_steps(sch: s_tir.Schedule, block: SBlockRV) -> None:
 def _with_packed_gemv(kernel: Kernel, match: Matmul, w: PackedWeight, lanes: int
                       ) -> tirx.PrimFunc:  # fmt: skip
     """The kernel with its dequantization and matmul blocks replaced by `_packed_gemv_te`'s
-    blocks, which write the matmul's result buffer; the epilogue blocks stay as they are."""
-    func = kernel.sch.mod["main"]
+    blocks, which write the matmul's result buffer."""
     reduction = kernel.get(match.reduction)
     x = reduction.reads[x_read(kernel, match.reduction)].source
     result = reduction.writes[0].source
@@ -432,13 +431,22 @@ def _with_packed_gemv(kernel: Kernel, match: Matmul, w: PackedWeight, lanes: int
     core = te.create_prim_func([*placeholders, gemv])
     renames = dict(zip(core.params, [*buffers, result], strict=True))
     core_root = substitute_vars(core.body.block, renames)
+    return splice_matmul(kernel, match, list(core_root.body.seq), list(core_root.alloc_buffers))
+
+
+def splice_matmul(kernel: Kernel, match: Matmul, core: list[tirx.Stmt],
+                  allocs: list[tirx.Buffer]) -> tirx.PrimFunc:  # fmt: skip
+    """The kernel with its dequantization and matmul blocks replaced by `core`, statements
+    that write the matmul's result buffer (allocating `allocs`); the epilogue blocks stay as
+    they are."""
+    func = kernel.sch.mod["main"]
     root = func.body.block
     dequantized = kernel.get(match.producers[0]).writes[0].source
     nests = list(root.body.seq)
     # the root's loop nests follow its blocks' order: [producer, matmul, epilogue...]
     epilogue = nests[len(match.producers) + 1 :]
-    allocs = [b for b in root.alloc_buffers if not b.same_as(dequantized)]
-    body = tirx.SeqStmt([*core_root.body.seq, *epilogue])
-    block = s_tir.stmt.SBlock([], [], [], "root", body,
-                              alloc_buffers=[*allocs, *core_root.alloc_buffers])  # fmt: skip
+    kept = [b for b in root.alloc_buffers if not b.same_as(dequantized)]
+    stmts = [*core, *epilogue]
+    body = stmts[0] if len(stmts) == 1 else tirx.SeqStmt(stmts)
+    block = s_tir.stmt.SBlock([], [], [], "root", body, alloc_buffers=[*kept, *allocs])
     return func.with_body(s_tir.stmt.SBlockRealize([], True, block))
