@@ -224,8 +224,8 @@ def build_kernels(kernels: dict, plan, options, path: Path, progress: bool = Fal
     if spec.kind == "llvm":
         from .llvm import build
 
-        prefill = spec.resolved_options(options.target_options).get("prefill")
-        build(kernels, target, path, progress, int8=prefill == "int8")
+        # options.target_options are resolved already (CompileOptions.resolve)
+        build(kernels, target, path, progress, int8=options.target_options.get("prefill") == "int8")
         return
     check_bindings(plan, spec)
     if spec.kind == "cuda":

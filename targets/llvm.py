@@ -95,21 +95,24 @@ class TvmRuntimeExecutor(Executor):
         run, and each distinct scalar expression is evaluated once per run (a decode step
         passes `pos` to some 200 calls)."""
         f = self.begin_run(function, scalars, inputs)
-        self._launch_prepared(function, f["calls"], scalars, interrupt)
+        if function not in self._prepared:
+            self._prepared[function] = self._prepare(f["calls"])
+        self._launch_prepared(self._prepared[function], scalars, interrupt)
         return self.download(f["outputs"][0])
 
     def advance(self, function: str, scalars: Mapping[str, int],
                 inputs: Mapping[str, np.ndarray]) -> None:  # fmt: skip
         """Run only the calls the entry point's state depends on (`Plan.state_calls`)."""
         f = self.begin_run(function, scalars, inputs)
-        calls = [f["calls"][i] for i in self.plan.state_calls(function)]
-        self._launch_prepared((function, "state"), calls, scalars, None)
-
-    def _launch_prepared(self, key: Any, calls: list[dict[str, Any]],
-                         scalars: Mapping[str, int], interrupt) -> None:  # fmt: skip
+        key = (function, "state")
         if key not in self._prepared:
-            self._prepared[key] = self._prepare(calls)
-        prepared, expressions = self._prepared[key]
+            calls = f["calls"]
+            self._prepared[key] = self._prepare([calls[i] for i in self.plan.state_calls(function)])
+        self._launch_prepared(self._prepared[key], scalars, None)
+
+    def _launch_prepared(self, prepared: tuple, scalars: Mapping[str, int], interrupt) -> None:
+        """Launch `_prepare`'d calls, their scalar expressions evaluated once."""
+        prepared, expressions = prepared
         values = {k: evaluate(expr, scalars) for k, expr in expressions.items()}
         for kernel, args, slots in prepared:
             if interrupt is not None:

@@ -49,6 +49,12 @@ class Kernel:
     def is_injective(self, block: SBlockRV) -> bool:
         return self.is_simple(block) and set(self.kinds(block)) == {"S"}
 
+    def one_nest_per_block(self) -> bool:
+        """Whether the root holds one loop nest per block, in block order: what a rule that
+        splices new statements in place of some blocks' nests needs."""
+        root = self.get(self.sch.get_sblock("root"))
+        return isinstance(root.body, tirx.SeqStmt) and len(root.body.seq) == len(self.blocks)
+
     def lanes(self) -> int:
         """float32 lanes in one of this CPU's widest vector registers (kernels accumulate in
         float32, whatever their activation dtype)."""

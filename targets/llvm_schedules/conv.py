@@ -387,9 +387,8 @@ def conv2d_transpose(kernel: Kernel) -> bool:
     found = match_transposed(kernel, match)
     if found is None:
         return False
-    root = kernel.get(kernel.sch.get_sblock("root"))
-    if not isinstance(root.body, tirx.SeqStmt) or len(root.body.seq) != len(kernel.blocks):
-        return False  # the splice below needs one loop nest per block, in block order
+    if not kernel.one_nest_per_block():
+        return False
     name = kernel.get(match.block).name_hint
     epilogue = [kernel.get(b).name_hint for b in match.epilogue]
     n_ext, f_ext, y_ext, x_ext, c_ext, _, _ = match.extents

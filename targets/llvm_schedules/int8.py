@@ -92,8 +92,7 @@ def int8_gemm(kernel: Kernel) -> bool:
     layout = _layout(w, k)
     if layout is None:
         return False
-    root = kernel.get(kernel.sch.get_sblock("root"))
-    if not isinstance(root.body, tirx.SeqStmt) or len(root.body.seq) != len(kernel.blocks):
+    if not kernel.one_nest_per_block():
         return False
     epilogue_names = [kernel.get(b).name_hint for b in match.epilogue]
     core, allocs = _int8_gemm_stmts(x, w, y, layout)

@@ -287,9 +287,8 @@ def packed_gemv(kernel: Kernel) -> bool:
         return False
     if affine.high is not None and (32 // affine.high_bits) % lanes:
         return False  # a vector's high bits must lie in one block of high words (pack_high)
-    root = kernel.get(kernel.sch.get_sblock("root"))
-    if not isinstance(root.body, tirx.SeqStmt) or len(root.body.seq) != len(kernel.blocks):
-        return False  # the splice below needs one loop nest per block, in block order
+    if not kernel.one_nest_per_block():
+        return False
     work = elements(kernel, kernel.sch.get_loops(match.reduction))
     epilogue_names = [kernel.get(b).name_hint for b in match.epilogue]
     func = _with_packed_gemv(kernel, match, packed, lanes)
