@@ -19,7 +19,7 @@ from tapml.api import ensure_compiled
 from tapml.carving.carve import carve
 from tapml.carving.replay import replay
 from tapml.carving.scenarios import select
-from tapml.targets import load_executor
+from tapml.targets import TARGETS, load_executor
 
 
 def main() -> None:
@@ -28,7 +28,8 @@ def main() -> None:
     parser.add_argument("--quantization", default=None, help="default: as stored (gguf)")
     parser.add_argument("--targets", nargs="+", default=["webgpu", "opencl"])
     args = parser.parse_args()
-    source = ensure_compiled(args.model, "llvm", args.quantization)
+    source = ensure_compiled(args.model, "llvm", args.quantization,
+                             target_options=TARGETS["llvm"].reference_options())
     artifacts = {t: ensure_compiled(args.model, t, args.quantization) for t in args.targets}
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()

@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     engines = []  # (name, engine): llvm first; a list, so that llvm can be checked too
     for target in ("llvm", args.target):
         start = time.perf_counter()
-        artifact = ensure_compiled(args.model, target, quant.name)
+        artifact = ensure_compiled(args.model, target, quant.name,
+                                   target_options=get_target(target).reference_options())
         try:
             engines.append((target, Engine(artifact)))
         except ExecutorError as e:

@@ -9,7 +9,8 @@ and schemes alternate so that a busy spell on the machine hits all of them, and 
 figures are kept in the JSON printed last, so the spread shows how noisy the machine was.
 With more than one scheme, each scheme's decode and prefill are also given as a ratio to the
 first's (the GGUF's own blocks, by default, against tapml's re-quantized q4f32_1). A scheme
-`SCHEME+int8` compiles with `--target-option prefill=int8` (e.g. `gguf,gguf+int8`).
+`SCHEME+PREFILL` compiles with `--target-option prefill=PREFILL` (e.g. `gguf+float32,gguf+int8`;
+the default, auto, is int8 on a CPU with AVX-512 VNNI).
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ KEYS = ("decode_tok_s", "prefill_tok_s", "bandwidth_gb_s")
 
 
 def bench_once(model: str, threads: int, scheme: str) -> dict:
-    quantization, int8, _ = scheme.partition("+int8")
+    quantization, _, prefill = scheme.partition("+")
     out = subprocess.run(
         [sys.executable, "-m", "tapml", "-q", "bench", model, "--threads", str(threads),
          "--quantization", quantization, "--compare", "llama.cpp", "--json",
-         *(["--target-option", "prefill=int8"] if int8 else [])],
+         *(["--target-option", f"prefill={prefill}"] if prefill else [])],
         check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
     return json.loads(out.strip().splitlines()[-1])

@@ -29,15 +29,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--pos", type=int, default=256, help="context already in the cache")
     parser.add_argument("--function", default="decode", choices=["decode", "prefill"])
-    parser.add_argument("--int8-prefill", action="store_true",
-                        help="compile with --target-option prefill=int8")
+    parser.add_argument("--prefill", default="auto", choices=["auto", "float32", "int8"],
+                        help="compile with --target-option prefill=PREFILL")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
 
     use_threads(args.threads)
-    options = {"prefill": "int8"} if args.int8_prefill else None
-    engine = Engine(ensure_compiled(args.model, "llvm", args.quantization, target_options=options))
+    engine = Engine(ensure_compiled(args.model, "llvm", args.quantization,
+                                    target_options={"prefill": args.prefill}))
     engine.reset()
     engine.prefill(prompt_ids(engine.tokenizer, args.pos))
     if args.function == "decode":

@@ -207,11 +207,14 @@ def _suite_info(suite: Suite) -> dict[str, Any]:
 def compiled_for(suite: Suite, target: str, progress: bool = True) -> Path:
     """The suite's model compiled for `target` with the suite's settings (cached)."""
     from tapml.api import ensure_compiled
+    from tapml.targets import get_target
 
     m = suite.manifest
     options = m["options"]
-    # the source's own CPU options must match for a bit-exact replay; other targets' defaults
-    same = options["target_options"] if target == m["source"] else None
+    # the source's own CPU options must match for a bit-exact replay; other targets compute
+    # as the source did (float32 throughout)
+    same = (options["target_options"] if target == m["source"]
+            else get_target(target).reference_options())
     return ensure_compiled(m["model"], target, m["quantization"], options["max_context"],
                            options["chunk"], same, progress, options["kv_cache"],
                            options.get("buckets"))  # fmt: skip

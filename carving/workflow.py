@@ -56,6 +56,7 @@ def artifacts(model: str, target: str, quantization: str | None, source: str = "
     an embedding model's `buckets`: the bundle's, if one is given)."""
     from tapml.api import artifact_for, ensure_compiled
     from tapml.compiler import CompileOptions
+    from tapml.targets import get_target
 
     kv_cache = None
     if bundle is not None:
@@ -67,7 +68,8 @@ def artifacts(model: str, target: str, quantization: str | None, source: str = "
     # the source runs the target's plan: KV cache dtype and an encoder's buckets included
     kv_cache = kv_cache or CompileOptions.resolve(target, quantization).kv_cache
     source_dir = artifact_for(model, source, quantization, progress=progress, kv_cache=kv_cache,
-                              buckets=buckets)  # fmt: skip
+                              buckets=buckets,
+                              target_options=get_target(source).reference_options())  # fmt: skip
     options = Artifact(source_dir).options
     target_dir = bundle or ensure_compiled(model, target, quantization, options["max_context"],
                                            options["chunk"], progress=progress,

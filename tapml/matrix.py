@@ -213,12 +213,14 @@ def _carve(m: Matrix, model: str, target: str) -> dict[str, Any]:
     from .carving.carve import carve
     from .carving.scenarios import default
     from .quantization import DEFAULT, get_quantization
+    from .targets import get_target
 
     for other in m.results.get(model, {}).values():
         if other.get("carve", {}).get("status") == "pass":
             return other["carve"]
     portable = get_quantization(DEFAULT).dtype
-    source = ensure_compiled(model, "llvm", kv_cache=portable, progress=m.progress)
+    source = ensure_compiled(model, "llvm", kv_cache=portable, progress=m.progress,
+                             target_options=get_target("llvm").reference_options())
     suite = carve(source, m.suite_dir(model), [default(model_task(source))], model,
                   progress=m.progress)  # fmt: skip
     return {"status": "pass", "calls": len(suite.calls)}

@@ -186,22 +186,32 @@ class HostMemory:
         return tvm_runtime.from_dlpack(block[: max(nbytes, 1)])
 
 
+def int8_prefill(target: Any, prefill: str, plan: Any) -> bool:
+    """Whether prefill's matmuls over quantized weights take int8 activations: when asked
+    (`--target-option prefill=int8`, which needs AVX-512 VNNI), and by default (`auto`) for a
+    causal LM where the CPU has VNNI."""
+    from tapml.errors import CompileError
+
+    from .llvm_schedules.int8 import has_vnni
+
+    if prefill == "int8" and not has_vnni(target):
+        raise CompileError(
+            f"prefill=int8 needs a CPU with AVX-512 VNNI; {target.attrs.get('mcpu')} has none"
+        )
+    auto = prefill == "auto" and plan.task.get("kind") == "causal_lm" and has_vnni(target)
+    return prefill == "int8" or auto
+
+
 def build(kernels: dict[str, Any], target: Any, path: Path, progress: bool = False,
           int8: bool = False) -> None:  # fmt: skip
     """Schedule and compile each kernel for the CPU, then link them into one library;
-    `int8`: prefill matmuls over quantized weights in int8 (`--target-option prefill=int8`)."""
+    `int8`: prefill matmuls over quantized weights in int8 (`int8_prefill`)."""
     import tvm
     from tqdm import tqdm
 
     from tapml.errors import CompileError
 
     from .llvm_schedules import schedule
-    from .llvm_schedules.int8 import has_vnni
-
-    if int8 and not has_vnni(target):
-        raise CompileError(
-            f"prefill=int8 needs a CPU with AVX-512 VNNI; {target.attrs.get('mcpu')} has none"
-        )
 
     modules = []
     bar = tqdm(kernels.items(), desc="compiling kernels", unit="kernel", disable=not progress)

@@ -20,6 +20,7 @@ from tiny_gguf import write_tiny_gguf, write_tiny_stored_gguf  # noqa: E402
 
 from tapml.compiler import CompileOptions, compile_model  # noqa: E402
 from tapml.quantization import QUANTIZATION  # noqa: E402
+from tapml.targets import TARGETS  # noqa: E402
 
 TINY_CONTEXT, TINY_CHUNK = 64, 8
 PROMPT = "The capital of France is"
@@ -132,12 +133,14 @@ def assert_close(got: list[np.ndarray], want: list[np.ndarray], rtol: float) -> 
 @pytest.fixture(scope="session")
 def real_artifact():
     """real_artifact(quantization, kv_cache) -> SmolLM2-135M compiled for llvm (cached across
-    runs); the KV cache in the activations' dtype unless named, the plan every target shares."""
+    runs) as other targets are compared with: the KV cache in the activations' dtype unless
+    named (the plan every target shares), float32 arithmetic (`reference_options`)."""
     from tapml.api import ensure_compiled
 
     def get(quantization: str, kv_cache: str | None = None) -> Path:
         kv_cache = kv_cache or QUANTIZATION[quantization].dtype
-        return ensure_compiled("smollm2-135m", "llvm", quantization, kv_cache=kv_cache)
+        return ensure_compiled("smollm2-135m", "llvm", quantization, kv_cache=kv_cache,
+                               target_options=TARGETS["llvm"].reference_options())
 
     return get
 

@@ -25,13 +25,21 @@ from tapml.targets import TARGETS, executes_here
 from tapml.weights import load_shards
 
 
+def reference_build(model: str, target: str, **options) -> Path:
+    """`model` compiled for `target` as targets are compared: a float32 KV cache (one plan for
+    every target) and float32 arithmetic (`reference_options`), unless compile `options`
+    (ensure_compiled's) say otherwise."""
+    options = {"kv_cache": "float32", "target_options": TARGETS[target].reference_options(),
+               "progress": False, **options}
+    return ensure_compiled(model, target, **options)
+
+
 def engine_on(model: str, target: str, **options) -> Engine:
-    """`model` compiled for `target` with a float32 KV cache (one plan for every target), and
-    any other compile `options` (ensure_compiled's)."""
+    """An engine of `reference_build(model, target, **options)`, where `target` executes."""
     ok, why = executes_here(TARGETS[target])
     if not ok:
         pytest.skip(f"{target} does not execute here: {why}")
-    return Engine(ensure_compiled(model, target, kv_cache="float32", progress=False, **options))
+    return Engine(reference_build(model, target, **options))
 
 
 def open_llama_cpp(gguf: Path) -> Iterator:

@@ -18,11 +18,11 @@ from real_models import (
     engine_on,
     open_llama_cpp,
     reference,
+    reference_build,
     relative_errors,
 )
 from tiny_gguf import write_tiny_gemma3_gguf
 
-from tapml.api import ensure_compiled
 from tapml.artifact import describe
 from tapml.bench import forced_logits, greedy_run
 from tapml.carving.scenarios import Scenario
@@ -127,7 +127,7 @@ def test_no_float16_activation_in_any_kernel(target):
     """The residual stream reaches 1e5, beyond float16: every buffer a kernel computes is
     float32 on every target, metal and cuda included, where float16 is native. (llvm's
     default KV cache is float16: it holds normalized keys and values, far from the limit.)"""
-    artifact = ensure_compiled(MODEL, target, kv_cache="float32", progress=False)
+    artifact = reference_build(MODEL, target)
     plan = Plan.load(artifact / "plan.json")
     assert plan.model["dtype"] == "float32"
     computed = {n: b["dtype"] for n, b in plan.buffers.items() if b["kind"] != "param"}

@@ -10,10 +10,7 @@ reported in the failure message if it ever decides a token).
 import numpy as np
 import pytest
 from conftest import PROMPT_IDS
-
-from tapml.api import ensure_compiled
-from tapml.runtime.engine import Engine
-from tapml.targets import TARGETS, executes_here
+from real_models import engine_on
 
 pytestmark = pytest.mark.real_model
 
@@ -23,8 +20,7 @@ TOLERANCE = 2e-3  # max |difference| / max |llvm logit|, float32 activations
 
 @pytest.fixture(scope="module")
 def llvm_run():
-    # the plan the other targets run: the KV cache in float32 (llvm's default is float16)
-    engine = Engine(ensure_compiled("smollm2-135m", "llvm", kv_cache="float32"))
+    engine = engine_on("smollm2-135m", "llvm")
     logits = [engine.prefill(PROMPT_IDS)]
     tokens = []
     for _ in range(STEPS):
@@ -35,11 +31,8 @@ def llvm_run():
 
 @pytest.mark.parametrize("target", ["webgpu", "vulkan", "opencl"])
 def test_first_16_greedy_tokens_and_logits_match_llvm(llvm_run, target):
-    ok, why = executes_here(TARGETS[target])
-    if not ok:
-        pytest.skip(f"{target} cannot execute here: {why}")
     tokens, expected = llvm_run
-    engine = Engine(ensure_compiled("smollm2-135m", target, kv_cache="float32"))
+    engine = engine_on("smollm2-135m", target)
     got = [engine.prefill(PROMPT_IDS)] + [engine.decode(t) for t in tokens]
     for step, (g, e) in enumerate(zip(got[:STEPS], expected[:STEPS], strict=True)):
         scale = np.abs(e).max()

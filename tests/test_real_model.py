@@ -86,9 +86,10 @@ def test_plan_matches_relax_vm_on_the_same_module(engines):
 
 
 def test_cli_run_streams_the_paris_completion(engines):
+    artifact = engines["q4f32_1+f16kv"].artifact
     result = subprocess.run(
-        [sys.executable, "-m", "tapml", "-q", "run", "smollm2-135m", "--prompt", PROMPT,
-         "--max-tokens", "4", "--quantization", "q4f32_1"],
+        [sys.executable, "-m", "tapml", "-q", "run", str(artifact), "--prompt", PROMPT,
+         "--max-tokens", "4"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

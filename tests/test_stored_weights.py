@@ -3,13 +3,13 @@ dequantized exactly (q0f32), and against llama.cpp on the same GGUF, live."""
 
 import pytest
 from conftest import PROMPT_IDS, assert_close, greedy_trace
+from real_models import engine_on
 
 from tapml.api import ensure_compiled
 from tapml.artifact import describe
 from tapml.bench import AGREEMENT_PROMPTS, forced_logits, llama_cpp_logits, top2_margin
 from tapml.models import MODELS
 from tapml.runtime.engine import Engine
-from tapml.targets import TARGETS, executes_here
 
 pytestmark = pytest.mark.real_model
 
@@ -23,10 +23,7 @@ LLAMA_CPP_MARGIN = 0.5  # llama.cpp computes in its own order and precision (Q8 
 
 
 def stored(target: str = "llvm") -> Engine:
-    ok, why = executes_here(TARGETS[target])
-    if not ok:
-        pytest.skip(f"{target} does not execute here: {why}")
-    return Engine(ensure_compiled("smollm2-135m", target, kv_cache="float32", progress=False))
+    return engine_on("smollm2-135m", target)
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,10 @@
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import pytest
+import tvm
 from click.testing import CliRunner
 from conftest import TINY_CHUNK, TINY_CONTEXT
 
@@ -17,6 +19,7 @@ from tapml.models.llama.config import LlamaConfig
 from tapml.quantization import QUANTIZATION
 from tapml.targets import TARGETS, Limits, check_bindings
 from tapml.targets.gpu import build_record
+from tapml.targets.llvm import int8_prefill
 
 GPU_TARGETS = [name for name in TARGETS if TARGETS[name].limits is not None]
 
@@ -112,5 +115,30 @@ def test_int8_prefill_is_a_compile_option_outside_tvms_target():
     options = CompileOptions.resolve("llvm", "q4f32_1", target_options={"prefill": "int8"})
     assert options.target_options["prefill"] == "int8"  # in the cache key and the config
     assert "prefill" not in TARGETS["llvm"].tvm_target(options.target_options).attrs
-    default = CompileOptions.resolve("llvm", "q4f32_1", target_options={"prefill": "float32"})
+    default = CompileOptions.resolve("llvm", "q4f32_1", target_options={"prefill": "auto"})
     assert default == CompileOptions.resolve("llvm", "q4f32_1")  # one artifact
+    float32 = CompileOptions.resolve("llvm", "q4f32_1", target_options={"prefill": "float32"})
+    assert float32 != default and float32.target_options["prefill"] == "float32"
+
+
+@pytest.mark.parametrize("mcpu,prefill,task,int8", [
+    ("cascadelake", "auto", "causal_lm", True),  # VNNI: a causal LM's default
+    ("cascadelake", "auto", "embedding", False),  # an encoder stays float32 unless asked
+    ("cascadelake", "int8", "embedding", True),
+    ("cascadelake", "float32", "causal_lm", False),
+    ("skylake-avx512", "auto", "causal_lm", False),  # no VNNI
+])  # fmt: skip
+def test_int8_prefill_by_default_where_the_cpu_has_vnni(mcpu, prefill, task, int8):
+    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
+    assert int8_prefill(target, prefill, SimpleNamespace(task={"kind": task})) is int8
+
+
+def test_int8_prefill_asked_of_a_cpu_without_vnni_names_it():
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
+    with pytest.raises(CompileError, match="skylake-avx512 has none"):
+        int8_prefill(target, "int8", SimpleNamespace(task={"kind": "causal_lm"}))
+
+
+def test_reference_options_compute_in_float32_everywhere():
+    assert TARGETS["llvm"].reference_options() == {"prefill": "float32"}
+    assert all(TARGETS[t].reference_options() == {} for t in ("webgpu", "opencl", "cuda"))

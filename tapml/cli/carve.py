@@ -74,10 +74,12 @@ def command(obj, model, source, quantization, buckets, scenarios, prompts, promp
         raise click.ClickException(f"cannot carve on {source} here: {why}")
     use_threads(threads)
     texts = list(prompts) + [p.read_text() for p in prompt_files]
-    # a suite replays on any target: carve the plan with the KV cache every target holds
+    # a suite replays on any target: carve the plan with the KV cache every target holds,
+    # computed as every target computes
     portable = get_quantization(quantization or DEFAULT).dtype
     artifact = artifact_for(model, source, quantization, progress=obj["progress"],
-                            kv_cache=portable, buckets=buckets)  # fmt: skip
+                            kv_cache=portable, buckets=buckets,
+                            target_options=get_target(source).reference_options())  # fmt: skip
     chosen = select(scenarios, texts, Artifact(artifact).plan().task["kind"])
     if output is None:
         quantization = describe(artifact)["options"]["quantization"]

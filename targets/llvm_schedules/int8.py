@@ -75,7 +75,7 @@ def has_vnni(target: tvm.target.Target) -> bool:
 def int8_gemm(kernel: Kernel) -> bool:
     """A matmul of many rows with a packed weight, as `_int8_gemm_stmts`, where the CPU has VNNI
     and the shapes fit (rows a multiple of 16, K whole spans); its epilogue kept. Only where
-    the compile asked for it (`--target-option prefill=int8`)."""
+    the build chose int8 prefill (`targets.llvm.int8_prefill`)."""
     if not kernel.int8 or not has_vnni(kernel.target):
         return False
     match = match_matmul(kernel)
