@@ -201,9 +201,11 @@ def test_packed_gemv_unpacks_fields_without_int_to_float_conversions():
 
 
 # GGUF blocks kept as stored, at the shapes of SmolLM2 (Q4_1 gate and up; its Q8_0 embedding
-# as the output layer, fewer rows) and of Qwen2.5's and Gemma-3's K-quants
+# as the output layer, fewer rows) and of Qwen2.5's and Gemma-3's K-quants; Q5_0 at 864 ends
+# in pieces of 8 and 4 words, whose high bits lie inside their word
 GGUF_MATMULS = [("Q4_1", 3072, 576), ("Q8_0", 4096, 576), ("Q4_0", 37, 800), ("Q5_0", 96, 896),
-                ("Q4_K", 64, 768), ("Q5_K", 37, 512), ("Q6_K", 896, 1024)]  # fmt: skip
+                ("Q5_0", 37, 864), ("Q4_K", 64, 768), ("Q5_K", 37, 512),
+                ("Q6_K", 896, 1024)]  # fmt: skip
 
 
 @pytest.mark.parametrize("kind,n,k", GGUF_MATMULS)

@@ -120,7 +120,12 @@ def _packed_gemv_te(x: te.Tensor, w: Affine, lanes: int, n_rows: int) -> te.Tens
         shift = f.astype(U32) * tirx.const(w.low_bits, U32)
         q = (w.low[n, base + i] >> shift) & tirx.const((1 << w.low_bits) - 1, U32)
         q = q << tirx.const(23 - bits, U32)
-        if w.high is not None:
+        if w.high is not None and w.high_bits == 1:
+            word = w.high[n, base // 32 * pw + f]
+            # the vector's bits as a mask (vptestmd): an or where it is set, no shifts
+            lane = (tirx.const(1, U32) << _u32(i)) << _u32(base % 32)
+            q = tirx.Select(word & lane != tirx.const(0, U32), q | tirx.const(1 << 22, U32), q)
+        elif w.high is not None:
             block = 32 // w.high_bits  # low words per block of high words
             word = w.high[n, base // block * pw + f]
             at = (base % block + i).astype(U32) * tirx.const(w.high_bits, U32)
@@ -182,6 +187,10 @@ def _packed_gemv_te(x: te.Tensor, w: Affine, lanes: int, n_rows: int) -> te.Tens
         return level[n, 0] + sum((bias[n, g] for g in range(1, per_vector)), bias[n, 0])
 
     return te.compute((1, n_rows), lambda _, n: row(n), name="gemv")
+
+
+def _u32(value) -> tirx.PrimExpr:
+    return tirx.const(value, U32) if isinstance(value, int) else value.astype(U32)
 
 
 def _bias_sum(x: te.Tensor, w: Affine, whole: int, per_vector: int, n_rows: int) -> te.Tensor:
