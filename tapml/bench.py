@@ -46,12 +46,19 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
     return (ids * (n // len(ids) + 1))[:n]
 
 
+# kernels that read a row of their tables a step: an untied embedding's (`take`, a token's) and
+# RoPE's cos and sin (`rope_kv_write`, a position's)
+GATHERS = ("take", "rope")
+
+
 def decode_param_bytes(plan: Plan) -> int:
-    """Bytes of the parameters the plan's decode function reads (each buffer counted once)."""
+    """Bytes of the parameters the plan's decode function reads (each buffer counted once). A
+    table only gathered from gives a row a step: not counted (GATHERS)."""
     decode = plan.task["decode"]["function"]
     used = {
         plan.root(arg["buffer"])
         for call in plan.functions[decode]["calls"]
+        if not any(kind in call["kernel"] for kind in GATHERS)
         for arg in call["args"]
         if "buffer" in arg
     }
@@ -244,8 +251,12 @@ def run_llama_cpp(
         peak = peak_rss_mb() - before if can_reset else None
     finally:
         llm.close()
-    # every tensor is read once per token (token_embd whole only where it is tied to the output)
-    step_bytes = sum(int(t.n_bytes) for t in gguf.GGUFReader(gguf_path).tensors)
+    # every tensor is read once per token, token_embd only where it is the output too (else
+    # llama.cpp gathers a row of it a token)
+    tensors = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(gguf_path).tensors}
+    if "output.weight" in tensors:
+        tensors.pop("token_embd.weight", None)
+    step_bytes = sum(tensors.values())
     return {
         "decode_tok_s": decode_tokens / decode_s,
         "prefill_tok_s": len(prompt) / prefill_s,

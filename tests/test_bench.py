@@ -45,31 +45,40 @@ def test_json_has_every_figure(tiny_artifact, small_bandwidth_probe):
 
 def test_decode_bytes_are_the_params_the_decode_function_reads(tiny_artifact):
     plan = Plan.load(tiny_artifact() / "plan.json")
-    # the tiny model's decode step reads every parameter (tied embeddings: the table is the head)
-    assert bench.decode_param_bytes(plan) == sum(plan.nbytes(n) for n in plan.names("param"))
+    # the tiny model's decode step reads every parameter (tied embeddings: the table is the
+    # head), RoPE's tables a row
+    weights = [n for n in plan.names("param") if not n.endswith((".cos", ".sin"))]
+    assert len(weights) < len(plan.names("param"))
+    assert bench.decode_param_bytes(plan) == sum(plan.nbytes(n) for n in weights)
 
     def buffer(kind, shape, **extra):
         return {"kind": kind, "shape": shape, "dtype": "float32", **extra}
 
-    def call(*buffers):
-        return {"kernel": "k", "args": [{"buffer": b} for b in buffers] + [{"scalar": 1}]}
+    def call(*buffers, kernel="k"):
+        return {"kernel": kernel, "args": [{"buffer": b} for b in buffers] + [{"scalar": 1}]}
+
+    def take(table):  # an untied embedding: a row a token
+        return call(table, kernel="fused_dequantize_take")
 
     plan = Plan(
         buffers={
             "w": buffer("param", [4, 8]),
             "w_row": buffer("view", [8], base="w"),
             "prefill_only": buffer("param", [100]),
+            "table": buffer("param", [1000, 8]),
+            "angles": buffer("param", [1000, 4]),
             "kv": buffer("state", [1000]),
         },
         storages={},
         functions={
-            "decode": {"calls": [call("w_row", "kv"), call("w_row")]},
+            "decode": {"calls": [take("table"), call("w_row", "kv"), call("w_row"),
+                                 call("angles", "kv", kernel="rope_kv_write")]},
             "prefill": {"calls": [call("w", "prefill_only", "kv")]},
         },
         model={},
         task={"kind": "causal_lm", "decode": {"function": "decode"}},
     )
-    assert bench.decode_param_bytes(plan) == 4 * 8 * 4  # w once, through its view
+    assert bench.decode_param_bytes(plan) == 4 * 8 * 4  # w once, through its view; no table
 
 
 def test_kv_bytes_are_the_positions_each_decode_step_reads(tiny_artifact):
