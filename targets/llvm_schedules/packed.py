@@ -32,7 +32,7 @@ from .base import (
 )
 from .matmul import Matmul, match_matmul, x_read
 
-F32, U32 = "float32", "uint32"
+F32, I32, U32 = "float32", "int32", "uint32"
 
 
 @dataclass
@@ -113,6 +113,27 @@ def _packed_gemv_te(x: te.Tensor, w: Affine, lanes: int, n_rows: int) -> te.Tens
     def xf(k):
         return x[0, k].astype(F32) * tirx.const(levels, F32)
 
+    def with_high(q, n, base, i, f):
+        """q with field f's high bits of low word base + i or'ed in at 23 - high_bits."""
+        block = 32 // w.high_bits  # low words per block of high words
+        word = w.high[n, base // block * pw + f]
+        top = 23 - w.high_bits
+        if lanes >= 16 and w.high_bits == 1:
+            # AVX-512: the vector's bits as a mask (vptestmd), an or where it is set
+            lane = (tirx.const(1, U32) << _u32(i)) << _u32(base % block)
+            return tirx.Select(word & lane != tirx.const(0, U32), q | tirx.const(1 << top, U32), q)
+        if lanes >= 16:
+            # AVX-512 rotates each lane by its own count (vprolvd): one instruction takes
+            # the lane's bits to `top` (a funnel shift of the word with itself)
+            word = tirx.reinterpret(I32, word)
+            left = tirx.const(top, I32) - (base % block + i) * w.high_bits
+            rotated = tirx.call_llvm_pure_intrin(I32, "llvm.fshl", word, word, left)
+            mask = ((1 << w.high_bits) - 1) << top
+            return q | (tirx.reinterpret(U32, rotated) & tirx.const(mask, U32))
+        at = (base % block + i).astype(U32) * tirx.const(w.high_bits, U32)
+        high = (word >> at) & tirx.const((1 << w.high_bits) - 1, U32)
+        return q | (high << tirx.const(top, U32))
+
     def field(n, base, i, f):
         """Field f of low word base + i, as the float 1 + q/L. `base` is a multiple of the
         vector's width, which divides a block of high words (pack_high): the vector's f-th
@@ -120,17 +141,8 @@ def _packed_gemv_te(x: te.Tensor, w: Affine, lanes: int, n_rows: int) -> te.Tens
         shift = f.astype(U32) * tirx.const(w.low_bits, U32)
         q = (w.low[n, base + i] >> shift) & tirx.const((1 << w.low_bits) - 1, U32)
         q = q << tirx.const(23 - bits, U32)
-        if w.high is not None and w.high_bits == 1:
-            word = w.high[n, base // 32 * pw + f]
-            # the vector's bits as a mask (vptestmd): an or where it is set, no shifts
-            lane = (tirx.const(1, U32) << _u32(i)) << _u32(base % 32)
-            q = tirx.Select(word & lane != tirx.const(0, U32), q | tirx.const(1 << 22, U32), q)
-        elif w.high is not None:
-            block = 32 // w.high_bits  # low words per block of high words
-            word = w.high[n, base // block * pw + f]
-            at = (base % block + i).astype(U32) * tirx.const(w.high_bits, U32)
-            high = (word >> at) & tirx.const((1 << w.high_bits) - 1, U32)
-            q = q | (high << tirx.const(23 - w.high_bits, U32))
+        if w.high is not None:
+            q = with_high(q, n, base, i, f)
         return tirx.reinterpret(F32, q | tirx.const(0x3F800000, U32))  # 1.0f
 
     offset = tirx.const(1 + w.offset / levels, F32)
