@@ -49,14 +49,28 @@ def device_for(target: str, url: str | None) -> Iterator[str]:
         yield local
 
 
+def reference_source(model: str, source: str, quantization: str | None, progress: bool = True,
+                     kv_cache: str | None = None,
+                     buckets: tuple[tuple[int, int], ...] | None = None) -> Path:  # fmt: skip
+    """`model` (or an artifact directory, as it is) compiled for `source` as other targets are
+    compared with it: float32 arithmetic (`TargetSpec.reference_options`), and the KV cache
+    `kv_cache`, by default the one every target holds (the activations' dtype)."""
+    from tapml.api import artifact_for
+    from tapml.quantization import DEFAULT, get_quantization
+    from tapml.targets import get_target
+
+    kv_cache = kv_cache or get_quantization(quantization or DEFAULT).dtype
+    return artifact_for(model, source, quantization, progress=progress, kv_cache=kv_cache,
+                        buckets=buckets, target_options=get_target(source).reference_options())
+
+
 def artifacts(model: str, target: str, quantization: str | None, source: str = "llvm",
               bundle: Path | None = None, progress: bool = True,
               buckets: tuple[tuple[int, int], ...] | None = None) -> tuple[Path, Path]:  # fmt: skip
     """The source's and the target's compiled artifacts of `model` (the same quantization, and
     an embedding model's `buckets`: the bundle's, if one is given)."""
-    from tapml.api import artifact_for, ensure_compiled
+    from tapml.api import ensure_compiled
     from tapml.compiler import CompileOptions
-    from tapml.targets import get_target
 
     kv_cache = None
     if bundle is not None:
@@ -67,9 +81,7 @@ def artifacts(model: str, target: str, quantization: str | None, source: str = "
         kv_cache, buckets = options["kv_cache"], options.get("buckets")
     # the source runs the target's plan: KV cache dtype and an encoder's buckets included
     kv_cache = kv_cache or CompileOptions.resolve(target, quantization).kv_cache
-    source_dir = artifact_for(model, source, quantization, progress=progress, kv_cache=kv_cache,
-                              buckets=buckets,
-                              target_options=get_target(source).reference_options())  # fmt: skip
+    source_dir = reference_source(model, source, quantization, progress, kv_cache, buckets)
     options = Artifact(source_dir).options
     target_dir = bundle or ensure_compiled(model, target, quantization, options["max_context"],
                                            options["chunk"], progress=progress,

@@ -209,18 +209,14 @@ def _run_graph(model: str, artifact: Path) -> dict[str, Any]:
 def _carve(m: Matrix, model: str, target: str) -> dict[str, Any]:
     """Once per model: the task's default scenario (a causal LM's chat, an embedding model's
     search) carved on llvm with the KV cache every target holds."""
-    from .api import ensure_compiled
     from .carving.carve import carve
     from .carving.scenarios import default
-    from .quantization import DEFAULT, get_quantization
-    from .targets import get_target
+    from .carving.workflow import reference_source
 
     for other in m.results.get(model, {}).values():
         if other.get("carve", {}).get("status") == "pass":
             return other["carve"]
-    portable = get_quantization(DEFAULT).dtype
-    source = ensure_compiled(model, "llvm", kv_cache=portable, progress=m.progress,
-                             target_options=get_target("llvm").reference_options())
+    source = reference_source(model, "llvm", None, m.progress)
     suite = carve(source, m.suite_dir(model), [default(model_task(source))], model,
                   progress=m.progress)  # fmt: skip
     return {"status": "pass", "calls": len(suite.calls)}

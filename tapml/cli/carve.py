@@ -60,11 +60,10 @@ def command(obj, model, source, quantization, buckets, scenarios, prompts, promp
       tapml carve all-minilm-l6-v2 --scenario search -o carved/minilm
       tapml test carved/smollm2 --target webgpu
     """
-    from tapml.api import artifact_for
     from tapml.artifact import Artifact, describe
     from tapml.carving.carve import carve
     from tapml.carving.scenarios import select
-    from tapml.quantization import DEFAULT, get_quantization
+    from tapml.carving.workflow import reference_source
     from tapml.targets import executes_here, get_target
     from tapml.targets.llvm import use_threads
 
@@ -74,12 +73,8 @@ def command(obj, model, source, quantization, buckets, scenarios, prompts, promp
         raise click.ClickException(f"cannot carve on {source} here: {why}")
     use_threads(threads)
     texts = list(prompts) + [p.read_text() for p in prompt_files]
-    # a suite replays on any target: carve the plan with the KV cache every target holds,
-    # computed as every target computes
-    portable = get_quantization(quantization or DEFAULT).dtype
-    artifact = artifact_for(model, source, quantization, progress=obj["progress"],
-                            kv_cache=portable, buckets=buckets,
-                            target_options=get_target(source).reference_options())  # fmt: skip
+    # a suite replays on any target: carve the plan every target holds, computed as they do
+    artifact = reference_source(model, source, quantization, obj["progress"], buckets=buckets)
     chosen = select(scenarios, texts, Artifact(artifact).plan().task["kind"])
     if output is None:
         quantization = describe(artifact)["options"]["quantization"]
