@@ -242,15 +242,17 @@ def build_kernels(kernels: dict, plan, options, path: Path, progress: bool = Fal
         return
     import sys
 
-    from .gpu import compile_records
+    from .gpu import compile_records, compile_records_and_modules
     from .records import write_records
 
-    records, modules = compile_records(kernels, target, spec, progress)
     if spec.kind == "metal" and sys.platform == "darwin":
         from .llvm import build_library
 
+        records, modules = compile_records_and_modules(kernels, target, spec, progress)
         # MSL source inside: the Metal runtime compiles it when the library loads.
         build_library(modules, target, path.with_suffix(".so"))
+    else:
+        records = compile_records(kernels, target, spec, progress)
     write_records(records, spec.name, str(target), path)
 
 

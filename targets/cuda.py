@@ -61,11 +61,11 @@ def build(kernels: dict[str, Any], target: Any, spec: Any, path: Path, progress:
     """Records with PTX into `path` (kernels_cuda.json), the TVM library beside it (.so)."""
     from tqdm import tqdm
 
-    from .gpu import compile_records
+    from .gpu import compile_records_and_modules
     from .llvm import build_library
     from .records import write_records
 
-    records, modules = compile_records(kernels, target, spec, progress)  # registers NVRTC
+    records, modules = compile_records_and_modules(kernels, target, spec, progress)
     arch = "compute_" + str(target.attrs.get("arch", ARCH)).removeprefix("sm_")
     # ~2 s a kernel, half of it NVRTC parsing the CCCL headers; NVRTC is thread-safe and lets
     # go of the GIL, so the kernels compile on every core

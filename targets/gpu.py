@@ -360,17 +360,19 @@ def check_limits(name: str, record: dict, limits) -> None:
             )
 
 
-def build_records(kernels: dict, target, spec, path, progress: bool = False) -> None:
-    """Every kernel's record for a GPU target, written as one JSON file (see docs/formats.md)."""
-    from .records import write_records
+def compile_records(kernels: dict, target, spec, progress: bool = False) -> dict[str, dict]:
+    """Every kernel's record, by kernel name, compiled on every core."""
+    from .workers import compile_each
 
-    records, _ = compile_records(kernels, target, spec, progress)
-    write_records(records, spec.name, str(target), path)
+    return compile_each(build_record, kernels, target, spec.limits,
+                        desc=f"compiling {spec.name} kernels", progress=progress)  # fmt: skip
 
 
-def compile_records(kernels: dict, target, spec, progress: bool = False
-                    ) -> tuple[dict[str, dict], dict[str, tvm.IRModule]]:  # fmt: skip
-    """(records, scheduled modules) of every kernel, by kernel name."""
+def compile_records_and_modules(kernels: dict, target, spec, progress: bool = False
+                                ) -> tuple[dict[str, dict], dict[str, tvm.IRModule]]:  # fmt: skip
+    """(records, scheduled modules) of every kernel, by kernel name, for a target that also
+    builds TVM's own library (cuda, metal on a Mac): compiled in this process, where the
+    modules stay (TVM cannot pickle every one)."""
     from tqdm import tqdm
 
     records, modules = {}, {}

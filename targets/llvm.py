@@ -204,25 +204,34 @@ def int8_prefill(target: Any, prefill: str, plan: Any) -> bool:
 
 def build(kernels: dict[str, Any], target: Any, path: Path, progress: bool = False,
           int8: bool = False) -> None:  # fmt: skip
-    """Schedule and compile each kernel for the CPU, then link them into one library;
-    `int8`: prefill matmuls over quantized weights in int8 (`int8_prefill`)."""
-    import tvm
-    from tqdm import tqdm
+    """Schedule and compile each kernel for the CPU (on every core), then link them into one
+    library; `int8`: prefill matmuls over quantized weights in int8 (`int8_prefill`)."""
+    import tempfile
 
-    from tapml.errors import CompileError
+    from tvm.support import cc
+
+    from tapml.fileio import atomic_path
+
+    from .workers import compile_each
+
+    with tempfile.TemporaryDirectory(prefix="tapml-kernels-") as objects:
+        compiled = compile_each(kernel_object, kernels, target, int8, objects,
+                                desc="compiling llvm kernels", progress=progress)  # fmt: skip
+        # The library's functions are found by symbol: no module tree to pack beside them
+        with atomic_path(path) as tmp:
+            cc.create_shared(str(tmp), list(compiled.values()))
+
+
+def kernel_object(name: str, func: Any, target: Any, int8: bool, directory: str) -> str:
+    """The object file (in `directory`) of one kernel scheduled and compiled for the CPU."""
+    import tvm
 
     from .llvm_schedules import schedule
 
-    modules = []
-    bar = tqdm(kernels.items(), desc="compiling kernels", unit="kernel", disable=not progress)
-    for name, func in bar:
-        mod = tvm.IRModule({name: func})
-        try:
-            mod = schedule(mod, target, int8)
-            modules.append(tvm.compile(mod, target=target).mod)
-        except Exception as e:
-            raise CompileError(f"kernel {name} failed to compile for {target}: {e}") from e
-    _export(modules, path)
+    mod = schedule(tvm.IRModule({name: func}), target, int8)
+    path = os.path.join(directory, f"{name}.o")
+    tvm.compile(mod, target=target).mod.write_to_file(path)
+    return path
 
 
 def build_library(modules: dict[str, Any], target: Any, path: Path) -> None:
@@ -233,21 +242,13 @@ def build_library(modules: dict[str, Any], target: Any, path: Path) -> None:
     import tvm
 
     from tapml.errors import CompileError
+    from tapml.fileio import atomic_path
 
     merged = tvm.IRModule({name: mod[name] for name, mod in modules.items()})
     try:
         lib = tvm.compile(merged, target=target).mod
     except Exception as e:
         raise CompileError(f"the {target.kind.name} kernel library failed to build: {e}") from e
-    _export([lib], path)
-
-
-def _export(modules: list[Any], path: Path) -> None:
-    from tapml.fileio import atomic_path
-
-    lib = modules[0]
-    for m in modules[1:]:
-        lib.import_module(m)
     with atomic_path(path) as tmp:
         lib.export_library(str(tmp))
 
