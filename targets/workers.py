@@ -4,11 +4,13 @@ processes take them in turn and the compiling process gathers what they make.
 The workers are forked for each model's kernels, which they find where the compiling process
 left them: TVM cannot serialize every kernel it can compile (its JSON writer crashes on some
 hand-written ones), so only kernel names go to a worker and only plain results (an object
-file's path, a record) come back.
+file's path, a record) come back. A worker never collects garbage: a cycle it inherited may
+hold a device (a wgpu one, say) whose release waits on a thread the fork did not copy.
 """
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 from collections.abc import Callable
@@ -48,7 +50,8 @@ def compile_each(job: Callable[..., Any], kernels: dict[str, Any], *args: Any, d
         _work = desc, job, kernels, args
         try:
             # the workers fork at the first submit, after _work is set
-            with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork")) as pool:
+            fork = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(n, mp_context=fork, initializer=gc.disable) as pool:
                 futures = [pool.submit(_compile, name) for name in kernels]
                 try:
                     for future in as_completed(futures):
