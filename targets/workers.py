@@ -6,6 +6,7 @@ left them: TVM cannot serialize every kernel it can compile (its JSON writer cra
 hand-written ones), so only kernel names go to a worker and only plain results (an object
 file's path, a record) come back. A worker never collects garbage: a cycle it inherited may
 hold a device (a wgpu one, say) whose release waits on a thread the fork did not copy.
+Elsewhere than on Linux kernels compile in the compiling process, one at a time.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -42,7 +44,7 @@ def compile_each(job: Callable[..., Any], kernels: dict[str, Any], *args: Any, d
     n = min(workers(), len(kernels))
     done = {}
     with tqdm(total=len(kernels), desc=desc, unit="kernel", disable=not progress) as bar:
-        if n < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        if n < 2 or sys.platform != "linux":  # macOS's system libraries do not survive a fork
             for name, func in kernels.items():
                 done[name] = _named(desc, job, name, func, *args)
                 bar.update()

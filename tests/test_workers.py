@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -53,6 +54,7 @@ def test_a_failing_kernel_is_named(monkeypatch, n):
         workers.compile_each(square, {"a": 1, "bad": 2, "c": 3}, desc="squares")
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="workers are forked on Linux only")
 def test_a_worker_that_dies_is_an_error(monkeypatch):
     monkeypatch.setattr(workers, "workers", lambda: 2)
     with pytest.raises(CompileError, match=r"a process compiling kernels died \(squares\)"):
