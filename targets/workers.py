@@ -22,14 +22,22 @@ from typing import Any
 
 from tapml.errors import CompileError, TapmlError
 
-MAX_WORKERS = 8
+MAX_WORKERS = 8  # by default: each holds a copy of what it changes of the compiling process
+WORKERS_ENV = "TAPML_COMPILE_WORKERS"
 
 # (desc, job, kernels, args) of the compile under way: what a forked worker finds
 _work: tuple[str, Callable[..., Any], dict[str, Any], tuple] | None = None
 
 
 def workers() -> int:
-    """How many kernels compile at once: one per core this process may run on."""
+    """How many kernels compile at once: $TAPML_COMPILE_WORKERS, or one per core this process
+    may run on (at most MAX_WORKERS)."""
+    named = os.environ.get(WORKERS_ENV, "").strip()
+    if named:
+        if not named.isdigit() or int(named) < 1:
+            raise CompileError(f"{WORKERS_ENV}={named!r}: give a whole number of workers, 1 or "
+                               f"more")  # fmt: skip
+        return int(named)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, min(cores or 1, MAX_WORKERS))
 

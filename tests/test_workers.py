@@ -59,3 +59,11 @@ def test_a_worker_that_dies_is_an_error(monkeypatch):
     monkeypatch.setattr(workers, "workers", lambda: 2)
     with pytest.raises(CompileError, match=r"a process compiling kernels died \(squares\)"):
         workers.compile_each(square, {"a": 1, "dies": 2, "c": 3}, desc="squares")
+
+
+def test_the_number_of_workers_can_be_named(monkeypatch):
+    monkeypatch.setenv(workers.WORKERS_ENV, "3")
+    assert workers.workers() == 3
+    monkeypatch.setenv(workers.WORKERS_ENV, "many")
+    with pytest.raises(CompileError, match="TAPML_COMPILE_WORKERS='many': give a whole number"):
+        workers.workers()
