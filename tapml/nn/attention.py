@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 from tvm import te, tirx
@@ -58,10 +59,20 @@ def _attention_parts(q: nn.Tensor, k_cache: nn.Tensor, v_cache: nn.Tensor, pos: 
     of one KV head."""
     rows, heads, dim = (int(x) for x in q.shape)
     kv_heads, tiles, max_ctx = int(k_cache.shape[0]), int(k_cache.shape[1]), int(v_cache.shape[1])
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    attend = _attend(rows, heads, dim, kv_heads, tiles, max_ctx, q.dtype, k_cache.dtype,
+                     v_cache.dtype, splits, window, scale)  # fmt: skip
+    out = nn.Tensor.placeholder([rows, heads, splits, dim + 2], "float32")
+    return op.tensor_ir_op(attend, "attention", [q, k_cache, v_cache, pos], out)
+
+
+@functools.cache  # parsing TVMScript takes a tenth of a second, and every layer asks alike
+def _attend(rows: int, heads: int, dim: int, kv_heads: int, tiles: int, max_ctx: int,
+            dtype: str, k_dtype: str, v_dtype: str, splits: int, window: int | None,
+            scale: float) -> tirx.PrimFunc:  # fmt: skip
+    """`_attention_parts`' kernel for these shapes."""
     tile = ATTENTION_TILE  # the trees below sum 16 lanes
     group = heads // kv_heads
-    scale = 1.0 / math.sqrt(dim) if scale is None else scale
-    dtype = q.dtype
     i64 = T.int64
 
     def lowest(p, i):
@@ -80,8 +91,8 @@ def _attention_parts(q: nn.Tensor, k_cache: nn.Tensor, v_cache: nn.Tensor, pos: 
     @T.prim_func(private=True, s_tir=True)
     def attend(
         q_in: T.Buffer((i64(rows), i64(heads), i64(dim)), dtype),
-        kc: T.Buffer((i64(kv_heads), i64(tiles), i64(dim), i64(tile)), k_cache.dtype),
-        vc: T.Buffer((i64(kv_heads), i64(max_ctx), i64(dim)), v_cache.dtype),
+        kc: T.Buffer((i64(kv_heads), i64(tiles), i64(dim), i64(tile)), k_dtype),
+        vc: T.Buffer((i64(kv_heads), i64(max_ctx), i64(dim)), v_dtype),
         p: T.int64,
         out: T.Buffer((i64(rows), i64(heads), i64(splits), i64(dim + 2)), "float32"),
     ):
@@ -177,15 +188,21 @@ def _attention_parts(q: nn.Tensor, k_cache: nn.Tensor, v_cache: nn.Tensor, pos: 
                     out[i, kh * group + g, sp, dim] = run[g, 0]
                     out[i, kh * group + g, sp, dim + 1] = run[g, 1]
 
-    out = nn.Tensor.placeholder([rows, heads, splits, dim + 2], "float32")
-    return op.tensor_ir_op(attend, "attention", [q, k_cache, v_cache, pos], out)
+    return attend
 
 
 def _attention_combine(parts: nn.Tensor, dtype: str) -> nn.Tensor:
     """The parts of each (row, head) rescaled to their common max, summed and normalized:
     [s, heads, splits, D + 2] -> [s, heads * D]."""
     rows, heads, splits, dim = (int(x) for x in parts.shape)
-    dim -= 2
+    out = nn.Tensor.placeholder([rows, heads * (dim - 2)], dtype)
+    combine = _combine(rows, heads, splits, dim - 2, dtype)
+    return op.tensor_ir_op(combine, "attention_combine", [parts], out)
+
+
+@functools.cache
+def _combine(rows: int, heads: int, splits: int, dim: int, dtype: str) -> tirx.PrimFunc:
+    """`_attention_combine`'s kernel for these shapes."""
     i64 = T.int64
 
     @T.prim_func(private=True, s_tir=True)
@@ -217,8 +234,7 @@ def _attention_combine(parts: nn.Tensor, dtype: str) -> nn.Tensor:
                 for d in range(dim):
                     out[i, h * dim + d] = T.Cast(dtype, acc[d] / run[1])
 
-    out = nn.Tensor.placeholder([rows, heads * dim], dtype)
-    return op.tensor_ir_op(combine, "attention_combine", [parts], out)
+    return combine
 
 
 def last_valid_row(x: nn.Tensor, n_valid: tirx.Var) -> nn.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from tvm import tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
@@ -37,10 +39,27 @@ def _rope_kv_write(qkv: nn.Tensor, cos: nn.Tensor, sin: nn.Tensor, heads: int,
                    pairs: str) -> tuple[nn.Tensor, nn.Tensor, nn.Tensor]:  # fmt: skip
     rows, all_heads, dim = (int(x) for x in qkv.shape)
     kv_heads, max_ctx = int(v_cache.shape[0]), int(v_cache.shape[1])
-    tables, dtype, i64 = (int(cos.shape[0]), dim // 2), qkv.dtype, T.int64
-    k_shape = [int(x) for x in k_cache.shape]
-    tile = k_shape[3]
+    k_shape = tuple(int(x) for x in k_cache.shape)
+    rope_kv = _rope_kv(rows, all_heads, dim, heads, kv_heads, max_ctx, int(cos.shape[0]),
+                       k_shape, qkv.dtype, k_cache.dtype, v_cache.dtype, pairs)  # fmt: skip
+    if isinstance(n_valid, int):
+        n_valid = tirx.IntImm("int64", n_valid)
+    out = [
+        nn.Tensor.placeholder([rows, heads, dim], qkv.dtype),
+        nn.Tensor.placeholder(list(k_shape), k_cache.dtype),
+        nn.Tensor.placeholder([kv_heads, max_ctx, dim], v_cache.dtype),
+    ]
+    args = [qkv, cos, sin, k_cache, v_cache, pos, n_valid]
+    return op.tensor_ir_inplace_op(rope_kv, "rope_kv_write", args, [-1, 3, 4], out)
 
+
+@functools.cache  # parsing TVMScript takes a tenth of a second, and every layer asks alike
+def _rope_kv(rows: int, all_heads: int, dim: int, heads: int, kv_heads: int, max_ctx: int,
+             positions: int, k_shape: tuple[int, ...], dtype: str, k_dtype: str, v_dtype: str,
+             pairs: str) -> tirx.PrimFunc:  # fmt: skip
+    """`_rope_kv_write`'s kernel for these shapes."""
+    tables, i64 = (positions, dim // 2), T.int64
+    tile = k_shape[3]
     half = dim // 2
 
     def rotated(x, cos_t, sin_t, p, i, h, d):
@@ -60,8 +79,8 @@ def _rope_kv_write(qkv: nn.Tensor, cos: nn.Tensor, sin: nn.Tensor, heads: int,
         x: T.Buffer((i64(rows), i64(all_heads), i64(dim)), dtype),
         cos_t: T.Buffer((i64(tables[0]), i64(tables[1])), "float32"),
         sin_t: T.Buffer((i64(tables[0]), i64(tables[1])), "float32"),
-        kc: T.Buffer([i64(x) for x in k_shape], k_cache.dtype),
-        vc: T.Buffer((i64(kv_heads), i64(max_ctx), i64(dim)), v_cache.dtype),
+        kc: T.Buffer([i64(x) for x in k_shape], k_dtype),
+        vc: T.Buffer((i64(kv_heads), i64(max_ctx), i64(dim)), v_dtype),
         p: T.int64,
         valid: T.int64,
         q: T.Buffer((i64(rows), i64(heads), i64(dim)), dtype),
@@ -81,15 +100,7 @@ def _rope_kv_write(qkv: nn.Tensor, cos: nn.Tensor, sin: nn.Tensor, heads: int,
                 vi, vh, vd = T.axis.remap("SSS", [i, h, d])
                 vc[vh, p + vi, vd] = T.Cast(vc.dtype, x[vi, heads + kv_heads + vh, vd])
 
-    if isinstance(n_valid, int):
-        n_valid = tirx.IntImm("int64", n_valid)
-    out = [
-        nn.Tensor.placeholder([rows, heads, dim], dtype),
-        nn.Tensor.placeholder(k_shape, k_cache.dtype),
-        nn.Tensor.placeholder([kv_heads, max_ctx, dim], v_cache.dtype),
-    ]
-    args = [qkv, cos, sin, k_cache, v_cache, pos, n_valid]
-    return op.tensor_ir_inplace_op(rope_kv, "rope_kv_write", args, [-1, 3, 4], out)
+    return rope_kv
 
 
 def rotary_tables(max_context: int, head_dim: int, theta: float):
