@@ -259,11 +259,12 @@ def test_completions_field_checks(server):
 
 
 @contextmanager
-def streaming(url: str, max_tokens: int):
+def streaming(url: str, max_tokens: int, **fields):
     """A streamed chat request, its first event read: (the connection, its response)."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
-    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": max_tokens, "stream": True}
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": max_tokens, "stream": True,
+            **fields}
     conn.request("POST", parts.path + "/chat/completions", json.dumps(body),
                  {"Authorization": f"Bearer {KEY}"})  # fmt: skip
     response = conn.getresponse()
@@ -286,7 +287,11 @@ def wait_for(url: str, ready, what: str) -> dict:
 
 def test_full_queue_is_429_and_a_client_that_goes_frees_the_model(server, client):
     before = call(server, "GET", "/health")[1]
-    with streaming(server, 1500):  # runs for a minute unless its client goes
+    # a thousand numbers at least: the reply runs until its client goes (a chat's own reply
+    # can end at its end-of-turn token before the waiting request is seen)
+    endless = {"type": "json_schema", "json_schema": {"name": "numbers", "schema": {
+        "type": "array", "items": {"type": "integer"}, "minItems": 1000}}}
+    with streaming(server, 1500, response_format=endless):
         waiting = []
         thread = threading.Thread(target=lambda: waiting.append(client.chat.completions.create(
             model=MODEL, messages=MESSAGES, temperature=0, max_tokens=4)))  # fmt: skip
