@@ -373,11 +373,8 @@ def compile_records_and_modules(kernels: dict, target, spec, progress: bool = Fa
     """(records, scheduled modules) of every kernel, by kernel name, for a target that also
     builds TVM's own library (cuda, metal on a Mac): compiled in this process, where the
     modules stay (TVM cannot pickle every one)."""
-    from tqdm import tqdm
+    from .workers import compile_each
 
-    records, modules = {}, {}
-    bar = tqdm(kernels.items(), desc=f"compiling {spec.name} kernels", unit="kernel",
-               disable=not progress)  # fmt: skip
-    for name, func in bar:
-        records[name], modules[name] = build_record_module(name, func, target, spec.limits)
-    return records, modules
+    built = compile_each(build_record_module, kernels, target, spec.limits, here=True,
+                         desc=f"compiling {spec.name} kernels", progress=progress)  # fmt: skip
+    return {n: record for n, (record, _) in built.items()}, {n: m for n, (_, m) in built.items()}

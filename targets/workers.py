@@ -43,13 +43,14 @@ def workers() -> int:
 
 
 def compile_each(job: Callable[..., Any], kernels: dict[str, Any], *args: Any, desc: str,
-                 progress: bool = False) -> dict[str, Any]:  # fmt: skip
+                 progress: bool = False, here: bool = False) -> dict[str, Any]:  # fmt: skip
     """{name: job(name, func, *args)} for each kernel (name -> PrimFunc), in the kernels'
-    order; what `job` returns must pickle. The first error stops the rest."""
+    order; what `job` returns must pickle, unless `here` keeps the work in this process. The
+    first error stops the rest."""
     global _work
     from tqdm import tqdm
 
-    n = min(workers(), len(kernels))
+    n = 1 if here else min(workers(), len(kernels))
     done = {}
     with tqdm(total=len(kernels), desc=desc, unit="kernel", disable=not progress) as bar:
         if n < 2 or sys.platform != "linux":  # macOS's system libraries do not survive a fork
