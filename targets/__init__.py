@@ -18,10 +18,12 @@ from typing import Any
 from tapml.errors import CompileError, TapmlError
 
 MiB = 1 << 20
-# a target option that is tapml's, not TVM's: how llvm computes prefill's matmuls over quantized
-# weights. int8 activations as llama.cpp's (2-3x faster, logits about 1% off float32's) by
-# default ("auto") where the CPU has AVX-512 VNNI, float32 elsewhere; float32 or int8 when asked
-PREFILL = ("auto", "float32", "int8")
+# target options that are tapml's, not TVM's: how llvm computes prefill's and decode's matmuls
+# over quantized weights. int8 activations as llama.cpp's (prefill 2-3x faster, decode reading
+# weights nearer memory's speed; logits about 1% off float32's) by default ("auto") where the
+# CPU has AVX-512 VNNI, float32 elsewhere; float32 or int8 when asked
+INT8_STAGES = ("prefill", "decode")
+INT8_CHOICES = ("auto", "float32", "int8")
 
 
 @dataclass(frozen=True)
@@ -71,24 +73,26 @@ class TargetSpec:
         if self.limits is not None:
             options["max_num_threads"] = self.limits.max_invocations
         options.update(overrides or {})
-        if options.get("prefill") == PREFILL[0]:
-            del options["prefill"]  # the default: one artifact, however it is asked for
-        prefill = options.get("prefill")
-        if prefill is not None and (self.kind != "llvm" or prefill not in PREFILL):
-            raise TapmlError(f"--target-option prefill={prefill}: the llvm target takes "
-                             "prefill=auto (the default), prefill=float32 or prefill=int8")
+        for stage in INT8_STAGES:
+            if options.get(stage) == INT8_CHOICES[0]:
+                del options[stage]  # the default: one artifact, however it is asked for
+            choice = options.get(stage)
+            if choice is not None and (self.kind != "llvm" or choice not in INT8_CHOICES):
+                raise TapmlError(f"--target-option {stage}={choice}: the llvm target takes "
+                                 f"{stage}=auto (the default), {stage}=float32 or {stage}=int8")
         return options
 
     def reference_options(self) -> dict[str, str]:
         """The target options of a run other targets are compared with (a carving source, an
         offload's source, a replay): float32 arithmetic throughout, as every target computes."""
-        return {"prefill": "float32"} if self.kind == "llvm" else {}
+        return dict.fromkeys(INT8_STAGES, "float32") if self.kind == "llvm" else {}
 
     def tvm_target(self, overrides: dict[str, str] | None = None):
         import tvm
 
         resolved = self.resolved_options(overrides)
-        options = {"kind": self.kind, **{k: v for k, v in resolved.items() if k != "prefill"}}
+        options = {"kind": self.kind,
+                   **{k: v for k, v in resolved.items() if k not in INT8_STAGES}}  # fmt: skip
         if self.kind != "llvm":
             options["host"] = {"kind": "llvm"}
         if self.kind == "cuda":
@@ -228,11 +232,11 @@ def build_kernels(kernels: dict, plan, options, path: Path, progress: bool = Fal
     spec = get_target(options.target)
     target = spec.tvm_target(options.target_options)
     if spec.kind == "llvm":
-        from .llvm import build, int8_prefill
+        from .llvm import build, int8_matmuls
 
         # options.target_options are resolved already (CompileOptions.resolve)
-        prefill = options.target_options.get("prefill", PREFILL[0])
-        build(kernels, target, path, progress, int8=int8_prefill(target, prefill, plan))
+        build(kernels, target, path, progress,
+              int8=int8_matmuls(target, options.target_options, plan))  # fmt: skip
         return
     check_bindings(plan, spec)
     if spec.kind == "cuda":

@@ -186,26 +186,32 @@ class HostMemory:
         return tvm_runtime.from_dlpack(block[: max(nbytes, 1)])
 
 
-def int8_prefill(target: Any, prefill: str, plan: Any) -> bool:
-    """Whether prefill's matmuls over quantized weights take int8 activations: when asked
-    (`--target-option prefill=int8`, which needs AVX-512 VNNI), and by default (`auto`) for a
-    causal LM where the CPU has VNNI."""
+def int8_matmuls(target: Any, options: dict[str, str], plan: Any) -> frozenset[str]:
+    """The stages ("prefill", "decode") whose matmuls over quantized weights take int8
+    activations: those asked for (`--target-option decode=int8`, which needs AVX-512 VNNI),
+    and by default (`auto`) a causal LM's where the CPU has VNNI."""
     from tapml.errors import CompileError
 
+    from . import INT8_STAGES
     from .llvm_schedules.int8 import has_vnni
 
-    if prefill == "int8" and not has_vnni(target):
-        raise CompileError(
-            f"prefill=int8 needs a CPU with AVX-512 VNNI; {target.attrs.get('mcpu')} has none"
-        )
-    auto = prefill == "auto" and plan.task.get("kind") == "causal_lm" and has_vnni(target)
-    return prefill == "int8" or auto
+    stages = set()
+    for stage in INT8_STAGES:
+        choice = options.get(stage, "auto")
+        if choice == "int8" and not has_vnni(target):
+            raise CompileError(f"{stage}=int8 needs a CPU with AVX-512 VNNI; "
+                               f"{target.attrs.get('mcpu')} has none")  # fmt: skip
+        if choice == "int8" or (choice == "auto" and plan.task.get("kind") == "causal_lm"
+                                and has_vnni(target)):  # fmt: skip
+            stages.add(stage)
+    return frozenset(stages)
 
 
 def build(kernels: dict[str, Any], target: Any, path: Path, progress: bool = False,
-          int8: bool = False) -> None:  # fmt: skip
+          int8: frozenset[str] = frozenset()) -> None:  # fmt: skip
     """Schedule and compile each kernel for the CPU (on every core), then link them into one
-    library; `int8`: prefill matmuls over quantized weights in int8 (`int8_prefill`)."""
+    library; `int8`: the stages whose matmuls over quantized weights are in int8
+    (`int8_matmuls`)."""
     import tempfile
 
     from tvm.support import cc
@@ -222,7 +228,8 @@ def build(kernels: dict[str, Any], target: Any, path: Path, progress: bool = Fal
             cc.create_shared(str(tmp), list(compiled.values()))
 
 
-def kernel_object(name: str, func: Any, target: Any, int8: bool, directory: str) -> str:
+def kernel_object(name: str, func: Any, target: Any, int8: frozenset[str], directory: str
+                  ) -> str:  # fmt: skip
     """The object file (in `directory`) of one kernel scheduled and compiled for the CPU."""
     import tvm
 

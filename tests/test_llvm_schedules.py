@@ -59,10 +59,11 @@ def entry_kernels(
     return {entry: funcs[0] for entry, funcs in calls.items()}
 
 
-def run(func: tvm.tirx.PrimFunc, args: list, target=TARGET, int8: bool = False
+def run(func: tvm.tirx.PrimFunc, args: list, target=TARGET, int8: frozenset[str] = frozenset()
         ) -> tuple[list[np.ndarray], str | None]:  # fmt: skip
-    """Schedule, compile and run a kernel; returns its array arguments after the call and
-    the rule that scheduled it."""
+    """Schedule, compile and run a kernel (`int8`: the stages whose matmuls may quantize
+    their activations); returns its array arguments after the call and the rule that
+    scheduled it."""
     scheduled = schedule_func(func, target, int8)
     name = str(func.attrs["global_symbol"])
     lib = tvm.compile(tvm.IRModule({name: scheduled}), target=target)
@@ -244,24 +245,27 @@ INT8_RTOL = 1e-2  # int8 activations against float32 ones: 8 bits per value, one
 
 
 def int8_activations(x: np.ndarray, span: int) -> np.ndarray:
-    """x as the int8 GEMM sees it: per row and span of k, round(x / d) * d, d = max |x| / 127."""
-    spans = x.reshape(x.shape[0], -1, span).astype(np.float64)
-    d = np.abs(spans).max(axis=-1, keepdims=True) / 127
-    q = np.round(np.divide(spans, d, out=np.zeros_like(spans), where=d > 0))
-    return (q * d).reshape(x.shape)
+    """x as the int8 kernels see it: per row and span of k, round(x * (127 / top)) * d, with
+    top = max |x| and d = top / 127, in float32 as the kernels compute them (a value on a
+    rounding tie would round otherwise in float64)."""
+    spans = x.reshape(x.shape[0], -1, span).astype(np.float32)
+    top = np.abs(spans).max(axis=-1, keepdims=True)
+    inverse = np.divide(np.float32(127), top, out=np.zeros_like(top), where=top > 0)
+    q = np.round(spans * inverse)
+    return (q.astype(np.float64) * (top / np.float32(127))).reshape(x.shape)
 
 
 INT8_MATMULS = [("Q5_0", 96, 896), ("Q8_0", 64, 576), ("Q4_K", 37, 512), ("Q6_K", 48, 1024),
                 ("Q4_1", 40, 96), ("Q5_K", 16, 256), ("Q4_0", 33, 800)]  # fmt: skip
+# decode: K of whole vectors of 16 low words (Q4_1 and Q4_0 at 128 and 768)
+INT8_GEMVS = [(kind, n, {96: 128, 800: 768}.get(k, k)) for kind, n, k in INT8_MATMULS]
+INT8 = frozenset({"prefill", "decode"})
 
 
-@pytest.mark.skipif(not has_vnni(TARGET), reason="this CPU has no AVX-512 VNNI")
-@pytest.mark.parametrize("kind,n,k", INT8_MATMULS)
-@pytest.mark.parametrize("rows", [16, 32, 96])
-def test_int8_prefill_matmul_equals_its_quantized_activations_product(kind, n, k, rows):
-    """prefill=int8: x is quantized per span of the weight's groups (at most 32 values); the
-    int32 dot products then make the result exact but for float32 rounding, and within
-    INT8_RTOL of the float32 product."""
+def assert_int8_matmul(kind: str, n: int, k: int, rows: int) -> None:
+    """int8 activations: x is quantized per span of the weight's groups (at most 32 values);
+    the int32 dot products then make the result exact but for float32 rounding, and within
+    INT8_RTOL of the float32 product. Without int8, the float32 rule schedules it."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
     from gguf_blocks import random_blocks
@@ -273,36 +277,67 @@ def test_int8_prefill_matmul_equals_its_quantized_activations_product(kind, n, k
     kernels = entry_kernels(Linear(k, n, fmt, "add"),
                             lambda r: {"x": nn.spec.Tensor([r, k], "float32"),
                                        "r": nn.spec.Tensor([r, n], "float32")},
-                            chunk=rows)  # fmt: skip
+                            chunk=max(rows, 2))  # fmt: skip
     raw = random_blocks(kind, n, k, 1 / np.sqrt(k))
     planes = fmt.encode(SourceTensor("w", kind, (n, k), lambda: raw, None))
     w = dequantize(raw, GGMLQuantizationType[kind]).astype(np.float64)
     x = rng.standard_normal((rows, k)).astype("float32")
     r = rng.standard_normal((rows, n)).astype("float32")
     args = [x, *planes.values(), r, np.zeros((rows, n), "float32")]
-    arrays, rule = run(kernels["prefill"], args, int8=True)
-    assert rule == "int8_gemm"
+    entry, int8_rule = ("decode", "int8_gemv") if rows == 1 else ("prefill", "int8_gemm")
+    arrays, rule = run(kernels[entry], args, int8=INT8)
+    assert rule == int8_rule
     assert_close(arrays[-1], int8_activations(x, min(fmt.group, 32)) @ w.T + r, "float32")
     float_product = x @ w.T
     error = np.abs(arrays[-1] - r - float_product).max() / np.abs(float_product).max()
     assert 1e-4 < error < INT8_RTOL  # quantized, and only so much
-    arrays, rule = run(kernels["prefill"], args)
-    assert rule == "gemm"  # float32 unless the compile asks for int8
+    arrays, rule = run(kernels[entry], args)
+    assert rule != int8_rule  # float32 unless the compile asks for int8
+
+
+@pytest.mark.skipif(not has_vnni(TARGET), reason="this CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("kind,n,k", INT8_MATMULS)
+@pytest.mark.parametrize("rows", [16, 32, 96])
+def test_int8_prefill_matmul_equals_its_quantized_activations_product(kind, n, k, rows):
+    assert_int8_matmul(kind, n, k, rows)
+
+
+@pytest.mark.skipif(not has_vnni(TARGET), reason="this CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("kind,n,k", INT8_GEMVS)
+def test_int8_decode_matmul_equals_its_quantized_activations_product(kind, n, k):
+    assert_int8_matmul(kind, n, k, 1)
+
+
+@pytest.mark.skipif(not has_vnni(TARGET), reason="this CPU has no AVX-512 VNNI")
+def test_int8_decode_matmul_of_k_in_part_vectors_is_float32():
+    """K of 72 low words (SmolLM2's 576 in 4-bit words) is no whole number of 16-word
+    vectors: the float32 GEMV computes it."""
+    quant = QUANTIZATION["q4f32_1"]
+    kernels = entry_kernels(Linear(576, 64, quant.matrix, None),
+                            lambda r: {"x": nn.spec.Tensor([r, 576], "float32"),
+                                       "r": nn.spec.Tensor([r, 64], "float32")})  # fmt: skip
+    params, w = weights(quant, 64, 576)
+    x = rng.standard_normal((1, 576)).astype("float32")
+    arrays, rule = run(kernels["decode"], [x, *params, np.zeros((1, 64), "float32")], int8=INT8)
+    assert rule == "packed_gemv"
+    assert_close(arrays[-1], x @ w.T, "float32")
 
 
 @pytest.mark.skipif(not has_vnni(TARGET), reason="this CPU has no AVX-512 VNNI")
 @pytest.mark.parametrize("quantization", ["q4f32_1", "q4f16_1"])
-def test_int8_prefill_matmul_of_tapmls_own_groups_and_float16_activations(quantization):
+@pytest.mark.parametrize("rows,k,rule", [(CHUNK, 96, "int8_gemm"), (1, 128, "int8_gemv")])
+def test_int8_matmul_of_tapmls_own_groups_and_float16_activations(quantization, rows, k, rule):
     quant = QUANTIZATION[quantization]
-    dt, n, k = quant.dtype, 200, 96
+    dt, n = quant.dtype, 200
     kernels = entry_kernels(Linear(k, n, quant.matrix, "add"),
                             lambda r: {"x": nn.spec.Tensor([r, k], dt),
                                        "r": nn.spec.Tensor([r, n], dt)})  # fmt: skip
     params, w = weights(quant, n, k)
-    x = rng.standard_normal((CHUNK, k)).astype(dt)
-    r = rng.standard_normal((CHUNK, n)).astype(dt)
-    arrays, rule = run(kernels["prefill"], [x, *params, r, np.zeros((CHUNK, n), dt)], int8=True)
-    assert rule == "int8_gemm"
+    x = rng.standard_normal((rows, k)).astype(dt)
+    r = rng.standard_normal((rows, n)).astype(dt)
+    entry = "decode" if rows == 1 else "prefill"
+    arrays, used = run(kernels[entry], [x, *params, r, np.zeros((rows, n), dt)], int8=INT8)
+    assert used == rule
     want = int8_activations(x.astype("float32"), 32) @ w.T + r.astype("float32")
     assert_close(arrays[-1], want, dt)
 

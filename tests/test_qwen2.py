@@ -25,8 +25,8 @@ MODEL = "qwen2.5-coder-0.5b"
 # numpy pass in float64 on the same weights; GPUs sum in other orders than llvm
 NUMPY_RTOL = 1e-3
 GPU_RTOL = 2e-3
-# --target-option prefill=int8: prefill's activations in int8, one scale per 32 values (as
-# llama.cpp's Q8); the decode steps after it read the keys and values that prefill wrote
+# --target-option prefill=int8 decode=int8: the matmuls' activations in int8, one scale per 32
+# values (as llama.cpp's Q8); the decode steps read the keys and values that prefill wrote
 INT8_RTOL = 3e-2
 LLAMA_CPP_MARGIN = 1.5  # llama.cpp computes in its own order and precision (Q8 activations)
 STEPS = 16
@@ -92,8 +92,8 @@ def test_argmax_follows_llama_cpps_greedy_steps(llvm, llama):
     assert_follows_llama_cpp(llvm, llama, PROMPTS, STEPS, LLAMA_CPP_MARGIN)
 
 
-def test_int8_prefill_follows_the_numpy_forward_pass_and_llama_cpp(llama):
-    engine = engine_on(MODEL, "llvm", target_options={"prefill": "int8"})
+def test_int8_activations_follow_the_numpy_forward_pass_and_llama_cpp(llama):
+    engine = engine_on(MODEL, "llvm", target_options={"prefill": "int8", "decode": "int8"})
     long = [p for p in PROMPTS if len(engine.tokenizer.encode(p)) > engine.chunk // 4]
     prompt = engine.tokenizer.encode(long[0])  # prefilled, not decoded token by token
     logits, tokens = greedy_run(engine, prompt, 3)

@@ -19,7 +19,7 @@ from tapml.models.llama.config import LlamaConfig
 from tapml.quantization import QUANTIZATION
 from tapml.targets import TARGETS, Limits, check_bindings
 from tapml.targets.gpu import build_record
-from tapml.targets.llvm import int8_prefill
+from tapml.targets.llvm import int8_matmuls
 
 GPU_TARGETS = [name for name in TARGETS if TARGETS[name].limits is not None]
 
@@ -105,40 +105,45 @@ def test_every_smollm2_kernel_compiles_for_every_target(target):
             assert build_record(name, func, spec.tvm_target(), spec.limits)["dispatches"]
 
 
-@pytest.mark.parametrize("target,prefill", [("llvm", "int4"), ("webgpu", "int8"), ("cuda", "int8")])
-def test_prefill_option_is_llvms_and_named_when_refused(target, prefill):
-    with pytest.raises(TapmlError, match=f"prefill={prefill}: the llvm target takes"):
-        CompileOptions.resolve(target, "q4f32_1", target_options={"prefill": prefill})
+@pytest.mark.parametrize("target,option", [("llvm", "prefill=int4"), ("webgpu", "prefill=int8"),
+                                           ("cuda", "decode=int8"), ("llvm", "decode=fp8")])
+def test_int8_options_are_llvms_and_named_when_refused(target, option):
+    key, _, value = option.partition("=")
+    with pytest.raises(TapmlError, match=f"{option}: the llvm target takes {key}=auto"):
+        CompileOptions.resolve(target, "q4f32_1", target_options={key: value})
 
 
-def test_int8_prefill_is_a_compile_option_outside_tvms_target():
-    options = CompileOptions.resolve("llvm", "q4f32_1", target_options={"prefill": "int8"})
-    assert options.target_options["prefill"] == "int8"  # in the cache key and the config
-    assert "prefill" not in TARGETS["llvm"].tvm_target(options.target_options).attrs
-    default = CompileOptions.resolve("llvm", "q4f32_1", target_options={"prefill": "auto"})
+@pytest.mark.parametrize("stage", ["prefill", "decode"])
+def test_int8_matmuls_are_compile_options_outside_tvms_target(stage):
+    options = CompileOptions.resolve("llvm", "q4f32_1", target_options={stage: "int8"})
+    assert options.target_options[stage] == "int8"  # in the cache key and the config
+    assert stage not in TARGETS["llvm"].tvm_target(options.target_options).attrs
+    default = CompileOptions.resolve("llvm", "q4f32_1", target_options={stage: "auto"})
     assert default == CompileOptions.resolve("llvm", "q4f32_1")  # one artifact
-    float32 = CompileOptions.resolve("llvm", "q4f32_1", target_options={"prefill": "float32"})
-    assert float32 != default and float32.target_options["prefill"] == "float32"
+    float32 = CompileOptions.resolve("llvm", "q4f32_1", target_options={stage: "float32"})
+    assert float32 != default and float32.target_options[stage] == "float32"
 
 
-@pytest.mark.parametrize("mcpu,prefill,task,int8", [
-    ("cascadelake", "auto", "causal_lm", True),  # VNNI: a causal LM's default
-    ("cascadelake", "auto", "embedding", False),  # an encoder stays float32 unless asked
-    ("cascadelake", "int8", "embedding", True),
-    ("cascadelake", "float32", "causal_lm", False),
-    ("skylake-avx512", "auto", "causal_lm", False),  # no VNNI
+@pytest.mark.parametrize("mcpu,options,task,int8", [
+    ("cascadelake", {}, "causal_lm", {"prefill", "decode"}),  # VNNI: a causal LM's default
+    ("cascadelake", {}, "embedding", set()),  # an encoder stays float32 unless asked
+    ("cascadelake", {"prefill": "int8"}, "embedding", {"prefill"}),
+    ("cascadelake", {"decode": "float32"}, "causal_lm", {"prefill"}),
+    ("cascadelake", {"prefill": "float32", "decode": "auto"}, "causal_lm", {"decode"}),
+    ("skylake-avx512", {}, "causal_lm", set()),  # no VNNI
 ])  # fmt: skip
-def test_int8_prefill_by_default_where_the_cpu_has_vnni(mcpu, prefill, task, int8):
+def test_int8_matmuls_by_default_where_the_cpu_has_vnni(mcpu, options, task, int8):
     target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
-    assert int8_prefill(target, prefill, SimpleNamespace(task={"kind": task})) is int8
+    assert int8_matmuls(target, options, SimpleNamespace(task={"kind": task})) == int8
 
 
-def test_int8_prefill_asked_of_a_cpu_without_vnni_names_it():
+@pytest.mark.parametrize("stage", ["prefill", "decode"])
+def test_int8_asked_of_a_cpu_without_vnni_names_it(stage):
     target = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
-    with pytest.raises(CompileError, match="skylake-avx512 has none"):
-        int8_prefill(target, "int8", SimpleNamespace(task={"kind": "causal_lm"}))
+    with pytest.raises(CompileError, match=f"{stage}=int8 needs .* skylake-avx512 has none"):
+        int8_matmuls(target, {stage: "int8"}, SimpleNamespace(task={"kind": "causal_lm"}))
 
 
 def test_reference_options_compute_in_float32_everywhere():
-    assert TARGETS["llvm"].reference_options() == {"prefill": "float32"}
+    assert TARGETS["llvm"].reference_options() == {"prefill": "float32", "decode": "float32"}
     assert all(TARGETS[t].reference_options() == {} for t in ("webgpu", "opencl", "cuda"))

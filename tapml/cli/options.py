@@ -64,10 +64,11 @@ def compile_options(f):
                 "--target-option", "target_options", multiple=True, metavar="KEY=VALUE",
                 callback=_parse_target_options,
                 help="TVM target option, e.g. mcpu=znver4 (default: this machine's CPU); and "
-                "prefill=auto|float32|int8 on llvm: prefill matmuls over quantized weights "
-                "with int8 activations as llama.cpp's (2-3x faster, logits about 1% off "
-                "float32's; needs AVX-512 VNNI) or float32 [default: auto, int8 for a causal "
-                "LM where the CPU has VNNI].",
+                "prefill=auto|float32|int8 and decode=auto|float32|int8 on llvm: that stage's "
+                "matmuls over quantized weights with int8 activations as llama.cpp's "
+                "(prefill 2-3x faster, decode about 1.1x on two threads; logits about 1% off "
+                "float32's; needs AVX-512 VNNI) or float32 [default: auto, int8 for a causal LM "
+                "where the CPU has VNNI].",
             ),
             click.option(
                 "--kv-cache", type=click.Choice(KV_CACHE_DTYPES), default=None,

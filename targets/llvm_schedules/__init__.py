@@ -21,6 +21,7 @@ from .base import PREFETCH_BYTES, Kernel, Rule
 from .conv import conv2d, conv2d_transpose
 from .fast_math import fast_exp, fast_math
 from .int8 import int8_gemm
+from .int8_gemv import int8_gemv
 from .matmul import gemm, gemv
 from .packed import packed_gemv, prefetch, prefetch_rows
 from .rows import elementwise, finish_rows, independent_rows, row_reduction
@@ -32,6 +33,7 @@ log = logging.getLogger("tapml")
 
 ATTR = "tapml.schedule"
 RULES: list[Rule] = [
+    Rule("int8_gemv", int8_gemv, prefetch_rows),
     Rule("packed_gemv", packed_gemv, prefetch_rows),
     Rule("gemv", gemv),
     Rule("int8_gemm", int8_gemm),
@@ -52,7 +54,7 @@ def _already_scheduled(func: tirx.PrimFunc) -> bool:
     return any(found)
 
 
-def schedule_func(func: tirx.PrimFunc, target: tvm.target.Target, int8: bool = False
+def schedule_func(func: tirx.PrimFunc, target: tvm.target.Target, int8: frozenset[str] = frozenset()
                   ) -> tirx.PrimFunc:  # fmt: skip
     """The PrimFunc scheduled by the first rule that matches it, tagged with the rule's name;
     `int8`: prefill matmuls may quantize their activations (`int8.py`)."""
@@ -76,7 +78,8 @@ def schedule_func(func: tirx.PrimFunc, target: tvm.target.Target, int8: bool = F
     return fast_math(func)
 
 
-def schedule(mod: tvm.IRModule, target: tvm.target.Target, int8: bool = False) -> tvm.IRModule:
+def schedule(mod: tvm.IRModule, target: tvm.target.Target, int8: frozenset[str] = frozenset()
+             ) -> tvm.IRModule:  # fmt: skip
     """Schedule each PrimFunc of `mod` for the llvm `target`; others are left unchanged."""
     funcs = {}
     for gv, func in mod.functions_items():

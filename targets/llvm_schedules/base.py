@@ -32,7 +32,9 @@ class Kernel:
     target: tvm.target.Target
     # [N, ...] buffers a rule reads row by row, one row per task, for its finish step
     row_streams: list[tirx.Var] = field(default_factory=list)
-    int8: bool = False  # prefill matmuls may quantize their activations to int8 (int8.py)
+    # the matmuls over packed weights that quantize their activations to int8: "prefill"
+    # (int8.py), "decode" (int8_gemv.py)
+    int8: frozenset[str] = frozenset()
 
     def get(self, block: SBlockRV) -> s_tir.SBlock:
         return self.sch.get(block)

@@ -75,8 +75,8 @@ def has_vnni(target: tvm.target.Target) -> bool:
 def int8_gemm(kernel: Kernel) -> bool:
     """A matmul of many rows with a packed weight, as `_int8_gemm_stmts`, where the CPU has VNNI
     and the shapes fit (rows a multiple of 16, K whole spans); its epilogue kept. Only where
-    the build chose int8 prefill (`targets.llvm.int8_prefill`)."""
-    if not kernel.int8 or not has_vnni(kernel.target):
+    the build chose int8 prefill (`targets.llvm.int8_matmuls`)."""
+    if "prefill" not in kernel.int8 or not has_vnni(kernel.target):
         return False
     match = match_matmul(kernel)
     if match is None or match.rows % ROWS or match.batch or len(match.producers) != 1:
