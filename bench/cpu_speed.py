@@ -9,8 +9,9 @@ and schemes alternate so that a busy spell on the machine hits all of them, and 
 figures are kept in the JSON printed last, so the spread shows how noisy the machine was.
 With more than one scheme, each scheme's decode and prefill are also given as a ratio to the
 first's (the GGUF's own blocks, by default, against tapml's re-quantized q4f32_1). A scheme
-`SCHEME+PREFILL` compiles with `--target-option prefill=PREFILL` (e.g. `gguf+float32,gguf+int8`;
-the default, auto, is int8 on a CPU with AVX-512 VNNI).
+`SCHEME+KEY=VALUE...` compiles with `--target-option KEY=VALUE` (e.g.
+`gguf+decode=float32,gguf` compares float32 decode with the default, auto, which is int8 on a
+CPU with AVX-512 VNNI).
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ KEYS = ("decode_tok_s", "prefill_tok_s", "bandwidth_gb_s")
 
 
 def bench_once(model: str, threads: int, scheme: str) -> dict:
-    quantization, _, prefill = scheme.partition("+")
+    quantization, *options = scheme.split("+")
     out = subprocess.run(
         [sys.executable, "-m", "tapml", "-q", "bench", model, "--threads", str(threads),
          "--quantization", quantization, "--compare", "llama.cpp", "--json",
-         *(["--target-option", f"prefill={prefill}"] if prefill else [])],
+         *(arg for option in options for arg in ("--target-option", option))],
         check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
     return json.loads(out.strip().splitlines()[-1])

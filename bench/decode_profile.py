@@ -1,7 +1,7 @@
 """Where a decode (or prefill) step's time goes on llvm: per-kernel times, and the Python cost.
 
     .venv/bin/python bench/decode_profile.py [--model smollm2-135m] [--threads 1]
-        [--pos 256] [--function decode] [--repeats 5]
+        [--pos 256] [--function decode] [--repeats 5] [--prefill auto] [--decode auto]
 
 The step's calls are timed one by one, in order (so each kernel finds the caches as a real
 step leaves them), over `--repeats` steps; each call's median is summed per kernel name. The
@@ -19,6 +19,7 @@ from collections import defaultdict
 from tapml.api import ensure_compiled
 from tapml.bench import prompt_ids
 from tapml.runtime.engine import Engine
+from tapml.targets import INT8_CHOICES, INT8_STAGES
 from tapml.targets.llvm import use_threads
 
 
@@ -29,15 +30,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--pos", type=int, default=256, help="context already in the cache")
     parser.add_argument("--function", default="decode", choices=["decode", "prefill"])
-    parser.add_argument("--prefill", default="auto", choices=["auto", "float32", "int8"],
-                        help="compile with --target-option prefill=PREFILL")
+    for stage in INT8_STAGES:
+        parser.add_argument(f"--{stage}", default="auto", choices=INT8_CHOICES,
+                            help=f"compile with --target-option {stage}={stage.upper()}")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
 
     use_threads(args.threads)
     engine = Engine(ensure_compiled(args.model, "llvm", args.quantization,
-                                    target_options={"prefill": args.prefill}))
+                                    target_options={s: getattr(args, s) for s in INT8_STAGES}))
     engine.reset()
     engine.prefill(prompt_ids(engine.tokenizer, args.pos))
     if args.function == "decode":
