@@ -40,7 +40,7 @@ I8, I32, F32, U32 = "int8", "int32", "float32", "uint32"
 
 
 @dataclass(frozen=True)
-class _Layout:
+class Layout:
     """Where value k of a row sits among the 4-byte words of the dot products: word (h, j)
     holds fields h, h + H, h + 2H, h + 3H of low word j (H = fields per low word / 4), one a
     byte; spans of `span` values (whole low words, within one weight group) share x's scale."""
@@ -56,7 +56,7 @@ class _Layout:
         return j * self.per_low + h + b * self.words
 
 
-def _layout(w: Affine, k: int) -> _Layout | None:
+def byte_layout(w: Affine, k: int) -> Layout | None:
     per_low = 32 // w.low_bits
     span = min(w.group, SPAN)
     if w.low_bits not in (4, 8) or w.low_bits + w.high_bits > 8:
@@ -65,7 +65,7 @@ def _layout(w: Affine, k: int) -> _Layout | None:
         return None
     if w.high is not None and (32 // w.high_bits) % ROWS:
         return None  # a vector of low words must find its high bits in one word
-    return _Layout(per_low, span)
+    return Layout(per_low, span)
 
 
 def has_vnni(target: tvm.target.Target) -> bool:
@@ -89,7 +89,7 @@ def int8_gemm(kernel: Kernel) -> bool:
     y = reduction.writes[0].source
     k = int(x.shape[1])
     w = packed.affine()
-    layout = _layout(w, k)
+    layout = byte_layout(w, k)
     if layout is None:
         return False
     if not kernel.one_nest_per_block():
@@ -103,14 +103,14 @@ def int8_gemm(kernel: Kernel) -> bool:
     return True
 
 
-def _vpdpbusd(acc, words, x_bytes):
+def vpdpbusd(acc, words, x_bytes):
     """acc (int32x16) + per lane, the sum of 4 products of the unsigned bytes of `words` and
     the signed bytes of `x_bytes` (int8x64)."""
     return T.call_llvm_pure_intrin(f"{I32}x16", "llvm.x86.avx512.vpdpbusd.512", acc,
                                    T.reinterpret(f"{I8}x64", words), x_bytes)  # fmt: skip
 
 
-def _int8_gemm_stmts(x: tirx.Buffer, w: Affine, y: tirx.Buffer, layout: _Layout
+def _int8_gemm_stmts(x: tirx.Buffer, w: Affine, y: tirx.Buffer, layout: Layout
                      ) -> tuple[list[tirx.Stmt], list[tirx.Buffer]]:  # fmt: skip
     """y = x @ w^T: x quantized (a loop over its rows), then the int8 dot products (a loop
     over tasks of a few output columns); and the buffers they share."""
@@ -128,7 +128,7 @@ class _Int8Gemm:
     span and row (xs), and the sum of a span's int8 values per row (xsum: times the weight's
     offset, or times the scale where the weight has a bias instead)."""
 
-    def __init__(self, x: tirx.Buffer, w: Affine, y: tirx.Buffer, layout: _Layout):
+    def __init__(self, x: tirx.Buffer, w: Affine, y: tirx.Buffer, layout: Layout):
         self.x, self.w, self.y, self.layout = x, w, y, layout
         self.m_rows, self.k = (int(d) for d in x.shape)
         self.n_cols = int(y.shape[1])
@@ -235,7 +235,7 @@ class _Int8Gemm:
                         word = words[c * row_words + h * self.low_words + j]
                         word = T.broadcast(T.reinterpret(I32, word), ROWS)
                         for v in range(rows):
-                            sums[c, v] = _vpdpbusd(sums[c, v], word, xv[v])
+                            sums[c, v] = vpdpbusd(sums[c, v], word, xv[v])
             g = s * span // self.w.group
             for (c, v), dot in sums.items():
                 at = s * self.m_rows + (block * rows + v) * ROWS

@@ -6,16 +6,20 @@ int32 by `vpdpbusd`, then scaled into float32.
 The float GEMV (`packed.py`) spends about five instructions on every 16 values, so on two
 threads it reads weights slower than memory delivers them. Here a vector holds 16 low words
 of a weight row, one a lane, as the stored planes lay them out: a word's fields, masked (and
-shifted), are the bytes `vpdpbusd` multiplies with the 4 values of x it pairs with, x having
-been quantized once per call into that order (`int8._Layout`). A lane's int32 sum covers one
-low word, inside one span; it is converted once, and multiplied by the lane's factor: its
-group's scale (staged per row, one vector load and a shuffle) times its span's scale of x.
-An offset (w = (q - offset) * scale) is paid once per call: each word's sum starts at
--offset * sum xq; a bias (w = q * scale + bias) is a dot product of the row's biases with
-x's sums per group, vectorized over the groups.
+shifted, high bits or'ed in), are the bytes `vpdpbusd` multiplies with the 4 values of x
+they pair with, x having been quantized once per call into that order (`int8.Layout`). A
+lane's int32 sum covers one low word, inside one span; it is converted once and multiplied
+by the lane's factor: its group's scale (staged a chunk of groups at a time, then one vector
+load and a shuffle) times its span's scale of x. An offset (w = (q - offset) * scale) is
+paid once per call: each word's sum starts at -offset * sum xq; a bias (w = q * scale +
+bias) is a dot product of the row's biases with x's sums per group, in vectors of groups.
+Measured on two threads, weights streaming (Qwen2.5's shapes): Q5_0 1.3x, Q4_K 1.35x, Q6_K
+1.5x the float GEMV's speed.
 """
 
 from __future__ import annotations
+
+import operator
 
 import tvm
 from tvm import tirx
@@ -24,18 +28,27 @@ from tvm.script.ir_builder import tirx as T
 
 from tapml.formats import Affine
 
-from .base import PARALLEL_MIN_ELEMENTS, Kernel, inline_chain, vectorize_inner
-from .int8 import F32, I8, I32, U32, _Layout, _layout, _vpdpbusd, has_vnni
+from .base import PARALLEL_MIN_ELEMENTS, Kernel, divisor, inline_chain, vectorize_inner
+from .int8 import F32, I8, I32, U32, Layout, byte_layout, has_vnni, vpdpbusd
 from .matmul import match_matmul, x_read
 from .packed import packed_weight, splice_matmul
 
 LANES = 16  # int32 lanes of one vpdpbusd: one low word of the weight row each
+# At most this many of a row's group scales are staged at a time: a task's buffers over 1 KiB
+# are allocated from TVM's workspace, two calls a row (measured: a fifth of a Q6_K GEMV)
+STAGED = 128
+
+
+def _chunk(groups: int, per_group: int) -> int | None:
+    """Groups staged at a time: at most STAGED, whole vectors of low words."""
+    return next((c for c in range(min(groups, STAGED), 0, -1)
+                 if groups % c == 0 and c * per_group % LANES == 0), None)  # fmt: skip
 
 
 def int8_gemv(kernel: Kernel) -> bool:
     """One output row of a matmul with a packed weight, as `_Int8Gemv`, where the CPU has VNNI
-    and the shapes fit (K whole vectors of 16 low words); its epilogue kept. Only where the
-    build chose int8 decode (`targets.llvm.int8_matmuls`)."""
+    and the shapes fit (K in chunks of whole groups and whole vectors of 16 low words); its
+    epilogue kept. Only where the build chose int8 decode (`targets.llvm.int8_matmuls`)."""
     if "decode" not in kernel.int8 or not has_vnni(kernel.target):
         return False
     match = match_matmul(kernel)
@@ -48,8 +61,9 @@ def int8_gemv(kernel: Kernel) -> bool:
     x = reduction.reads[x_read(kernel, match.reduction)].source
     y = reduction.writes[0].source
     w = packed.affine()
-    layout = _layout(w, int(x.shape[1]))
-    if layout is None or (int(x.shape[1]) // layout.per_low) % LANES:
+    k = int(x.shape[1])
+    layout = byte_layout(w, k)
+    if layout is None or _chunk(k // w.group, w.group // layout.per_low) is None:
         return False
     if not kernel.one_nest_per_block():
         return False
@@ -57,11 +71,16 @@ def int8_gemv(kernel: Kernel) -> bool:
     gemv = _Int8Gemv(x, w, y, layout)
     with IRBuilder() as quantize:
         gemv.quantize()
-    parallel = int(y.shape[1]) * int(x.shape[1]) >= PARALLEL_MIN_ELEMENTS
+    core = [quantize.get()]
+    if not gemv.bias:
+        with IRBuilder() as offsets:
+            gemv.word_offsets()
+        core.append(offsets.get())
+    parallel = int(y.shape[1]) * k >= PARALLEL_MIN_ELEMENTS
     loop = T.parallel if parallel else T.serial
     with IRBuilder() as rows, loop(0, gemv.n_rows) as n:
         gemv.row(n)
-    core = [quantize.get(), rows.get()]
+    core.append(rows.get())
     kernel.sch = sch = tvm.s_tir.Schedule(splice_matmul(kernel, match, core, gemv.buffers()))
     if epilogue_names:
         epilogue = [sch.get_sblock(name) for name in epilogue_names]
@@ -71,15 +90,16 @@ def int8_gemv(kernel: Kernel) -> bool:
 
 
 def _shuffle(vector, indices: list[int]):
+    """The vector's lanes at `indices` (as many lanes as it has, at most)."""
     return tirx.Shuffle([vector], [tirx.const(i, I32) for i in indices])
 
 
-def _lane_sum(vector, lanes: int):
-    """The sum of a float32 vector's lanes (a power of two), as a tree of halves."""
+def _reduce_lanes(vector, lanes: int, combine=operator.add):
+    """A vector's lanes (a power of two of them) combined, as a tree of halves."""
     while lanes > 1:
         lanes //= 2
         low, high = list(range(lanes)), list(range(lanes, 2 * lanes))
-        vector = _shuffle(vector, low) + _shuffle(vector, high)
+        vector = combine(_shuffle(vector, low), _shuffle(vector, high))
     return vector
 
 
@@ -89,98 +109,117 @@ class _Int8Gemv:
     scale per low word; xstart: -offset * the word's sum of xq, or xsum: the scaled sum of xq
     per group, for a bias), then the rows' dot products."""
 
-    def __init__(self, x: tirx.Buffer, w: Affine, y: tirx.Buffer, layout: _Layout):
+    def __init__(self, x: tirx.Buffer, w: Affine, y: tirx.Buffer, layout: Layout):
         self.x, self.w, self.y, self.layout = x, w, y, layout
         self.k = int(x.shape[1])
         self.n_rows = int(y.shape[1])
-        self.low_words, self.spans = self.k // layout.per_low, self.k // layout.span
+        self.low_words = self.k // layout.per_low
         self.steps = layout.span // layout.per_low  # low words per span
         self.per_group = w.group // layout.per_low  # low words per group
         self.groups = self.k // w.group
+        self.chunk = _chunk(self.groups, self.per_group)
         self.bias = w.bias is not None
         self.xq = tirx.decl_buffer((self.k,), I8, "x_int8")
         self.xs = tirx.decl_buffer((self.low_words,), F32, "x_scale")
         self.xstart = tirx.decl_buffer((self.low_words,), I32, "x_start")
         self.xsum = tirx.decl_buffer((self.groups,), F32, "x_sum")
-        self.top = tirx.decl_buffer((1,), F32, "x_top")
-        self.total = tirx.decl_buffer((1,), I32, "x_total")
 
     def buffers(self) -> list[tirx.Buffer]:
-        return [self.xq, self.xs, self.xsum if self.bias else self.xstart, self.top, self.total]
+        return [self.xq, self.xs, self.xsum if self.bias else self.xstart]
 
     def quantize(self) -> None:
-        """x as int8 per span, round(x / d) with d = max |x| / 127, into xq, xs and xstart
-        (or xsum)."""
-        layout, x, span, top, total = self.layout, self.x, self.layout.span, self.top, self.total
+        """x as int8 per span, round(x * 127 / top) with top = max |x| and d = top / 127,
+        a span a few vector instructions: xq in the words' byte order, d per low word (xs),
+        and for a bias, each group's d * sum xq (xsum)."""
+        layout, span, words, steps = self.layout, self.layout.span, self.layout.words, self.steps
         spans = self.w.group // span  # per group
         with T.serial(0, self.groups) as g:
             if self.bias:
                 T.buffer_store(self.xsum, T.float32(0), [g])
             with T.serial(0, spans) as si:
                 s = g * spans + si
-                T.buffer_store(top, T.float32(0), [0])
-                with T.serial(0, span) as i:
-                    T.buffer_store(top, T.max(top[0], T.abs(x[0, s * span + i].astype(F32))), [0])
-                d = top[0] / T.float32(127)
-                inverse = T.Select(top[0] > T.float32(0), T.float32(127) / top[0], T.float32(0))
-                with T.serial(0, self.steps) as step:
-                    j = s * self.steps + step
-                    T.buffer_store(total, T.int32(0), [0])
-                    with T.serial(0, layout.words) as h, T.serial(0, 4) as b:
-                        q = T.Cast(I32, T.nearbyint(x[0, layout.k(j, h, b)].astype(F32) * inverse))
-                        T.buffer_store(self.xq, T.Cast(I8, q), [(h * self.low_words + j) * 4 + b])
-                        T.buffer_store(total, total[0] + q, [0])
-                    T.buffer_store(self.xs, d, [j])
-                    if self.bias:
-                        T.buffer_store(self.xsum, self.xsum[g] + d * T.Cast(F32, total[0]), [g])
-                    else:
-                        T.buffer_store(self.xstart, total[0] * T.int32(-self.w.offset), [j])
+                xv = self.x.vload([0, s * span], f"{self.x.dtype}x{span}").astype(f"{F32}x{span}")
+                top = _reduce_lanes(T.abs(xv), span, T.max)
+                inverse = T.Select(top > T.float32(0), T.float32(127) / top, T.float32(0))
+                q = T.Cast(f"{I32}x{span}", T.nearbyint(xv * T.broadcast(inverse, span)))
+                q8 = T.Cast(f"{I8}x{span}", q)
+                for h in range(words):  # fields h, h + words, ... of each low word
+                    fields = [t for t in range(span) if t % layout.per_low % words == h]
+                    at = (h * self.low_words + s * steps) * 4
+                    T.buffer_store(self.xq, _shuffle(q8, fields), [T.ramp(at, 1, span // words)])
+                d = top / T.float32(127)
+                T.buffer_store(self.xs, T.broadcast(d, steps), [T.ramp(s * steps, 1, steps)])
+                if self.bias:
+                    total = T.Cast(F32, _reduce_lanes(q, span))
+                    T.buffer_store(self.xsum, self.xsum[g] + d * total, [g])
+
+    def word_offsets(self) -> None:
+        """Each low word's -offset * sum xq (xstart), 16 words a vpdpbusd per field word."""
+        offset = self.w.offset * 0x01010101  # the offset in each byte
+        offset = tirx.const(offset - (1 << 32) if offset >= 1 << 31 else offset, I32)
+        with T.serial(0, self.low_words // LANES) as v:
+            start = T.broadcast(T.int32(0), LANES)
+            for h in range(self.layout.words):
+                x_bytes = self.xq.vload([(h * self.low_words + v * LANES) * 4], f"{I8}x64")
+                start = vpdpbusd(start, T.broadcast(offset, LANES), x_bytes)
+            T.buffer_store(self.xstart, T.broadcast(T.int32(0), LANES) - start,
+                           [T.ramp(v * LANES, 1, LANES)])  # fmt: skip
 
     def row(self, n) -> None:
-        """y[0, n]: the row's group scales staged, then per vector of 16 low words, their
-        int32 dot products with xq, scaled and summed in float32 lanes."""
-        w, groups, per_group = self.w, self.groups, self.per_group
-        scale = T.alloc_buffer((groups + LANES,), F32)  # a vector load may pass the end
-        lanes = groups & -groups  # a power of two (a tree sums the biases' lanes)
-        lanes = min(lanes, LANES)
-        biased = T.alloc_buffer((groups,), F32) if self.bias else None
-        with T.serial(0, groups // lanes) as go, T.vectorized(0, lanes) as gi:
-            g = go * lanes + gi
-            T.buffer_store(scale, w.scale(n, g), [g])
-            if biased is not None:
-                T.buffer_store(biased, w.bias(n, g) * self.xsum[g], [g])
+        """y[0, n]: per chunk of the row's groups, their scales staged (and biases times x's
+        sums), then per vector of 16 low words, their int32 dot products with xq, scaled and
+        summed in float32 lanes."""
+        w, per_group, chunk = self.w, self.per_group, self.chunk
+        scale = T.alloc_buffer((chunk + LANES,), F32)  # a vector load may pass the end
+        biased = T.alloc_buffer((chunk,), F32) if self.bias else None
+        bias_lanes = min(chunk & -chunk, LANES)  # a power of two (a tree sums the lanes)
         acc = T.alloc_buffer((LANES,), F32)
         T.buffer_store(acc, T.broadcast(T.float32(0), LANES), [T.ramp(0, 1, LANES)])
-        with T.serial(0, self.low_words // LANES) as v:
-            j = v * LANES
-            dot = T.broadcast(T.int32(0), LANES) if self.bias else \
-                self.xstart.vload([j], f"{I32}x{LANES}")  # fmt: skip
-            for h in range(self.layout.words):
-                dot = _vpdpbusd(dot, self.weight_words(n, v, h),
-                                self.xq.vload([(h * self.low_words + j) * 4], f"{I8}x64"))
-            group_scales = _shuffle(scale.vload([j // per_group], f"{F32}x{LANES}"),
-                                    [i // per_group for i in range(LANES)])  # fmt: skip
-            factor = group_scales * self.xs.vload([j], f"{F32}x{LANES}")
-            T.buffer_store(acc, T.fma(T.Cast(f"{F32}x{LANES}", dot), factor,
-                                      acc.vload([0], f"{F32}x{LANES}")), [T.ramp(0, 1, LANES)])
-        total = _lane_sum(acc.vload([0], f"{F32}x{LANES}"), LANES)
-        if biased is not None:  # sum_g bias * x's sum, in vectors of the groups
-            bias = T.alloc_buffer((lanes,), F32)
-            T.buffer_store(bias, biased.vload([0], f"{F32}x{lanes}"), [T.ramp(0, 1, lanes)])
-            with T.serial(1, groups // lanes) as go:
-                T.buffer_store(bias, bias.vload([0], f"{F32}x{lanes}")
-                               + biased.vload([go * lanes], f"{F32}x{lanes}"),
-                               [T.ramp(0, 1, lanes)])  # fmt: skip
-            total = total + _lane_sum(bias.vload([0], f"{F32}x{lanes}"), lanes)
+        if biased is not None:
+            bias = T.alloc_buffer((bias_lanes,), F32)
+            T.buffer_store(bias, T.broadcast(T.float32(0), bias_lanes),
+                           [T.ramp(0, 1, bias_lanes)])  # fmt: skip
+        unrolled = divisor(chunk, LANES)
+        with T.serial(0, self.groups // chunk) as c:
+            # unrolled, not vectorized: a vector of groups gathers the scale planes' words
+            # lane by lane, while LLVM turns the unrolled scalar code into vector code
+            with T.serial(0, chunk // unrolled) as go, T.unroll(0, unrolled) as gi:
+                g = go * unrolled + gi
+                T.buffer_store(scale, w.scale(n, c * chunk + g), [g])
+                if biased is not None:
+                    T.buffer_store(biased, w.bias(n, c * chunk + g) * self.xsum[c * chunk + g],
+                                   [g])  # fmt: skip
+            with T.serial(0, chunk * per_group // LANES) as v:
+                j = c * chunk * per_group + v * LANES
+                dot = T.broadcast(T.int32(0), LANES) if self.bias else \
+                    self.xstart.vload([j], f"{I32}x{LANES}")  # fmt: skip
+                for h in range(self.layout.words):
+                    dot = vpdpbusd(dot, self.weight_words(n, j, h),
+                                    self.xq.vload([(h * self.low_words + j) * 4], f"{I8}x64"))
+                group_scales = _shuffle(scale.vload([v * LANES // per_group], f"{F32}x{LANES}"),
+                                        [i // per_group for i in range(LANES)])  # fmt: skip
+                factor = group_scales * self.xs.vload([j], f"{F32}x{LANES}")
+                T.buffer_store(acc, T.fma(T.Cast(f"{F32}x{LANES}", dot), factor,
+                                          acc.vload([0], f"{F32}x{LANES}")),
+                               [T.ramp(0, 1, LANES)])  # fmt: skip
+            if biased is not None:  # sum_g bias * x's sum, in vectors of the groups
+                with T.serial(0, chunk // bias_lanes) as go:
+                    T.buffer_store(bias, bias.vload([0], f"{F32}x{bias_lanes}")
+                                   + biased.vload([go * bias_lanes], f"{F32}x{bias_lanes}"),
+                                   [T.ramp(0, 1, bias_lanes)])  # fmt: skip
+        total = _reduce_lanes(acc.vload([0], f"{F32}x{LANES}"), LANES)
+        if biased is not None:
+            total = total + _reduce_lanes(bias.vload([0], f"{F32}x{bias_lanes}"), bias_lanes)
         T.buffer_store(self.y, total.astype(self.y.dtype), [0, n])
 
-    def weight_words(self, n, v, h):
-        """Words (h, 16v .. 16v + 15) of row n: fields h, h + H, h + 2H, h + 3H of each low
-        word as its 4 bytes, high bits above the low ones. A vector's high bits of one field
-        lie in one word (`_layout`), lane i's at bit (16v % per_word + i) * high_bits: each
-        lane rotates its bits into place (vprolvd), and an and-or puts them in the byte."""
+    def weight_words(self, n, j, h):
+        """Words (h, j .. j + 15) of row n (j a multiple of 16): fields h, h + H, h + 2H,
+        h + 3H of each low word as its 4 bytes, high bits above the low ones. A vector's high
+        bits of one field lie in one word (`byte_layout`), lane i's at bit (j % per_word + i) *
+        high_bits: each lane rotates its bits into place (vprolvd), and an and-or puts them
+        in the byte."""
         w, layout = self.w, self.layout
-        word = w.low.vload([n, v * LANES], f"{U32}x{LANES}")
+        word = w.low.vload([n, j], f"{U32}x{LANES}")
         if h:
             word = word >> T.broadcast(tirx.const(h * w.low_bits, U32), LANES)
         if w.low_bits < 8:
@@ -188,10 +227,10 @@ class _Int8Gemv:
                                       LANES)  # fmt: skip
         if w.high is not None:
             per_word = 32 // w.high_bits  # low words per high word
-            at = tirx.Ramp(T.Cast(I32, v * LANES % per_word), 1, LANES)
+            at = tirx.Ramp(T.Cast(I32, j % per_word), 1, LANES)
             for b in range(4):
                 top = 8 * b + w.low_bits
-                high = w.high[n, v * LANES // per_word * layout.per_low + layout.k(0, h, b)]
+                high = w.high[n, j // per_word * layout.per_low + layout.k(0, h, b)]
                 high = T.broadcast(T.reinterpret(I32, high), LANES)
                 left = T.broadcast(T.int32(top), LANES) - at * T.broadcast(T.int32(w.high_bits),
                                                                             LANES)  # fmt: skip
