@@ -66,7 +66,7 @@ def compile_options(f):
                 help="TVM target option, e.g. mcpu=znver4 (default: this machine's CPU); and "
                 "prefill=auto|float32|int8 and decode=auto|float32|int8 on llvm: that stage's "
                 "matmuls over quantized weights with int8 activations as llama.cpp's "
-                "(prefill 2-3x faster, decode about 1.1x on two threads; logits about 1% off "
+                "(prefill 2-3x faster, decode 1.3x; logits about 1% off "
                 "float32's; needs AVX-512 VNNI) or float32 [default: auto, int8 for a causal LM "
                 "where the CPU has VNNI].",
             ),
