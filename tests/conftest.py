@@ -37,7 +37,8 @@ def tiny_gguf(tmp_path_factory) -> Path:
 def tiny_artifact(tiny_gguf, tmp_path_factory):
     """tiny_artifact(quantization, target, kv_cache) -> the tiny model, compiled once per
     setting per run. The KV cache defaults to the activations' dtype on every target, so that
-    llvm and the others share one plan (carving, offloading, comparing)."""
+    llvm and the others share one plan, and llvm computes in float32 as they do
+    (`reference_options`: carving, offloading, comparing)."""
     built: dict[tuple[str, str, str | None], Path] = {}
 
     def get(quantization: str = "q4f32_1", target: str = "llvm", kv_cache: str | None = None
@@ -47,7 +48,8 @@ def tiny_artifact(tiny_gguf, tmp_path_factory):
             out = tmp_path_factory.mktemp(target) / quantization
             kv_cache_dtype = kv_cache or QUANTIZATION[quantization].dtype
             options = CompileOptions.resolve(target, quantization, TINY_CONTEXT, TINY_CHUNK,
-                                     kv_cache=kv_cache_dtype)  # fmt: skip
+                                             kv_cache=kv_cache_dtype,
+                                             target_options=TARGETS[target].reference_options())
             built[key] = compile_model(tiny_gguf, out, options, progress=False)
         return built[key]
 
@@ -62,13 +64,15 @@ def tiny_stored_gguf(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_stored_artifact(tiny_stored_gguf, tmp_path_factory):
     """tiny_stored_artifact(target) -> the tiny model of every block type, kept as stored
-    (gguf), float32 KV cache, compiled once per target per run."""
+    (gguf), float32 KV cache and arithmetic (`reference_options`), compiled once per target
+    per run."""
     built: dict[str, Path] = {}
 
     def get(target: str = "llvm") -> Path:
         if target not in built:
             options = CompileOptions.resolve(target, "gguf", TINY_CONTEXT, TINY_CHUNK,
-                                             kv_cache="float32")
+                                             kv_cache="float32",
+                                             target_options=TARGETS[target].reference_options())
             out = tmp_path_factory.mktemp(target) / "stored"
             built[target] = compile_model(tiny_stored_gguf, out, options, progress=False)
         return built[target]
