@@ -19,9 +19,10 @@ from tapml.errors import CompileError, TapmlError
 
 MiB = 1 << 20
 # target options that are tapml's, not TVM's: how llvm computes prefill's and decode's matmuls
-# over quantized weights. int8 activations as llama.cpp's (prefill 2-3x faster, decode reading
-# weights nearer memory's speed; logits about 1% off float32's) by default ("auto") where the
-# CPU has AVX-512 VNNI, float32 elsewhere; float32 or int8 when asked
+# over quantized weights (decode's: those of one row, prefill's last-row logits included).
+# int8 activations as llama.cpp's (prefill 2-3x faster, decode 1.3x; logits about 1% off
+# float32's) by default ("auto") where the CPU has AVX-512 VNNI, float32 elsewhere; float32 or
+# int8 when asked
 INT8_STAGES = ("prefill", "decode")
 INT8_CHOICES = ("auto", "float32", "int8")
 

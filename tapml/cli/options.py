@@ -65,7 +65,8 @@ def compile_options(f):
                 callback=_parse_target_options,
                 help="TVM target option, e.g. mcpu=znver4 (default: this machine's CPU); and "
                 "prefill=auto|float32|int8 and decode=auto|float32|int8 on llvm: that stage's "
-                "matmuls over quantized weights with int8 activations as llama.cpp's "
+                "matmuls over quantized weights (decode's: those of one row) with int8 "
+                "activations as llama.cpp's "
                 "(prefill 2-3x faster, decode 1.3x; logits about 1% off "
                 "float32's; needs AVX-512 VNNI) or float32 [default: auto, int8 for a causal LM "
                 "where the CPU has VNNI].",

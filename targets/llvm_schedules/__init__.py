@@ -1,7 +1,8 @@
 """CPU schedules for the plan's kernels, picked by pattern (block structure, iter kinds, shapes).
 
 Like dlight's rules, but for the kernels tapml.nn produces: a matmul with one output row
-(decode GEMV; `packed.py` for quantized weights), a matmul with many rows (prefill GEMM), a
+(decode GEMV; `packed.py` for quantized weights, `int8_gemv.py` with int8 activations), a
+matmul with many rows (prefill GEMM; `int8.py` with int8 activations), a
 row reduction followed by elementwise blocks (RMSNorm), elementwise kernels, and independent
 rows with bodies of their own (the hand-written attention); and for the kernels of ONNX
 graphs, convolutions (`conv.py`: conv2d with its padding and epilogue, depthwise, strided,
@@ -57,7 +58,8 @@ def _already_scheduled(func: tirx.PrimFunc) -> bool:
 def schedule_func(func: tirx.PrimFunc, target: tvm.target.Target, int8: frozenset[str] = frozenset()
                   ) -> tirx.PrimFunc:  # fmt: skip
     """The PrimFunc scheduled by the first rule that matches it, tagged with the rule's name;
-    `int8`: prefill matmuls may quantize their activations (`int8.py`)."""
+    `int8`: the matmuls that may quantize their activations, "prefill" (many rows, `int8.py`)
+    and "decode" (one row, `int8_gemv.py`)."""
     if _already_scheduled(func):
         return func
     for rule in RULES:
