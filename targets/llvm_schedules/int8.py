@@ -18,6 +18,7 @@ into the same order.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import tvm
@@ -28,8 +29,8 @@ from tvm.script.ir_builder import tirx as T
 from tapml.formats import Affine, high_field
 
 from .base import Kernel, divisor, inline_chain, vectorize_inner
-from .matmul import match_matmul, x_read
-from .packed import packed_weight, splice_matmul
+from .matmul import Matmul, match_matmul, x_read
+from .packed import PackedWeight, packed_weight, splice_matmul
 
 VNNI = "avx512vnni"
 ROWS = 16  # rows of x in one vector of int32 sums
@@ -72,34 +73,53 @@ def has_vnni(target: tvm.target.Target) -> bool:
     return bool(tvm.target.codegen.target_has_features(VNNI, target))
 
 
-def int8_gemm(kernel: Kernel) -> bool:
-    """A matmul of many rows with a packed weight, as `_int8_gemm_stmts`, where the CPU has VNNI
-    and the shapes fit (rows a multiple of 16, K whole spans); its epilogue kept. Only where
-    the build chose int8 prefill (`targets.llvm.int8_matmuls`)."""
-    if "prefill" not in kernel.int8 or not has_vnni(kernel.target):
-        return False
+@dataclass(frozen=True)
+class Int8Matmul:
+    """A matmul over a packed weight that an int8 rule computes: x [M, K] @ w^T -> y [M, N]."""
+
+    match: Matmul
+    packed: PackedWeight
+    x: tirx.Buffer
+    y: tirx.Buffer
+    w: Affine
+    layout: Layout
+
+    def splice(self, kernel: Kernel, core: list[tirx.Stmt], allocs: list[tirx.Buffer]) -> None:
+        """The kernel rebuilt with `core` in place of the dequantization and the matmul, its
+        epilogue vectorized."""
+        names = [kernel.get(b).name_hint for b in self.match.epilogue]
+        kernel.sch = sch = tvm.s_tir.Schedule(splice_matmul(kernel, self.match, core, allocs))
+        if names:
+            vectorize_inner(kernel, inline_chain(kernel, [sch.get_sblock(n) for n in names]))
+
+
+def int8_matmul(kernel: Kernel, stage: str, rows_fit: Callable[[int], bool]) -> Int8Matmul | None:
+    """The kernel's matmul over a packed weight, if the build chose int8 for `stage`
+    (`targets.llvm.int8_matmuls`), the CPU has VNNI, and its rows and weight fit."""
+    if stage not in kernel.int8 or not has_vnni(kernel.target):
+        return None
     match = match_matmul(kernel)
-    if match is None or match.rows % ROWS or match.batch or len(match.producers) != 1:
-        return False
+    if match is None or not rows_fit(match.rows) or match.batch or len(match.producers) != 1:
+        return None
     packed = packed_weight(kernel, match.producers[0])
-    if packed is None:
-        return False
+    if packed is None or not kernel.one_nest_per_block():
+        return None
     reduction = kernel.get(match.reduction)
     x = reduction.reads[x_read(kernel, match.reduction)].source
-    y = reduction.writes[0].source
-    k = int(x.shape[1])
     w = packed.affine()
-    layout = byte_layout(w, k)
+    layout = byte_layout(w, int(x.shape[1]))
     if layout is None:
+        return None
+    return Int8Matmul(match, packed, x, reduction.writes[0].source, w, layout)
+
+
+def int8_gemm(kernel: Kernel) -> bool:
+    """A matmul of many rows with a packed weight, as `_int8_gemm_stmts`, where the shapes fit
+    (rows a multiple of 16, K whole spans; `int8_matmul`); its epilogue kept."""
+    m = int8_matmul(kernel, "prefill", lambda rows: rows % ROWS == 0)
+    if m is None:
         return False
-    if not kernel.one_nest_per_block():
-        return False
-    epilogue_names = [kernel.get(b).name_hint for b in match.epilogue]
-    core, allocs = _int8_gemm_stmts(x, w, y, layout)
-    kernel.sch = sch = tvm.s_tir.Schedule(splice_matmul(kernel, match, core, allocs))
-    if epilogue_names:
-        epilogue = [sch.get_sblock(name) for name in epilogue_names]
-        vectorize_inner(kernel, inline_chain(kernel, epilogue))
+    m.splice(kernel, *_int8_gemm_stmts(m.x, m.w, m.y, m.layout))
     return True
 
 

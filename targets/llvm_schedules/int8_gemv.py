@@ -21,17 +21,14 @@ from __future__ import annotations
 
 import operator
 
-import tvm
 from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from tapml.formats import Affine
 
-from .base import PARALLEL_MIN_ELEMENTS, Kernel, divisor, inline_chain, vectorize_inner
-from .int8 import F32, I8, I32, U32, Layout, byte_layout, has_vnni, vpdpbusd
-from .matmul import match_matmul, x_read
-from .packed import packed_weight, splice_matmul
+from .base import PARALLEL_MIN_ELEMENTS, Kernel, divisor
+from .int8 import F32, I8, I32, U32, Layout, int8_matmul, vpdpbusd
 
 LANES = 16  # int32 lanes of one vpdpbusd: one low word of the weight row each
 # At most this many of a row's group scales are staged at a time: a task's buffers over 1 KiB
@@ -46,29 +43,13 @@ def _chunk(groups: int, per_group: int) -> int | None:
 
 
 def int8_gemv(kernel: Kernel) -> bool:
-    """One output row of a matmul with a packed weight, as `_Int8Gemv`, where the CPU has VNNI
-    and the shapes fit (K in chunks of whole groups and whole vectors of 16 low words); its
-    epilogue kept. Only where the build chose int8 decode (`targets.llvm.int8_matmuls`)."""
-    if "decode" not in kernel.int8 or not has_vnni(kernel.target):
+    """One output row of a matmul with a packed weight, as `_Int8Gemv`, where the shapes fit
+    (`int8_matmul`, and K in chunks of whole groups and whole vectors of 16 low words); its
+    epilogue kept."""
+    m = int8_matmul(kernel, "decode", lambda rows: rows == 1)
+    if m is None or _chunk(int(m.x.shape[1]) // m.w.group, m.w.group // m.layout.per_low) is None:
         return False
-    match = match_matmul(kernel)
-    if match is None or match.rows != 1 or match.batch or len(match.producers) != 1:
-        return False
-    packed = packed_weight(kernel, match.producers[0])
-    if packed is None:
-        return False
-    reduction = kernel.get(match.reduction)
-    x = reduction.reads[x_read(kernel, match.reduction)].source
-    y = reduction.writes[0].source
-    w = packed.affine()
-    k = int(x.shape[1])
-    layout = byte_layout(w, k)
-    if layout is None or _chunk(k // w.group, w.group // layout.per_low) is None:
-        return False
-    if not kernel.one_nest_per_block():
-        return False
-    epilogue_names = [kernel.get(b).name_hint for b in match.epilogue]
-    gemv = _Int8Gemv(x, w, y, layout)
+    gemv = _Int8Gemv(m.x, m.w, m.y, m.layout)
     with IRBuilder() as quantize:
         gemv.quantize()
     core = [quantize.get()]
@@ -76,16 +57,12 @@ def int8_gemv(kernel: Kernel) -> bool:
         with IRBuilder() as offsets:
             gemv.word_offsets()
         core.append(offsets.get())
-    parallel = int(y.shape[1]) * k >= PARALLEL_MIN_ELEMENTS
-    loop = T.parallel if parallel else T.serial
+    loop = T.parallel if gemv.n_rows * gemv.k >= PARALLEL_MIN_ELEMENTS else T.serial
     with IRBuilder() as rows, loop(0, gemv.n_rows) as n:
         gemv.row(n)
     core.append(rows.get())
-    kernel.sch = sch = tvm.s_tir.Schedule(splice_matmul(kernel, match, core, gemv.buffers()))
-    if epilogue_names:
-        epilogue = [sch.get_sblock(name) for name in epilogue_names]
-        vectorize_inner(kernel, inline_chain(kernel, epilogue))
-    kernel.row_streams = list(packed.planes.values())
+    m.splice(kernel, core, gemv.buffers())
+    kernel.row_streams = list(m.packed.planes.values())
     return True
 
 
