@@ -47,9 +47,11 @@ def int8_gemv(kernel: Kernel) -> bool:
     (`int8_matmul`, and K in chunks of whole groups and whole vectors of 16 low words); its
     epilogue kept."""
     m = int8_matmul(kernel, "decode", lambda rows: rows == 1)
-    if m is None or _chunk(int(m.x.shape[1]) // m.w.group, m.w.group // m.layout.per_low) is None:
+    if m is None:
         return False
     gemv = _Int8Gemv(m.x, m.w, m.y, m.layout)
+    if gemv.chunk is None:
+        return False
     with IRBuilder() as quantize:
         gemv.quantize()
     core = [quantize.get()]
